@@ -1,0 +1,27 @@
+# The two commands a new user needs (see README.md):
+#   make pipeline   set everything up, then run the whole pipeline on the built-in default
+#   make test       set everything up, then run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU wheel by default; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+PARAMS ?= params.yaml
+
+.PHONY: setup pipeline test clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $@
+
+pipeline: setup
+	$(BIN)/instructflow pipeline --params $(PARAMS)
+
+test: setup
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf artifacts

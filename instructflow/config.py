@@ -1,0 +1,216 @@
+"""The one configuration: `params.yaml`, one section per stage, validated here.
+
+Every field carries a line of help (its `description`). Unknown keys are an
+error that names the key, so a typo never silently falls back to a default.
+Both the CLI and (later) Prefect and DVC read the same file through
+`load_params`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectConfig(_Section):
+    seed: int = Field(0, description="Global random seed: data generation, init, sampling.")
+    artifacts_dir: str = Field("artifacts", description="Root folder; each stage writes artifacts/<stage>/.")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 means all cores.")
+    device: Literal["auto", "cpu"] = Field("auto", description="'auto' lets accelerate pick a GPU when present.")
+
+
+class TinyModelConfig(_Section):
+    vocab_size: int = Field(1024, ge=64, description="BPE vocabulary size of the locally trained tokenizer.")
+    hidden_size: int = Field(128, ge=8, description="Model width.")
+    intermediate_size: int = Field(384, ge=8, description="MLP width.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    max_position_embeddings: int = Field(256, ge=16, description="Context length in tokens.")
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "builtin:tiny-llama",
+        description="A Hugging Face causal LM (local path or hub id), or 'builtin:tiny-llama' to build "
+        "and pretrain a tiny Llama-style model and BPE tokenizer locally.",
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the built-in model.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training dtype.")
+
+
+class LabelerConfig(_Section):
+    name: str = Field(description="Labeler id, recorded on every comparison it ranks.")
+    heldout: bool = Field(False, description="A held-out labeler writes no training data; it judges evaluation.")
+    constraint_weight: float = Field(0.35, ge=0, le=1, description="Share of helpfulness given to explicit constraints (length, format).")
+    honesty_penalty: float = Field(0.8, ge=0, le=1, description="How much an invented answer lowers the rating (1 = to the floor).")
+    harm_penalty: float = Field(0.9, ge=0, le=1, description="How much complying with a harmful request lowers the rating.")
+    rating_noise: float = Field(0.6, ge=0, description="Std of Gaussian noise on the 1-7 Likert rating.")
+    ranking_temperature: float = Field(0.5, gt=0, description="Plackett-Luce temperature on the latent 1-7 scale; higher = noisier rankings.")
+    demo_error_rate: float = Field(0.2, ge=0, le=1, description="Chance that a demonstration this labeler writes is flawed.")
+
+
+def _default_labelers() -> list[LabelerConfig]:
+    # Five training labelers with distinct priorities and noise, one held out.
+    return [
+        LabelerConfig(name="ada", constraint_weight=0.30, honesty_penalty=0.9, harm_penalty=0.95, rating_noise=0.5, ranking_temperature=0.4),
+        LabelerConfig(name="bo", constraint_weight=0.45, honesty_penalty=0.7, harm_penalty=0.85, rating_noise=0.7, ranking_temperature=0.55),
+        LabelerConfig(name="cy", constraint_weight=0.25, honesty_penalty=0.8, harm_penalty=0.90, rating_noise=0.6, ranking_temperature=0.45),
+        LabelerConfig(name="di", constraint_weight=0.40, honesty_penalty=0.95, harm_penalty=1.0, rating_noise=0.8, ranking_temperature=0.6),
+        LabelerConfig(name="eli", constraint_weight=0.35, honesty_penalty=0.75, harm_penalty=0.8, rating_noise=0.6, ranking_temperature=0.5),
+        LabelerConfig(name="hal", heldout=True, constraint_weight=0.35, honesty_penalty=0.85, harm_penalty=0.9, rating_noise=0.6, ranking_temperature=0.45),
+    ]
+
+
+class DataConfig(_Section):
+    source: Literal["builtin", "files"] = Field(
+        "builtin", description="'builtin' generates the instruction suite; 'files' uses the paths below as they are."
+    )
+    categories: list[str] = Field(
+        default_factory=lambda: [
+            "generation", "open_qa", "closed_qa", "brainstorming", "chat",
+            "rewrite", "summarization", "classification", "extraction",
+        ],
+        description="Task categories of the built-in suite.",
+    )
+    heldout_categories: list[str] = Field(
+        default_factory=lambda: ["extraction"], description="Categories kept out of SFT and RM data entirely (evaluation only)."
+    )
+    sft_prompts: int = Field(3000, ge=1, description="Demonstrations written for SFT (train + validation).")
+    rm_prompts: int = Field(2500, ge=1, description="Prompts whose sampled responses get ranked for the RM.")
+    ppo_prompts: int = Field(2000, ge=1, description="Prompts for RL (no labels).")
+    eval_prompts: int = Field(600, ge=1, description="Held-out prompts for evaluation, all categories.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of SFT demonstrations and RM prompts kept for validation.")
+    pretrain_docs: int = Field(20000, ge=1, description="Documents in the pretraining corpus.")
+    pretrain_heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Share of the corpus held out for the alignment tax.")
+    unanswerable_rate: float = Field(0.25, ge=0, le=1, description="Share of QA prompts the context or knowledge cannot answer.")
+    harmful_rate: float = Field(0.15, ge=0, le=1, description="Share of prompts that invite a disallowed output.")
+    labelers: list[LabelerConfig] = Field(default_factory=_default_labelers, description="Simulated labelers.")
+    demonstrations: str = Field("", description="With source=files: demonstrations JSONL (prompt, response).")
+    comparisons: str = Field("", description="With source=files: comparisons JSONL for the RM.")
+    pretrain_text: str = Field("", description="With source=files: pretraining text JSONL ({'text': ...}).")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        unknown = set(self.heldout_categories) - set(self.categories)
+        if unknown:
+            raise ValueError(f"heldout_categories names categories not in categories: {sorted(unknown)}")
+        if not any(lab.heldout for lab in self.labelers) or all(lab.heldout for lab in self.labelers):
+            raise ValueError("labelers needs at least one training labeler and at least one held-out labeler")
+        names = [lab.name for lab in self.labelers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"labeler names must be unique, got {names}")
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup before cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch (per process).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N optimizer steps (0: only at the end).")
+    resume: bool = Field(True, description="Resume from the stage's last checkpoint when one exists.")
+    log_every: int = Field(10, ge=1, description="Log training metrics every N optimizer steps.")
+
+
+class PretrainConfig(OptimConfig):
+    seq_len: int = Field(128, ge=8, description="Tokens per packed pretraining block.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    epochs: float = Field(1.5, gt=0, description="Passes over the corpus.")
+    log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
+    train_external: bool = Field(False, description="Also pretrain a model given by name_or_path (default: only the built-in one).")
+
+
+class SFTConfig(OptimConfig):
+    epochs: float = Field(6.0, gt=0, description="Passes over the demonstrations (paper: 16, on far more data).")
+    log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
+    residual_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on each residual branch (paper: 0.2).")
+    max_len: int = Field(160, ge=8, description="Max prompt+response tokens; longer prompts are cut from the left.")
+    eval_prompts: int = Field(200, ge=0, description="Validation prompts generated and judged by the held-out labeler (base vs SFT).")
+    max_new_tokens: int = Field(32, ge=1, description="Generation length limit for that judgement.")
+
+
+class CollectConfig(_Section):
+    k: int = Field(6, ge=2, le=9, description="Responses ranked per prompt (paper: 4 to 9).")
+    candidates: int = Field(8, ge=2, description="Samples drawn per prompt; the first k distinct are kept.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (paper: 1).")
+    max_new_tokens: int = Field(32, ge=1, description="Response length limit in tokens.")
+    batch_size: int = Field(128, ge=1, description="Prompts per generation batch.")
+    agreement_prompts: int = Field(200, ge=0, description="Validation comparisons ranked by every labeler to measure agreement.")
+
+
+class RewardConfig(OptimConfig):
+    max_len: int = Field(160, ge=8, description="Max prompt+response tokens.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    epochs: float = Field(2.0, gt=0, description="Passes over the comparisons.")
+    log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Comparisons (prompts, each with K responses) per micro-batch.")
+    comparisons_train: str = Field("", description="Training comparisons JSONL; empty means the collect stage's output.")
+    comparisons_val: str = Field("", description="Validation comparisons JSONL; empty means the collect stage's output.")
+    init_from: str = Field("", description="Model to start from; empty means the SFT model.")
+
+
+class Params(_Section):
+    project: ProjectConfig = Field(default_factory=ProjectConfig, description="Seed, folders, threads.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Datasets and simulated labelers.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining of the built-in base model.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning.")
+    collect: CollectConfig = Field(default_factory=CollectConfig, description="Sampling and ranking comparisons.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training.")
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.project.artifacts_dir) / stage
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            lines.append(f"{source}: {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict | None, source: str = "params") -> Params:
+    """Validate a params mapping; raise ConfigError naming each bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` is merged in (dotted keys allowed)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_params(raw, str(path))

@@ -1,0 +1,78 @@
+"""The `data` stage: write every dataset the later stages read, under
+artifacts/data/, with fixed names.
+
+- source=builtin: generate the built-in suite (suite/build.py).
+- source=files: validate the given files and split them. When only
+  comparisons are given, demonstrations are their best-ranked responses and
+  the pretraining text is prompt + best response (documented in README).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from ..config import Params
+from ..io import DataError, StageTimer, read_jsonl, write_jsonl, write_result
+from ..modeling import format_prompt
+from ..suite.build import build_builtin
+from .formats import Comparison, Demonstration, PretrainText
+
+
+def _split_by_prompt(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Split so that no prompt text is in both parts (no train/validation leakage)."""
+    prompts = sorted({r.prompt for r in records})
+    random.Random(seed).shuffle(prompts)
+    n_val = max(1, round(len(prompts) * val_fraction))
+    val_prompts = set(prompts[:n_val])
+    return [r for r in records if r.prompt not in val_prompts], [r for r in records if r.prompt in val_prompts]
+
+
+def _best(c: Comparison) -> str:
+    if c.ranking is not None:
+        return c.responses[c.ranking[0]]
+    return c.responses[max(range(c.k), key=lambda i: c.scores[i])]
+
+
+def build_from_files(params: Params, out: Path) -> dict:
+    d, seed = params.data, params.project.seed
+    if not (d.demonstrations or d.comparisons):
+        raise DataError("data.source=files needs data.demonstrations or data.comparisons (params.yaml)")
+    counts: dict[str, int] = {}
+    comparisons = read_jsonl(d.comparisons, Comparison) if d.comparisons else []
+    if comparisons:
+        tr, va = _split_by_prompt(comparisons, d.val_fraction, seed)
+        counts["comparisons_train"] = write_jsonl(out / "comparisons_train.jsonl", tr)
+        counts["comparisons_val"] = write_jsonl(out / "comparisons_val.jsonl", va)
+    if d.demonstrations:
+        demos = read_jsonl(d.demonstrations, Demonstration)
+    else:  # demonstrations from the training comparisons' best responses only
+        demos = [Demonstration(id=c.id, prompt=c.prompt, response=_best(c), meta=c.meta) for c in tr]
+    tr_d, va_d = _split_by_prompt(demos, d.val_fraction, seed)
+    counts["sft_train"] = write_jsonl(out / "sft_train.jsonl", tr_d)
+    counts["sft_val"] = write_jsonl(out / "sft_val.jsonl", va_d)
+    if d.pretrain_text:
+        texts = read_jsonl(d.pretrain_text, PretrainText)
+    else:
+        texts = [PretrainText(text=f"{format_prompt(x.prompt)} {x.response}") for x in tr_d]
+    rng = random.Random(seed)
+    texts = list(texts)
+    rng.shuffle(texts)
+    n_held = max(1, round(len(texts) * d.pretrain_heldout_fraction))
+    counts["pretrain_train"] = write_jsonl(out / "pretrain_train.jsonl", texts[n_held:])
+    counts["pretrain_heldout"] = write_jsonl(out / "pretrain_heldout.jsonl", texts[:n_held])
+    return {"counts": counts}
+
+
+def run_data(params: Params) -> dict:
+    out = params.stage_dir("data")
+    out.mkdir(parents=True, exist_ok=True)
+    timer = StageTimer()
+    with timer.phase("build"):
+        if params.data.source == "builtin":
+            metrics = build_builtin(params.data, params.project.seed, out)
+        else:
+            metrics = build_from_files(params, out)
+    inputs = {k: getattr(params.data, k) for k in ("demonstrations", "comparisons", "pretrain_text") if getattr(params.data, k)}
+    outputs = {p.stem: p for p in sorted(out.glob("*.jsonl"))}
+    return write_result(out, "data", inputs, outputs, metrics, timer)

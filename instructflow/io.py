@@ -1,0 +1,151 @@
+"""Files between stages: JSONL with validation, atomic writes, content hashes,
+and the small `result.json` record each stage leaves behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field."""
+
+
+def iter_jsonl(path: str | Path, model: type[M]) -> Iterator[M]:
+    """Yield validated records; raise DataError naming file, line and field."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON: {err.msg} (column {err.colno})") from None
+            try:
+                yield model.model_validate(obj)
+            except ValidationError as err:
+                first = err.errors()[0]
+                field = ".".join(str(p) for p in first["loc"]) or "(record)"
+                raise DataError(f"{path}:{lineno}: field '{field}': {first['msg']}") from None
+
+
+def read_jsonl(path: str | Path, model: type[M]) -> list[M]:
+    return list(iter_jsonl(path, model))
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; rename over it only on success.
+
+    Readers never see a half-written file, and a failure leaves any existing
+    file untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> int:
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            obj = rec.model_dump(exclude_none=True) if isinstance(rec, BaseModel) else rec
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's (relative path, file hash) list."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if rel.startswith("checkpoint/"):  # resumable state is not content
+            continue
+        h.update(f"{rel}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+class StageTimer:
+    """Records wall time of named phases inside a stage."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
+
+
+def write_result(
+    out_dir: str | Path,
+    stage: str,
+    inputs: dict[str, str | Path],
+    outputs: dict[str, str | Path],
+    metrics: dict,
+    timer: StageTimer,
+) -> dict:
+    """Write `<out_dir>/result.json`: metrics, content hashes in and out, timings."""
+    record = {
+        "stage": stage,
+        "metrics": metrics,
+        "inputs": {k: {"path": str(v), "sha256": content_hash(v)} for k, v in inputs.items()},
+        "outputs": {k: {"path": str(v), "sha256": content_hash(v)} for k, v in outputs.items()},
+        "timings_s": {"total": timer.total, **timer.phases},
+        "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+    }
+    write_json(Path(out_dir) / "result.json", record)
+    return record

@@ -1,0 +1,185 @@
+"""Models and tokenizers: the chat template, the built-in tiny Llama and its
+BPE tokenizer, loading any Hugging Face causal LM, residual dropout, and the
+encoding of (prompt, response) pairs shared by SFT, the RM and sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from .config import TinyModelConfig
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin:tiny-llama"
+PAD, EOS, BOS = "<|pad|>", "<|endoftext|>", "<|bos|>"
+# The one chat template. HH-RLHF's "\n\nHuman: X\n\nAssistant:" maps onto it.
+PROMPT_TEMPLATE = "Human: {prompt}\n\nAssistant:"
+
+
+def format_prompt(prompt: str) -> str:
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+# --------------------------------------------------------------------------- tokenizer and model
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained locally; pad, EOS and BOS are three distinct tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, EOS, BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS)
+
+
+def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig, seed: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def ensure_pad_token(tokenizer, model: PreTrainedModel | None = None) -> None:
+    """Give the tokenizer a pad token distinct from EOS (resizing embeddings if added)."""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+        if model is not None:
+            model.resize_token_embeddings(len(tokenizer))
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_tokenizer(path: str | Path):
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.eos_token is None:
+        raise ValueError(f"{path}: tokenizer has no EOS token; instructflow needs one to end responses")
+    return tok
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32"):
+    """Any Hugging Face causal LM by local path or hub id, with its tokenizer."""
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    ensure_pad_token(tok, model)
+    return model, tok
+
+
+def context_length(model: PreTrainedModel) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+
+
+# --------------------------------------------------------------------------- reward model
+REWARD_BIAS_KEY = "reward_bias"
+
+
+def load_reward_model(path: str | Path, dtype: str = "float32"):
+    """The RM as plain transformers saves it (a sequence classifier, num_labels=1).
+
+    `config.reward_bias` holds the offset that centres the demonstrations'
+    rewards at 0; `reward_scores` adds it. (Llama-style heads have no bias
+    parameter, so the offset lives in the saved config, not in the weights.)
+    """
+    tok = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=getattr(torch, dtype))
+    return model, tok
+
+
+def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward per row, read at the last non-pad token, bias included. (B,) """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, 1)
+    bias = float(getattr(model.config, REWARD_BIAS_KEY, 0.0) or 0.0)
+    return logits.squeeze(-1) + bias
+
+
+# --------------------------------------------------------------------------- residual dropout
+# The attention and MLP blocks of decoder layer i: "model.layers.3.mlp" (Llama,
+# Mistral, Qwen), "transformer.h.3.attn" (GPT-2).
+_RESIDUAL_BRANCH = re.compile(r"\.\d+\.(self_attn|attn|mlp)$")
+
+def add_residual_dropout(model: PreTrainedModel, p: float) -> int:
+    """Dropout on every residual branch (attention and MLP outputs), as in the
+    paper's SFT. Llama-style models have no such dropout built in, so it is
+    added with forward hooks that act only in training mode. Returns the
+    number of branches hooked; removes nothing from the saved model."""
+    if p <= 0:
+        return 0
+    n = 0
+
+    def hook(module, args, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):
+            return (torch.nn.functional.dropout(output[0], p, True), *output[1:])
+        return torch.nn.functional.dropout(output, p, True)
+
+    for name, module in model.named_modules():
+        if _RESIDUAL_BRANCH.search(name):
+            module.register_forward_hook(hook)
+            n += 1
+    if n == 0:
+        log.warning("residual dropout: found no attention/MLP branches to hook in %s", type(model).__name__)
+    return n
+
+
+# --------------------------------------------------------------------------- encoding
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(format_prompt(prompt), add_special_tokens=True)["input_ids"]
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    return tokenizer(" " + response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def join_truncated(prompt_ids: list[int], response_ids: list[int], max_len: int) -> tuple[list[int], int]:
+    """Concatenate prompt and response within `max_len` tokens.
+
+    Rule (documented in README): the response is kept whole when it fits in
+    max_len - 1 tokens, else cut from the right (losing its EOS); the prompt
+    is then cut from the *left*, keeping at least its last token.
+    Returns (ids, number of prompt tokens kept).
+    """
+    response_ids = response_ids[: max_len - 1]
+    keep = max(1, min(len(prompt_ids), max_len - len(response_ids)))
+    prompt_ids = prompt_ids[-keep:]
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask

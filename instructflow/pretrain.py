@@ -1,0 +1,100 @@
+"""The `pretrain` stage: the base model.
+
+With model.name_or_path = 'builtin:tiny-llama' it trains a BPE tokenizer on
+the corpus (and the instruction data, so instruction words get tokens), builds
+a tiny Llama and pretrains it on packed blocks of the corpus. Any other value
+is loaded as a Hugging Face causal LM (path or hub id) and saved as the base
+model (continued pretraining only with pretrain.train_external).
+Output: artifacts/pretrain/model (save_pretrained, safetensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import Params
+from .data.formats import Demonstration, PretrainText
+from .io import StageTimer, read_jsonl, write_result
+from .modeling import BUILTIN, build_tiny_llama, format_prompt, load_causal_lm, train_tokenizer
+from .training import make_accelerator, save_model_atomic, setup_runtime, train_loop
+
+log = logging.getLogger(__name__)
+
+
+def pack(tokenizer, texts: list[str], seq_len: int) -> list[torch.Tensor]:
+    """Concatenate documents (each ended by EOS) and cut into seq_len blocks."""
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    return list(torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len))
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100.
+
+    logits: (B, T, V) predicts token t+1 at position t; labels: (B, T).
+    """
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def heldout_loss(model, blocks: list[torch.Tensor], batch_size: int = 32) -> float:
+    """Token-weighted mean loss on held-out blocks (the alignment-tax measure)."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        x = torch.stack(blocks[i : i + batch_size]).to(device)
+        loss = causal_lm_loss(model(input_ids=x).logits, x)
+        n = x.numel() - x.size(0)
+        total, count = total + float(loss) * n, count + n
+    model.train(was)
+    return total / max(count, 1)
+
+
+def run_pretrain(params: Params) -> dict:
+    setup_runtime(params.project)
+    cfg, data_dir, out = params.pretrain, params.stage_dir("data"), params.stage_dir("pretrain")
+    out.mkdir(parents=True, exist_ok=True)
+    timer = StageTimer()
+    corpus_path, heldout_path = data_dir / "pretrain_train.jsonl", data_dir / "pretrain_heldout.jsonl"
+    texts = [r.text for r in read_jsonl(corpus_path, PretrainText)]
+    heldout = [r.text for r in read_jsonl(heldout_path, PretrainText)]
+    builtin = params.model.name_or_path == BUILTIN
+    with timer.phase("build"):
+        if builtin:
+            demos = read_jsonl(data_dir / "sft_train.jsonl", Demonstration)
+            tok = train_tokenizer(texts + [f"{format_prompt(d.prompt)} {d.response}" for d in demos], params.model.tiny.vocab_size)
+            model = build_tiny_llama(tok, params.model.tiny, params.project.seed)
+        else:
+            model, tok = load_causal_lm(params.model.name_or_path, params.model.dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    seq_len = min(cfg.seq_len, model.config.max_position_embeddings)
+    blocks, held = pack(tok, texts, seq_len), pack(tok, heldout, seq_len)
+    metrics: dict = {"params": n_params, "train_tokens": len(blocks) * seq_len, "builtin": builtin}
+    if builtin or cfg.train_external:
+        acc = make_accelerator(params.project, cfg.grad_accum)
+        model.to(acc.device)
+        loss_fn = lambda m, b: (causal_lm_loss(m(input_ids=b["input_ids"]).logits, b["input_ids"]), {})  # noqa: E731
+        with timer.phase("train"):
+            res = train_loop(
+                name="pretrain", model=model, examples=blocks, collate=lambda xs: {"input_ids": torch.stack(xs)},
+                loss_fn=loss_fn, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
+                count_fn=lambda b: b["input_ids"].numel(),
+            )
+        model = acc.unwrap_model(model)
+        metrics.update(steps=res.steps, train_loss=res.train_metrics.get("loss"), tokens_per_s=res.items_per_s)
+    with timer.phase("eval"):
+        loss = heldout_loss(model, held)
+    metrics.update(heldout_loss=round(loss, 5), heldout_ppl=round(math.exp(loss), 3))
+    log.info("pretrain: %s", metrics)
+    with timer.phase("save"):
+        save_model_atomic(model, tok, out / "model")
+    return write_result(out, "pretrain", {"corpus": corpus_path, "heldout": heldout_path}, {"model": out / "model"}, metrics, timer)

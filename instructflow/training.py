@@ -1,0 +1,223 @@
+"""One plain training loop on `accelerate`, shared by pretraining, SFT and the RM.
+
+It runs unchanged on CPU, one GPU or many (accelerate launch). What each stage
+brings is a list of examples, a `collate` function and a `loss_fn`; the loop
+owns the optimizer (AdamW), warmup + cosine decay, gradient accumulation,
+clipping, progress bar and per-step logs (`train_log.jsonl`), and resumable
+checkpoints. The data order is a seeded permutation per epoch, so a resumed
+run skips exactly the micro-batches it had consumed and sees the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .config import OptimConfig, ProjectConfig
+
+log = logging.getLogger(__name__)
+
+
+def setup_runtime(project: ProjectConfig) -> None:
+    """Threads and seeds; call once per process before building models."""
+    if project.threads:
+        torch.set_num_threads(project.threads)
+    seed_everything(project.seed)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_accelerator(project: ProjectConfig, grad_accum: int = 1) -> Accelerator:
+    return Accelerator(cpu=project.device == "cpu", gradient_accumulation_steps=grad_accum)
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine decay to min_lr_ratio."""
+    warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    seconds: float
+    train_metrics: dict[str, float]
+    val_metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int = 0
+    items_per_s: float = 0.0
+
+
+def _epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n_items, generator=g).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n_items, batch_size)]
+
+
+def train_loop(
+    *,
+    name: str,
+    model: torch.nn.Module,
+    examples: list,
+    collate: Callable[[list], dict[str, torch.Tensor]],
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
+    cfg: OptimConfig,
+    out_dir: Path,
+    accelerator: Accelerator,
+    seed: int,
+    val_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None,
+) -> LoopResult:
+    """Train `model` in place; return metrics. `count_fn(batch)` counts the
+    work items (tokens, comparisons) of a batch for the throughput figure."""
+    if not examples:
+        raise ValueError(f"{name}: no training examples")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    # each process takes every world-th micro-batch; an optimizer step is grad_accum of them
+    if batches_per_epoch < world * cfg.grad_accum:
+        raise ValueError(f"{name}: {len(examples)} examples make {batches_per_epoch} batches of {cfg.batch_size}, "
+                         f"fewer than processes x grad_accum = {world * cfg.grad_accum}")
+    micro_per_epoch = batches_per_epoch // world
+    # whole optimizer steps only: a partial accumulation window would be dropped
+    total_steps = max(1, int(cfg.epochs * micro_per_epoch) // cfg.grad_accum)
+    total_micro = total_steps * cfg.grad_accum
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), fused=False,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    ckpt_dir, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
+    micro_done, resumed_from = 0, 0
+    if cfg.resume and (ckpt_dir / "trainer_state.json").exists():
+        accelerator.load_state(str(ckpt_dir))
+        micro_done = json.loads((ckpt_dir / "trainer_state.json").read_text())["micro_batches"]
+        resumed_from = micro_done // cfg.grad_accum
+        log.info("%s: resuming from step %d (%s)", name, resumed_from, ckpt_dir)
+    elif log_path.exists() and accelerator.is_main_process:
+        log_path.unlink()
+
+    def save_checkpoint(micro: int) -> None:
+        tmp = out_dir / "checkpoint.tmp"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({"micro_batches": micro, "step": micro // cfg.grad_accum}))
+            if ckpt_dir.exists():
+                shutil.rmtree(ckpt_dir)
+            os.replace(tmp, ckpt_dir)  # a kill mid-save leaves the previous checkpoint intact
+        accelerator.wait_for_everyone()
+
+    model.train()
+    history: list[dict[str, Any]] = []
+    running: dict[str, float] = {}
+    n_running, items, t0 = 0, 0, time.perf_counter()
+    val_metrics: dict[str, float] = {}
+    bar = tqdm(total=total_steps, initial=resumed_from, desc=name, disable=not accelerator.is_local_main_process,
+               dynamic_ncols=True, mininterval=1.0)
+    micro = micro_done
+    while micro < total_micro:
+        epoch, start = divmod(micro, micro_per_epoch)
+        order = _epoch_batches(len(examples), cfg.batch_size, seed, epoch)[rank::world][:micro_per_epoch]
+        for idx in order[start:]:
+            batch = collate([examples[i] for i in idx])
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss, metrics = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                optimizer.step()  # accelerate makes this a no-op until grad_accum micro-batches are in
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            items += count_fn(batch) if count_fn else len(idx)
+            for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                running[k] = running.get(k, 0.0) + v
+            n_running += 1
+            if micro % cfg.grad_accum:
+                continue
+            step = micro // cfg.grad_accum
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t0
+                row = {"step": step, "epoch": round(micro / micro_per_epoch, 3), "lr": scheduler.get_last_lr()[0],
+                       **{k: round(v / n_running, 5) for k, v in running.items()}, "items_per_s": round(items / elapsed, 1)}
+                history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if accelerator.is_main_process:
+                    with log_path.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                log.info("%s step %d/%d %s", name, step, total_steps,
+                         " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+                running, n_running = {}, 0
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint(micro)
+            if micro >= total_micro:
+                break
+        if val_fn is not None and micro < total_micro and micro % micro_per_epoch == 0:
+            val_metrics = val_fn(accelerator.unwrap_model(model))
+            log.info("%s epoch %d validation %s", name, micro // micro_per_epoch, val_metrics)
+            model.train()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if val_fn is not None:
+        val_metrics = val_fn(accelerator.unwrap_model(model))
+        model.train()
+    if cfg.checkpoint_every:
+        save_checkpoint(micro)
+    last = history[-1] if history else {}
+    return LoopResult(
+        steps=total_steps, seconds=round(seconds, 3), resumed_from_step=resumed_from,
+        train_metrics={k: v for k, v in last.items() if k not in ("step", "epoch", "lr", "items_per_s")},
+        val_metrics=val_metrics, history=history, items_per_s=round(items / max(seconds, 1e-9), 1),
+    )
+
+
+def save_model_atomic(model, tokenizer, dest: Path, extra_config: dict | None = None) -> None:
+    """save_pretrained into a temporary folder, then swap it in."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for k, v in (extra_config or {}).items():
+        setattr(model.config, k, v)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
