@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+from instructflow.config import OptimConfig
+from instructflow.data.formats import Demonstration
+from instructflow.modeling import add_residual_dropout, join_truncated
+from instructflow.sft import encode_demonstration, sft_batch, sft_loss
+from instructflow.training import cosine_with_warmup, make_accelerator, train_loop
+from instructflow.config import ProjectConfig
+from tiny import tiny_lm
+
+
+def test_prompt_tokens_carry_no_sft_loss():
+    model, tok = tiny_lm()
+    demos = [Demonstration(id="1", prompt="What color is the ball?", response="It is red."),
+             Demonstration(id="2", prompt="Ana has a green kite. Ben has a pink hat.", response="Positive.")]
+    ex = [encode_demonstration(tok, d, 64) for d in demos]
+    batch = sft_batch(ex, tok.pad_token_id)
+    for i, (ids, n_prompt) in enumerate(ex):
+        assert (batch["labels"][i, :n_prompt] == -100).all()
+        assert (batch["labels"][i, n_prompt:len(ids)] == torch.tensor(ids[n_prompt:])).all()
+        assert (batch["labels"][i, len(ids):] == -100).all()
+    # the loss gradient w.r.t. the logits that predict prompt tokens is exactly zero
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits.retain_grad()
+    from instructflow.pretrain import causal_lm_loss
+    causal_lm_loss(logits, batch["labels"]).backward()
+    for i, (ids, n_prompt) in enumerate(ex):
+        # position t predicts token t+1: positions 0..n_prompt-2 predict prompt tokens
+        assert logits.grad[i, : n_prompt - 1].abs().max() == 0
+        assert logits.grad[i, n_prompt - 1 : len(ids) - 1].abs().max() > 0
+
+
+def test_truncation_cuts_the_prompt_from_the_left():
+    ids, n = join_truncated(list(range(10)), [100, 101, 999], max_len=8)
+    assert ids == [5, 6, 7, 8, 9, 100, 101, 999] and n == 5
+    ids, n = join_truncated([1, 2], list(range(100, 120)), max_len=8)
+    assert ids == [2, 100, 101, 102, 103, 104, 105, 106] and n == 1
+
+
+def test_cosine_schedule_with_warmup():
+    f = cosine_with_warmup(100, warmup_ratio=0.1, min_lr_ratio=0.1)
+    assert [round(f(s), 4) for s in (0, 9)] == [0.1, 1.0]
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
+
+
+def test_residual_dropout_acts_only_in_training():
+    model, _ = tiny_lm()
+    assert add_residual_dropout(model, 0.5) == 4  # 2 layers x (attention, MLP)
+    x = torch.randint(3, 200, (2, 12))
+    model.eval()
+    a, b = model(input_ids=x).logits, model(input_ids=x).logits
+    assert torch.equal(a, b)
+    model.train()
+    assert not torch.equal(model(input_ids=x).logits, model(input_ids=x).logits)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _train(tmp_path, crash_at=None, resume=True):
+    torch.manual_seed(0)
+    model, tok = tiny_lm()
+    add_residual_dropout(model, 0.2)  # randomness inside the step: resume must restore RNG state too
+    data = [torch.randint(3, 250, (16,)) for _ in range(48)]
+    calls = {"n": 0}
+
+    def loss_fn(m, b):
+        calls["n"] += 1
+        if crash_at is not None and calls["n"] == crash_at:
+            raise _Crash
+        x = b["input_ids"]
+        return torch.nn.functional.cross_entropy(m(input_ids=x).logits[:, :-1].reshape(-1, 300), x[:, 1:].reshape(-1)), {}
+
+    cfg = OptimConfig(lr=1e-2, batch_size=4, grad_accum=2, epochs=2, checkpoint_every=2, log_every=1, resume=resume)
+    acc = make_accelerator(ProjectConfig(device="cpu"), cfg.grad_accum)
+    res = train_loop(name="t", model=model, examples=data, collate=lambda xs: {"input_ids": torch.stack(xs)},
+                     loss_fn=loss_fn, cfg=cfg, out_dir=tmp_path, accelerator=acc, seed=1)
+    return acc.unwrap_model(model), res
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+    ref, ref_res = _train(tmp_path / "ref")
+    with pytest.raises(_Crash):
+        _train(tmp_path / "run", crash_at=15)  # mid-epoch, after the checkpoint at step 6
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+    resumed, res = _train(tmp_path / "run")
+    assert res.resumed_from_step == 6 and res.steps == ref_res.steps == 12
+    for (n, p), (_, q) in zip(ref.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
