@@ -14,5 +14,5 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real public data not present at {SHARED_DATA} (the README section "Tests" explains)")
+        pytest.skip(f"real public data not present at {SHARED_DATA} (the README section 'Tests' explains)")
     return SHARED_DATA
