@@ -1,5 +1,6 @@
 """Stages on a micro config, through the real CLI, and the saved models through
 plain transformers Auto classes."""
+import gzip
 import json
 import os
 import subprocess
@@ -86,9 +87,18 @@ def test_bad_params_fail_with_the_key_named(micro_run, tmp_path):
     assert proc.returncode == 2 and "unknown key 'sft.epochz'" in proc.stderr
 
 
+def test_empty_comparisons_file_is_a_clear_error(tmp_path):
+    (tmp_path / "c.jsonl").write_text("")
+    (tmp_path / "params.yaml").write_text("data: {source: files, comparisons: c.jsonl}\n")
+    proc = subprocess.run([sys.executable, "-m", "instructflow.cli", "data", "build", "--params", "params.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "c.jsonl: no comparison records" in proc.stderr
+    assert not (tmp_path / "artifacts" / "data" / "sft_train.jsonl").exists()
+
+
 def test_hh_rlhf_import_and_reward_training_end_to_end(shared_data, tmp_path):
     """Real data nobody here shaped: import, then pretrain -> SFT -> RM on a slice."""
-    rows = [line for line, _ in zip(__import__("gzip").open(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "rt"), range(240))]
+    rows = [line for line, _ in zip(gzip.open(shared_data / "hh-rlhf-harmless-base-test.jsonl.gz", "rt"), range(240))]
     (tmp_path / "hh.jsonl").write_text("".join(rows))
     _cli("data", "import", "hh-rlhf", "hh.jsonl", "comparisons.jsonl", cwd=tmp_path)
     params = {**MICRO, "project": {"artifacts_dir": "artifacts"},

@@ -40,12 +40,16 @@ def build_from_files(params: Params, out: Path) -> dict:
         raise DataError("data.source=files needs data.demonstrations or data.comparisons (params.yaml)")
     counts: dict[str, int] = {}
     comparisons = read_jsonl(d.comparisons, Comparison) if d.comparisons else []
+    if d.comparisons and not comparisons:
+        raise DataError(f"{d.comparisons}: no comparison records (data.comparisons in params.yaml)")
     if comparisons:
         tr, va = _split_by_prompt(comparisons, d.val_fraction, seed)
         counts["comparisons_train"] = write_jsonl(out / "comparisons_train.jsonl", tr)
         counts["comparisons_val"] = write_jsonl(out / "comparisons_val.jsonl", va)
     if d.demonstrations:
         demos = read_jsonl(d.demonstrations, Demonstration)
+        if not demos:
+            raise DataError(f"{d.demonstrations}: no demonstration records (data.demonstrations in params.yaml)")
     else:  # demonstrations from the training comparisons' best responses only
         demos = [Demonstration(id=c.id, prompt=c.prompt, response=_best(c), meta=c.meta) for c in tr]
     tr_d, va_d = _split_by_prompt(demos, d.val_fraction, seed)
