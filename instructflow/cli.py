@@ -21,7 +21,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: build the built-in 
 app.add_typer(data_app, name="data")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
-STAGES = ("data", "pretrain", "sft", "collect", "reward")
+STAGES = ("data", "pretrain", "sft", "collect", "reward", "ppo", "ppo_ptx", "eval")
 
 
 def _setup_logging() -> None:
@@ -49,6 +49,12 @@ def run_stage(stage: str, params_path: Path) -> dict:
         from .collect import run_collect as fn
     elif stage == "reward":
         from .reward import run_reward as fn
+    elif stage in ("ppo", "ppo_ptx"):
+        from .ppo import run_ppo
+
+        return run_ppo(params, ptx=stage == "ppo_ptx")
+    elif stage == "eval":
+        from .evaluate import run_eval as fn
     else:
         raise ValueError(f"unknown stage '{stage}'")
     return fn(params)
@@ -119,6 +125,25 @@ def reward(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 @app.command()
+def ppo(params: ParamsOpt = Path("params.yaml")) -> None:
+    """PPO against the RM with a per-token KL penalty to SFT (no pretraining mix); artifacts/ppo/."""
+    _run("ppo", params)
+
+
+@app.command("ppo-ptx")
+def ppo_ptx(params: ParamsOpt = Path("params.yaml")) -> None:
+    """PPO-ptx: PPO plus ppo.ptx_coef x the pretraining log-likelihood; artifacts/ppo_ptx/."""
+    _run("ppo_ptx", params)
+
+
+@app.command("eval")
+def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Judge base (few-shot), SFT, PPO and PPO-ptx on held-out prompts; artifacts/eval/."""
+    result = _run("eval", params)
+    typer.echo(eval_table(result["metrics"]))
+
+
+@app.command()
 def pipeline(
     params: ParamsOpt = Path("params.yaml"),
     stages: Annotated[str, typer.Option(help="Comma-separated stages to run, in order.")] = ",".join(STAGES),
@@ -130,8 +155,8 @@ def pipeline(
         p = load_params(params)
     except ConfigError as err:
         _fail(str(err))
-    if p.data.source != "builtin" and "collect" in chosen:
-        chosen.remove("collect")  # comparisons come from the given files
+    if p.data.source != "builtin":  # comparisons come from the given files; no simulated labeler to judge
+        chosen = [s for s in chosen if s not in ("collect", "eval")]
     summary, t0 = [], time.perf_counter()
     for stage in chosen:
         try:
@@ -142,9 +167,32 @@ def pipeline(
     typer.echo("\nstage       seconds  key metrics")
     for stage, secs, m in summary:
         keys = [k for k in ("heldout_ppl", "val_loss", "likert_base", "likert_sft", "labeler_agreement",
-                            "labeler_agreement_heldout", "val_accuracy", "heldout_labeler_accuracy") if k in m]
+                            "labeler_agreement_heldout", "val_accuracy", "heldout_labeler_accuracy",
+                            "first_score", "final_score", "final_kl") if k in m]
         typer.echo(f"{stage:10s} {secs:8.1f}  " + "  ".join(f"{k}={m[k]}" for k in keys))
     typer.echo(f"total      {time.perf_counter() - t0:8.1f}")
+    if "eval" in chosen:
+        typer.echo(eval_table(json.loads((p.stage_dir("eval") / "metrics.json").read_text())))
+
+
+def eval_table(metrics: dict) -> str:
+    """The evaluation as a terminal table: one row per model."""
+    head = f"\n{'model':13s} {'win_rate vs SFT [95% CI]':26s} {'likert':>6s} {'invented':>8s} {'disallowed':>10s} " \
+           f"{'align_tax':>9s} {'rm_score':>8s} {'kl_to_sft':>9s}"
+    rows = [head]
+    for name, m in metrics["models"].items():
+        w = m.get("vs_sft")
+        win = f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" if w else "(reference)"
+
+        def f(x, spec=".3f"):
+            return format(x, spec) if x is not None else "-"
+
+        rows.append(f"{name:13s} {win:26s} {f(m['likert'], '.2f'):>6s} {f(m['invented_answer_rate']):>8s} "
+                    f"{f(m['disallowed_output_rate']):>10s} {f(m['alignment_tax'], '+.3f'):>9s} {f(m['rm_score'], '+.3f'):>8s} "
+                    f"{f(m['kl_to_sft'], '.2f'):>9s}")
+    rows.append(f"(held-out labeler, {metrics['prompts']} prompts, T={metrics['temperature']}; RM accuracy "
+                f"{metrics['rm_val_accuracy']}, labeler agreement {metrics['labeler_agreement']})")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,45 @@ class RewardConfig(OptimConfig):
     init_from: str = Field("", description="Model to start from; empty means the SFT model.")
 
 
+class PPOConfig(_Section):
+    iterations: int = Field(100, ge=1, description="PPO iterations; each samples `batch_size` rollouts, then updates.")
+    batch_size: int = Field(64, ge=1, description="Rollouts (prompts, one response each) per iteration, over all processes (paper: 512).")
+    minibatch_size: int = Field(16, ge=1, description="Rollouts per gradient step, per process (paper: 64).")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
+    lr: float = Field(1e-4, gt=0, description="Policy learning rate (Adam); constant.")
+    value_lr: float = Field(1e-4, gt=0, description="Value-model learning rate (Adam); constant.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm, policy and value each.")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon (paper: 0.2).")
+    value_clip_range: float = Field(0.2, gt=0, description="Clip of the value update around the rollout's value.")
+    vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount (paper: none, i.e. 1).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 over each iteration's tokens.")
+    kl_coef: float = Field(0.1, ge=0, description="beta of the per-token KL penalty to the SFT policy (paper: 0.02 at its reward scale); the start value when adaptive.")
+    adaptive_kl: bool = Field(False, description="Steer beta toward kl_target (Ziegler et al. 2019) instead of keeping it fixed.")
+    kl_target: float = Field(4.0, gt=0, description="Target KL (nats per response) for the adaptive controller.")
+    kl_horizon: int = Field(10000, ge=1, description="Horizon (rollouts) of the adaptive controller.")
+    ptx_coef: float = Field(0.3, ge=0, description="gamma of PPO-ptx: weight of the pretraining log-likelihood in the ppo_ptx stage (plain ppo uses 0).")
+    ptx_batch_size: int = Field(4, ge=1, description="Pretraining blocks per gradient step in PPO-ptx.")
+    max_new_tokens: int = Field(32, ge=1, description="Response length limit; a response without EOS by then gets no_eos_score.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (paper: 1).")
+    no_eos_score: float = Field(-2.0, description="Score that replaces the RM's for a response cut off without EOS.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the policy weights, saved as the final model (paper: 0.992; 0 = off).")
+    checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every N iterations (0: only at the end).")
+    resume: bool = Field(True, description="Resume from the stage's last checkpoint when one exists.")
+    log_every: int = Field(5, ge=1, description="Log a line every N iterations (every iteration goes to train_log.jsonl).")
+
+
+class EvalConfig(_Section):
+    prompts: int = Field(0, ge=0, description="Evaluation prompts used (0: all of data.eval_prompts).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of every model's answers (paper: 1).")
+    max_new_tokens: int = Field(32, ge=1, description="Answer length limit in tokens.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    few_shot: int = Field(3, ge=0, description="Demonstrations in the base model's prompt ('GPT prompted').")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the win-rate intervals.")
+    samples_per_category: int = Field(3, ge=0, description="Prompts per category shown in samples.md.")
+
+
 class Params(_Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig, description="Seed, folders, threads.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
@@ -172,6 +211,8 @@ class Params(_Section):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning.")
     collect: CollectConfig = Field(default_factory=CollectConfig, description="Sampling and ranking comparisons.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="RL with PPO; the ppo stage runs it with ptx_coef 0, ppo_ptx as given.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation by the held-out labeler.")
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.project.artifacts_dir) / stage

@@ -115,9 +115,18 @@ def load_reward_model(path: str | Path, dtype: str = "float32"):
     return model, tok
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded row is computed exactly
+    like the same row unpadded (generate does the same)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward per row, read at the last non-pad token, bias included. (B,) """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, 1)
+    """Scalar reward per row, read at the last non-pad token, bias included. (B,)
+
+    Rows may be right- or left-padded (positions are taken from the mask)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask)).logits  # (B, 1)
     bias = float(getattr(model.config, REWARD_BIAS_KEY, 0.0) or 0.0)
     return logits.squeeze(-1) + bias
 

@@ -45,8 +45,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def has_accelerator_device() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 def make_accelerator(project: ProjectConfig, grad_accum: int = 1) -> Accelerator:
-    return Accelerator(cpu=project.device == "cpu", gradient_accumulation_steps=grad_accum)
+    """CPU when asked or when there is no GPU. (Saying cpu=True on a GPU-less host
+    matters: launched as several processes, accelerate then joins them in one
+    gloo group instead of running each alone.)"""
+    cpu = project.device == "cpu" or not has_accelerator_device()
+    return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum)
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
@@ -120,28 +129,15 @@ def train_loop(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    ckpt_dir, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
+    log_path = out_dir / "train_log.jsonl"
     micro_done, resumed_from = 0, 0
-    if cfg.resume and (ckpt_dir / "trainer_state.json").exists():
-        accelerator.load_state(str(ckpt_dir))
-        micro_done = json.loads((ckpt_dir / "trainer_state.json").read_text())["micro_batches"]
+    state = load_checkpoint(accelerator, out_dir) if cfg.resume else None
+    if state is not None:
+        micro_done = state["micro_batches"]
         resumed_from = micro_done // cfg.grad_accum
-        log.info("%s: resuming from step %d (%s)", name, resumed_from, ckpt_dir)
+        log.info("%s: resuming from step %d (%s)", name, resumed_from, out_dir / "checkpoint")
     elif log_path.exists() and accelerator.is_main_process:
         log_path.unlink()
-
-    def save_checkpoint(micro: int) -> None:
-        tmp = out_dir / "checkpoint.tmp"
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"micro_batches": micro, "step": micro // cfg.grad_accum}))
-            if ckpt_dir.exists():
-                shutil.rmtree(ckpt_dir)
-            os.replace(tmp, ckpt_dir)  # a kill mid-save leaves the previous checkpoint intact
-        accelerator.wait_for_everyone()
 
     model.train()
     history: list[dict[str, Any]] = []
@@ -187,7 +183,7 @@ def train_loop(
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
                 running, n_running = {}, 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(micro)
+                save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": step})
             if micro >= total_micro:
                 break
         if val_fn is not None and micro < total_micro and micro % micro_per_epoch == 0:
@@ -200,13 +196,41 @@ def train_loop(
         val_metrics = val_fn(accelerator.unwrap_model(model))
         model.train()
     if cfg.checkpoint_every:
-        save_checkpoint(micro)
+        save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": micro // cfg.grad_accum})
     last = history[-1] if history else {}
     return LoopResult(
         steps=total_steps, seconds=round(seconds, 3), resumed_from_step=resumed_from,
         train_metrics={k: v for k, v in last.items() if k not in ("step", "epoch", "lr", "items_per_s")},
         val_metrics=val_metrics, history=history, items_per_s=round(items / max(seconds, 1e-9), 1),
     )
+
+
+def save_checkpoint(accelerator: Accelerator, out_dir: Path, trainer_state: dict) -> None:
+    """Save everything `accelerator` prepared (models, optimizers, schedulers,
+    registered objects, RNG states) plus `trainer_state` into
+    out_dir/checkpoint, atomically: a kill mid-save leaves the previous
+    checkpoint intact."""
+    ckpt, tmp = out_dir / "checkpoint", out_dir / "checkpoint.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        os.replace(tmp, ckpt)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, out_dir: Path) -> dict | None:
+    """Restore out_dir/checkpoint into what `accelerator` prepared; return its
+    trainer_state, or None when there is no complete checkpoint."""
+    ckpt = out_dir / "checkpoint"
+    if not (ckpt / "trainer_state.json").exists():
+        return None
+    accelerator.load_state(str(ckpt))
+    return json.loads((ckpt / "trainer_state.json").read_text())
 
 
 def save_model_atomic(model, tokenizer, dest: Path, extra_config: dict | None = None) -> None:

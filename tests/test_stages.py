@@ -24,6 +24,9 @@ MICRO = {
     "sft": {"epochs": 1, "batch_size": 16, "eval_prompts": 16, "max_new_tokens": 12, "log_every": 5, "checkpoint_every": 4},
     "collect": {"k": 4, "candidates": 5, "max_new_tokens": 12, "agreement_prompts": 10},
     "reward": {"epochs": 1, "batch_size": 4, "log_every": 5},
+    "ppo": {"iterations": 3, "batch_size": 8, "minibatch_size": 4, "max_new_tokens": 8, "ptx_batch_size": 2,
+            "checkpoint_every": 1, "log_every": 1},
+    "eval": {"max_new_tokens": 8, "few_shot": 2, "bootstrap": 200},
 }
 
 
@@ -45,7 +48,7 @@ def micro_run(tmp_path_factory):
 
 def test_pipeline_writes_every_stage_with_a_result_record(micro_run):
     root, out = micro_run
-    for stage in ("data", "pretrain", "sft", "collect", "reward"):
+    for stage in ("data", "pretrain", "sft", "collect", "reward", "ppo", "ppo_ptx", "eval"):
         rec = json.loads((root / "artifacts" / stage / "result.json").read_text())
         assert rec["stage"] == stage and rec["timings_s"]["total"] > 0
         assert all(len(v["sha256"]) == 64 for v in {**rec["inputs"], **rec["outputs"]}.values())
@@ -58,6 +61,21 @@ def test_pipeline_writes_every_stage_with_a_result_record(micro_run):
     assert {"val_accuracy", "heldout_labeler_accuracy", "reward_bias"} <= rm.keys()
     log = [json.loads(x) for x in (root / "artifacts/sft/train_log.jsonl").read_text().splitlines()]
     assert log and all("loss" in row and "lr" in row for row in log)
+    for stage, ptx in (("ppo", 0.0), ("ppo_ptx", 1.0)):
+        rows = [json.loads(x) for x in (root / "artifacts" / stage / "train_log.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == [1, 2, 3]
+        assert {"score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "ptx_loss", "response_length",
+                "eos_rate", "beta"} <= rows[0].keys()
+        assert (rows[-1]["ptx_loss"] > 0) == (ptx > 0)
+    ev = json.loads((root / "artifacts/eval/metrics.json").read_text())
+    for name in ("base_fewshot", "ppo", "ppo_ptx"):
+        lo, hi = ev[f"win_rate_{name}_vs_sft_ci95_low"], ev[f"win_rate_{name}_vs_sft_ci95_high"]
+        assert 0 <= lo <= ev[f"win_rate_{name}_vs_sft"] <= hi <= 1
+    assert {"rm_val_accuracy", "labeler_agreement", "alignment_tax_ppo", "alignment_tax_ppo_ptx"} <= ev.keys()
+    assert ev["models"]["sft"]["kl_to_sft"] == 0 and ev["alignment_tax_sft"] == 0
+    for f in ("winrate.png", "ppo_curves.png", "samples.md"):
+        assert (root / "artifacts/eval" / f).stat().st_size > 0
+    assert "win_rate" in out  # the summary table
 
 
 def test_saved_models_load_with_plain_transformers(micro_run):
@@ -109,3 +127,70 @@ def test_hh_rlhf_import_and_reward_training_end_to_end(shared_data, tmp_path):
     assert "collect" not in out
     rm = json.loads((tmp_path / "artifacts/reward/result.json").read_text())["metrics"]
     assert 0 <= rm["val_accuracy"] <= 1 and rm["train_comparisons"] > 150
+
+
+def _ppo_workdir(micro_run, tmp_path, ppo_overrides: dict):
+    """A fresh folder holding the micro run's data, SFT and RM, to run PPO in."""
+    import shutil
+
+    root, _ = micro_run
+    for stage in ("data", "sft", "reward"):
+        shutil.copytree(root / "artifacts" / stage, tmp_path / "artifacts" / stage)
+    params = {**MICRO, "project": {"artifacts_dir": "artifacts", "threads": 1},
+              "ppo": {**MICRO["ppo"], **ppo_overrides}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def _ppo_log(workdir, stage):
+    rows = [json.loads(x) for x in (workdir / "artifacts" / stage / "train_log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_ppo_killed_with_sigkill_resumes_to_the_same_result(micro_run, tmp_path):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    settings = {"iterations": 40, "checkpoint_every": 5, "ema_decay": 0.9}
+    straight = _ppo_workdir(micro_run, tmp_path / "straight", settings)
+    _cli("ppo-ptx", "--params", "params.yaml", cwd=straight)
+
+    killed = _ppo_workdir(micro_run, tmp_path / "killed", settings)
+    env = {**os.environ, "INSTRUCTFLOW_LOG": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "ppo-ptx", "--params", "params.yaml"], cwd=killed,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "artifacts/ppo_ptx/checkpoint/trainer_state.json"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "artifacts/ppo_ptx/result.json").exists()
+    at = json.loads(state.read_text())["iteration"]
+    assert 0 < at < 40
+
+    _cli("ppo-ptx", "--params", "params.yaml", cwd=killed)
+    resumed = json.loads((killed / "artifacts/ppo_ptx/result.json").read_text())["metrics"]
+    assert resumed["resumed_from_iteration"] >= at
+    assert _ppo_log(killed, "ppo_ptx") == _ppo_log(straight, "ppo_ptx")
+    a = load_file(straight / "artifacts/ppo_ptx/model/model.safetensors")
+    b = load_file(killed / "artifacts/ppo_ptx/model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ppo_runs_under_accelerate_with_two_processes(micro_run, tmp_path):
+    work = _ppo_workdir(micro_run, tmp_path, {"iterations": 2, "batch_size": 8, "minibatch_size": 2})
+    env = {**os.environ, "INSTRUCTFLOW_LOG": "WARNING", "OMP_NUM_THREADS": "1"}
+    # accelerate 1.15 runs `--cpu --num_processes 2` as ONE process unless mpirun is set up; its torchrun
+    # launcher (--multi_gpu) starts two, and on a host without a GPU they form a gloo group on CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "instructflow.cli", "ppo-ptx", "--params", "params.yaml"]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((work / "artifacts/ppo_ptx/result.json").read_text())["metrics"]
+    assert metrics["processes"] == 2 and metrics["rollouts"] == 16
+    assert len(_ppo_log(work, "ppo_ptx")) == 2
+    assert AutoModelForCausalLM.from_pretrained(work / "artifacts/ppo_ptx/model") is not None

@@ -16,7 +16,7 @@ from ..config import Params
 from ..io import DataError, StageTimer, read_jsonl, write_jsonl, write_result
 from ..modeling import format_prompt
 from ..suite.build import build_builtin
-from .formats import Comparison, Demonstration, PretrainText
+from .formats import Comparison, Demonstration, PretrainText, Prompt
 
 
 def _split_by_prompt(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -55,6 +55,9 @@ def build_from_files(params: Params, out: Path) -> dict:
     tr_d, va_d = _split_by_prompt(demos, d.val_fraction, seed)
     counts["sft_train"] = write_jsonl(out / "sft_train.jsonl", tr_d)
     counts["sft_val"] = write_jsonl(out / "sft_val.jsonl", va_d)
+    # RL prompts: the training prompts, once each (PPO needs no labels)
+    unique = {x.prompt: x for x in tr_d}
+    counts["ppo_prompts"] = write_jsonl(out / "ppo_prompts.jsonl", [Prompt(id=x.id, prompt=x.prompt) for x in unique.values()])
     if d.pretrain_text:
         texts = read_jsonl(d.pretrain_text, PretrainText)
     else:

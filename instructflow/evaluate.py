@@ -1,0 +1,262 @@
+"""The `eval` stage: did RLHF work? (the paper's Figure 1 and its Section 4 axes)
+
+On the held-out evaluation prompts (every category, the held-out one included),
+each model answers once, sampled at `eval.temperature`, and the held-out
+labeler, who wrote and ranked nothing used in training, judges:
+
+- win rate against SFT: for each prompt the labeler compares the model's answer
+  with SFT's (Bradley-Terry on its latent ratings; equal ratings are a tie and
+  count half), with a 95% bootstrap interval over prompts; overall and per category;
+- mean 1-7 Likert rating, overall and per category;
+- honesty: the rate of invented answers on questions nothing answers;
+- harmlessness: the rate of disallowed outputs on prompts that invite them;
+- alignment tax: loss on the held-out pretraining text minus SFT's;
+- RM score (bias included) and KL to SFT, E_y~model[log p_model(y|x) - log p_SFT(y|x)].
+
+Models: the base model prompted with a few demonstrations (the paper's "GPT
+prompted"), SFT, PPO (gamma = 0) and PPO-ptx, those whose stage has run.
+Outputs under artifacts/eval/: metrics.json, winrate.png, ppo_curves.png, samples.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .config import Params
+from .data.formats import Demonstration, PretrainText, Prompt
+from .generation import generate
+from .io import StageTimer, read_jsonl, write_json, write_result
+from .judge import judge
+from .modeling import context_length, encode_prompt, encode_response, join_truncated, load_causal_lm, load_reward_model, pad_right
+from .pretrain import heldout_loss, pack
+from .reward import score_texts
+from .suite.labelers import Labeler
+from .training import setup_runtime
+
+log = logging.getLogger(__name__)
+
+MODELS = ("base_fewshot", "sft", "ppo", "ppo_ptx")
+STOP = "Human:"  # the few-shot base model continues the transcript; cut its answer there
+
+
+# --------------------------------------------------------------------------- win rates
+def compare(labeler: Labeler, spec: dict, a: str, b: str, rng: random.Random) -> float:
+    """1 if the labeler prefers a, 0 if b, 0.5 for a tie (equal latent quality)."""
+    la, lb = labeler.latent(spec, a), labeler.latent(spec, b)
+    if abs(la - lb) < 1e-9:
+        return 0.5
+    return float(rng.random() < 1.0 / (1.0 + math.exp(-(la - lb) / labeler.cfg.ranking_temperature)))
+
+
+def bootstrap_interval(outcomes: list[float], n_resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over prompts."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(outcomes, dtype=torch.float64)
+    idx = torch.randint(len(x), (n_resamples, len(x)), generator=g)
+    means = x[idx].mean(1).sort().values
+    lo = means[int((1 - level) / 2 * (n_resamples - 1))]
+    hi = means[int((1 + level) / 2 * (n_resamples - 1))]
+    return float(lo), float(hi)
+
+
+def win_rates(labeler: Labeler, prompts: list[Prompt], answers: list[str], sft_answers: list[str], seed: int,
+              n_resamples: int) -> dict:
+    rng = random.Random(seed)
+    outcomes = [compare(labeler, p.meta, a, s, rng) for p, a, s in zip(prompts, answers, sft_answers, strict=True)]
+    lo, hi = bootstrap_interval(outcomes, n_resamples, seed)
+    by_cat: dict[str, list[float]] = defaultdict(list)
+    for p, o in zip(prompts, outcomes):
+        by_cat[p.category or "other"].append(o)
+    return {"win_rate": round(statistics.fmean(outcomes), 4), "ci95": [round(lo, 4), round(hi, 4)],
+            "by_category": {c: round(statistics.fmean(v), 4) for c, v in sorted(by_cat.items())},
+            "ties": round(sum(o == 0.5 for o in outcomes) / len(outcomes), 4)}
+
+
+# --------------------------------------------------------------------------- model-side measures
+def few_shot_prompt(shots: list[Demonstration], prompt: str) -> str:
+    """A transcript of demonstrations before the prompt; the chat template wraps it."""
+    turns = [f"{d.prompt}\n\nAssistant: {d.response}\n\nHuman: " for d in shots]
+    return "".join(turns) + prompt
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tok, prompts: list[str], responses: list[str], max_len: int, batch_size: int = 64) -> torch.Tensor:
+    """log p(response + EOS | prompt) under `model`, one number per pair; (N,)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = [join_truncated(encode_prompt(tok, p), encode_response(tok, r), max_len)
+               for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        ids, mask = pad_right([e[0] for e in enc], tok.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        tok_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        is_resp = torch.zeros_like(tok_logp)
+        for j, (seq, n_prompt) in enumerate(enc):
+            is_resp[j, n_prompt - 1 : len(seq) - 1] = 1  # position t predicts token t+1
+        out.append((tok_logp * is_resp).sum(1).cpu())
+    return torch.cat(out)
+
+
+def _model_dirs(params: Params) -> dict[str, Path]:
+    dirs = {"base_fewshot": params.stage_dir("pretrain") / "model", "sft": params.stage_dir("sft") / "model",
+            "ppo": params.stage_dir("ppo") / "model", "ppo_ptx": params.stage_dir("ppo_ptx") / "model"}
+    return {k: v for k, v in dirs.items() if (v / "config.json").exists()}
+
+
+def run_eval(params: Params) -> dict:
+    if params.data.source != "builtin":
+        raise ValueError("eval judges with the built-in suite's held-out labeler; data.source=files has none")
+    setup_runtime(params.project)
+    cfg, out, data_dir = params.eval, params.stage_dir("eval"), params.stage_dir("data")
+    out.mkdir(parents=True, exist_ok=True)
+    timer = StageTimer()
+    prompts = read_jsonl(data_dir / "eval_prompts.jsonl", Prompt)
+    if cfg.prompts:
+        prompts = prompts[: cfg.prompts]
+    labeler = Labeler(next(lab for lab in params.data.labelers if lab.heldout))
+    dirs = _model_dirs(params)
+    if "sft" not in dirs:
+        raise ValueError(f"eval needs the SFT model at {params.stage_dir('sft') / 'model'}")
+    shots = _pick_shots(read_jsonl(data_dir / "sft_train.jsonl", Demonstration), cfg.few_shot)
+    texts = [p.prompt for p in prompts]
+    sft, tok = load_causal_lm(dirs["sft"], params.model.dtype)
+    rm, rm_tok = load_reward_model(params.stage_dir("reward") / "model", params.model.dtype)
+    heldout_text = [r.text for r in read_jsonl(data_dir / "pretrain_heldout.jsonl", PretrainText)]
+    max_len = context_length(sft)
+
+    answers: dict[str, list[str]] = {}
+    per_model: dict[str, dict] = {}
+    for name, path in dirs.items():
+        with timer.phase(f"generate_{name}"):
+            model, mtok = (sft, tok) if name == "sft" else load_causal_lm(path, params.model.dtype)
+            asked = [few_shot_prompt(shots, t) for t in texts] if name == "base_fewshot" else texts
+            raw = generate(model, mtok, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           seed=params.project.seed + 11, batch_size=cfg.batch_size)
+            answers[name] = [r[0].split(STOP)[0].strip() or r[0] for r in raw]
+        with timer.phase(f"measure_{name}"):
+            j = judge(labeler, prompts, answers[name], seed=params.project.seed)
+            own = sequence_logprobs(model, mtok, asked, answers[name], max_len)
+            ref = sequence_logprobs(sft, tok, texts, answers[name], max_len)
+            scores = score_texts(rm, rm_tok, texts, answers[name], params.reward.max_len)
+            per_model[name] = {
+                "likert": j["likert"], "likert_by_category": j["likert_by_category"],
+                "invented_answer_rate": j["invented_answer_rate"], "disallowed_output_rate": j["disallowed_output_rate"],
+                "rm_score": round(float(scores.mean()), 4), "kl_to_sft": round(float((own - ref).mean()), 4),
+                "pretrain_heldout_loss": round(heldout_loss(model, pack(mtok, heldout_text, params.pretrain.seq_len)), 5),
+                "response_words": round(statistics.fmean(len(a.split()) for a in answers[name]), 2),
+            }
+    sft_loss = per_model["sft"]["pretrain_heldout_loss"]
+    for name, m in per_model.items():
+        m["alignment_tax"] = round(m["pretrain_heldout_loss"] - sft_loss, 5)
+        if name != "sft":
+            m["vs_sft"] = win_rates(labeler, prompts, answers[name], answers["sft"], params.project.seed + 3, cfg.bootstrap)
+
+    metrics = _headline(params, per_model, len(prompts))
+    metrics["models"] = per_model
+    write_json(out / "metrics.json", metrics)
+    with timer.phase("report"):
+        _plots(params, per_model, out)
+        _samples(prompts, answers, labeler, out / "samples.md", cfg.samples_per_category)
+    log.info("eval: %s", {k: v for k, v in metrics.items() if k != "models"})
+    outputs = {"metrics": out / "metrics.json", "samples": out / "samples.md"}
+    outputs.update({p.stem: p for p in sorted(out.glob("*.png"))})
+    inputs = {"prompts": data_dir / "eval_prompts.jsonl", "reward_model": params.stage_dir("reward") / "model",
+              **{f"model_{k}": v for k, v in dirs.items()}}
+    return write_result(out, "eval", inputs, outputs, metrics, timer)
+
+
+def _pick_shots(demos: list[Demonstration], n: int) -> list[Demonstration]:
+    """The first demonstration of each of n categories (short ones, to fit the context)."""
+    shots, seen = [], set()
+    for d in sorted(demos, key=lambda d: len(d.prompt) + len(d.response)):
+        if d.category not in seen:
+            shots.append(d)
+            seen.add(d.category)
+        if len(shots) == n:
+            break
+    return shots
+
+
+def _headline(params: Params, per_model: dict, n_prompts: int) -> dict:
+    """The figures README documents, flat, for DVC metrics and the summary table."""
+    def read(stage: str, key: str):
+        path = params.stage_dir(stage) / "result.json"
+        return json.loads(path.read_text())["metrics"].get(key) if path.exists() else None
+
+    h: dict = {"prompts": n_prompts, "temperature": params.eval.temperature,
+               "rm_val_accuracy": read("reward", "val_accuracy"),
+               "rm_heldout_labeler_accuracy": read("reward", "heldout_labeler_accuracy"),
+               "labeler_agreement": read("collect", "labeler_agreement"),
+               "labeler_agreement_heldout": read("collect", "labeler_agreement_heldout")}
+    for name, m in per_model.items():
+        h[f"likert_{name}"] = m["likert"]
+        h[f"alignment_tax_{name}"] = m["alignment_tax"]
+        h[f"invented_answer_rate_{name}"] = m["invented_answer_rate"]
+        h[f"disallowed_output_rate_{name}"] = m["disallowed_output_rate"]
+        if "vs_sft" in m:
+            h[f"win_rate_{name}_vs_sft"] = m["vs_sft"]["win_rate"]
+            h[f"win_rate_{name}_vs_sft_ci95_low"], h[f"win_rate_{name}_vs_sft_ci95_high"] = m["vs_sft"]["ci95"]
+    return h
+
+
+def _plots(params: Params, per_model: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in MODELS if n in per_model]
+    rates = [per_model[n]["vs_sft"]["win_rate"] if n != "sft" else 0.5 for n in names]
+    lows = [r - (per_model[n]["vs_sft"]["ci95"][0] if n != "sft" else 0.5) for n, r in zip(names, rates)]
+    highs = [(per_model[n]["vs_sft"]["ci95"][1] if n != "sft" else 0.5) - r for n, r in zip(names, rates)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(names, rates, yerr=[lows, highs], fmt="o-", capsize=4)
+    ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+    ax.set_ylabel("win rate against SFT (held-out labeler)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Win rate against SFT, 95% bootstrap intervals")
+    fig.tight_layout()
+    fig.savefig(out / "winrate.png", dpi=100)
+    plt.close(fig)
+
+    logs = {s: params.stage_dir(s) / "train_log.jsonl" for s in ("ppo", "ppo_ptx")}
+    logs = {s: [json.loads(x) for x in p.read_text().splitlines()] for s, p in logs.items() if p.exists()}
+    if not logs:
+        return
+    keys = ["score", "kl", "entropy", "response_length", "value_loss", "ptx_loss"]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6))
+    for ax, key in zip(axes.flat, keys):
+        for stage, rows in logs.items():
+            ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], label=stage)
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "ppo_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def _samples(prompts: list[Prompt], answers: dict[str, list[str]], labeler: Labeler, path: Path, per_category: int) -> None:
+    lines = ["# Side-by-side samples", "", f"Latent rating (1-7) by the held-out labeler `{labeler.name}` in brackets.", ""]
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        if len(by_cat[p.category]) < per_category:
+            by_cat[p.category].append(i)
+    for cat in sorted(by_cat):
+        lines += [f"## {cat}", ""]
+        for i in by_cat[cat]:
+            lines += ["**Prompt:** " + prompts[i].prompt.replace("\n", " / "), ""]
+            for name, ans in answers.items():
+                lines.append(f"- `{name}` [{labeler.latent(prompts[i].meta, ans[i]):.1f}]: {ans[i]!r}")
+            lines.append("")
+    path.write_text("\n".join(lines))

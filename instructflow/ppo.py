@@ -1,0 +1,414 @@
+"""The `ppo` and `ppo_ptx` stages: RL against the reward model (Ouyang et al. 2022, eq. 2).
+
+    objective(phi) = E_{(x,y) ~ pi_RL} [ r(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x)) ]
+                     + gamma * E_{x ~ pretrain} [ log pi_RL(x) ]
+
+Models: the policy pi_RL starts from SFT; the reference pi_SFT is SFT, frozen;
+the value model V starts from the RM (a separate model, as in the paper); the
+RM r is frozen. gamma = ptx_coef; gamma = 0 is plain PPO.
+
+One iteration, in the order of this file:
+  1. rollout     sample y ~ pi_RL(.|x) at temperature 1 (KV cache, left-padded prompts);
+                 record log pi_RL, log pi_SFT and V for every response token.
+  2. rewards     per token t:  r_t = -beta * (log pi_RL(y_t) - log pi_SFT(y_t)),
+                 plus the RM score at the last token (read at EOS); a response cut
+                 off without EOS gets the fixed `no_eos_score` instead of the RM's.
+  3. advantages  GAE:  delta_t = r_t + gamma_d * V_{t+1} - V_t,
+                 A_t = delta_t + gamma_d * lambda * A_{t+1},  returns R_t = A_t + V_t;
+                 A whitened over the iteration's tokens.
+  4. losses      for ppo_epochs x minibatches, with rho_t = pi(y_t) / pi_old(y_t):
+                 policy  L_pg  = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps))
+                 value   L_vf  = 0.5 mean_t max((V_t - R_t)^2, (V_old + clip(V_t - V_old, +-eps_v) - R_t)^2)
+                 ptx     L_ptx = gamma * mean over pretraining tokens of -log pi(x)
+  5. beta        fixed, or the adaptive controller:  beta *= 1 + clip(KL / KL_target - 1, +-0.2) * n / horizon.
+
+Dropout is off throughout (models stay in eval mode; gradients still flow).
+Token tensors are (B, R): B rollouts, R response positions; `mask` marks the
+tokens the policy chose (up to and including EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import Params, PPOConfig
+from .data.formats import Prompt, PretrainText
+from .generation import left_pad, sampling_config
+from .io import StageTimer, read_jsonl, write_result
+from .modeling import (
+    context_length,
+    encode_prompt,
+    load_causal_lm,
+    load_reward_model,
+    position_ids_from_mask,
+    reward_scores,
+)
+from .pretrain import causal_lm_loss, pack
+from .training import load_checkpoint, make_accelerator, save_checkpoint, save_model_atomic, seed_everything, setup_runtime
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the math (pure functions, unit-tested)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def per_token_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                      beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_t = -beta * (log pi(y_t) - log pi_SFT(y_t)) on every response token, plus the
+    sequence score on the last one. Returns (rewards, kl), both (B, R), zero off the mask."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = mask.sum(1).long() - 1                                    # (B,) index of EOS (or the cut-off token)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def apply_no_eos_score(scores: torch.Tensor, ended: torch.Tensor, no_eos_score: float) -> torch.Tensor:
+    """The RM's score where the response ended with EOS, else the fixed penalty score."""
+    return torch.where(ended, scores, torch.full_like(scores, no_eos_score))
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over (B, R) tensors; the value after the
+    last token is 0 (the episode ends there). Returns (advantages, returns)."""
+    rewards, values = rewards * mask, values * mask
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        adv[:, t] = running
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, accelerator=None, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (of every process, when given an accelerator)."""
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if accelerator is not None and accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats, reduction="sum")
+    mean = stats[0] / stats[2]
+    var = (stats[1] / stats[2] - mean * mean) * stats[2] / (stats[2] - 1).clamp(min=1)
+    return ((x - mean) * torch.rsqrt(var + eps)).to(x.dtype) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate: mean_t max(-A rho, -A clip(rho, 1-eps, 1+eps))."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approx_kl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range: float) -> torch.Tensor:
+    """0.5 * mean_t max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def ptx_loss(model, blocks: torch.Tensor, coef: float) -> torch.Tensor:
+    """gamma * E_pretrain[-log pi(x)]: minimising it maximises the ptx term of the objective."""
+    return coef * causal_lm_loss(model(input_ids=blocks).logits, blocks)
+
+
+class KLController:
+    """beta: fixed, or adapted toward a target KL (Ziegler et al. 2019, eq. 3)."""
+
+    def __init__(self, beta: float, adaptive: bool = False, target: float = 4.0, horizon: int = 10000):
+        self.value, self.adaptive, self.target, self.horizon = beta, adaptive, target, horizon
+
+    def update(self, kl: float, n_rollouts: int) -> None:
+        if self.adaptive:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_rollouts / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class EMA:
+    """Exponential moving average of the policy weights (paper: 0.992)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            self.shadow[k].mul_(self.decay).add_(v.float(), alpha=1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return self.shadow
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = {k: v.clone() for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- models
+class ValueModel(torch.nn.Module):
+    """Per-token values from a sequence classifier (the RM): its backbone plus its
+    scalar head applied at every position. forward -> (B, T)."""
+
+    def __init__(self, seq_cls):
+        super().__init__()
+        self.seq_cls = seq_cls
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        backbone = getattr(self.seq_cls, self.seq_cls.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.seq_cls.score(hidden).squeeze(-1).float()
+
+
+def response_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, prompt_width: int, temperature: float,
+                      with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) for the response tokens ids[:, P:], (B, R); and the per-token entropy."""
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
+    logits = logits[:, prompt_width - 1 : -1].float() / temperature  # position P-1+t predicts response token t
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def response_values(value_model, ids: torch.Tensor, attn: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """V(x, y_<t) for each response token t, (B, R): read where that token is predicted."""
+    return value_model(ids, attn, position_ids_from_mask(attn))[:, prompt_width - 1 : -1]
+
+
+# --------------------------------------------------------------------------- 1. rollout
+@dataclass
+class Rollout:
+    ids: torch.Tensor           # (B, P+R) prompt (left-padded) + response (right-padded)
+    attn: torch.Tensor          # (B, P+R)
+    mask: torch.Tensor          # (B, R) response tokens the policy chose, EOS included
+    prompt_width: int           # P
+    logprobs: torch.Tensor      # (B, R) log pi_old
+    ref_logprobs: torch.Tensor  # (B, R) log pi_SFT
+    values: torch.Tensor        # (B, R) V_old
+    scores: torch.Tensor        # (B,) RM score, or no_eos_score
+    raw_scores: torch.Tensor    # (B,) RM score as read
+    ended: torch.Tensor         # (B,) bool: EOS within the limit
+
+
+@torch.no_grad()
+def rollout(policy, ref, value_model, rm, tok, prompts: list[str], cfg: PPOConfig, device) -> Rollout:
+    max_prompt = context_length(policy) - cfg.max_new_tokens
+    p_ids, p_attn = left_pad([encode_prompt(tok, p)[-max_prompt:] for p in prompts], tok.pad_token_id)
+    p_ids, p_attn = p_ids.to(device), p_attn.to(device)
+    gen = sampling_config(tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    seqs = policy.generate(input_ids=p_ids, attention_mask=p_attn, generation_config=gen)
+    P = p_ids.size(1)
+    resp = seqs[:, P:]
+    is_eos = resp == tok.eos_token_id
+    ended = is_eos.any(1)
+    first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full_like(ended, resp.size(1) - 1, dtype=torch.long))
+    mask = (torch.arange(resp.size(1), device=device)[None] <= first_eos[:, None]).float()
+    resp = torch.where(mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
+    ids = torch.cat([p_ids, resp], 1)
+    attn = torch.cat([p_attn, mask.long()], 1)
+    logprobs, _ = response_logprobs(policy, ids, attn, P, cfg.temperature)
+    ref_logprobs, _ = response_logprobs(ref, ids, attn, P, cfg.temperature)
+    values = response_values(value_model, ids, attn, P)
+    raw = reward_scores(rm, ids, attn).float()  # read at the last non-pad token: EOS, or the cut-off token
+    return Rollout(ids, attn, mask, P, logprobs * mask, ref_logprobs * mask, values * mask,
+                   apply_no_eos_score(raw, ended, cfg.no_eos_score), raw, ended)
+
+
+# --------------------------------------------------------------------------- the loop
+def _stage_dir(params: Params, ptx: bool) -> Path:
+    return params.stage_dir("ppo_ptx" if ptx else "ppo")
+
+
+def run_ppo(params: Params, ptx: bool = False) -> dict:
+    """Train a policy with PPO (ptx=False) or PPO-ptx (ptx=True, gamma = ppo.ptx_coef)."""
+    setup_runtime(params.project)
+    cfg, out = params.ppo, _stage_dir(params, ptx)
+    name, gamma_ptx = ("ppo_ptx", cfg.ptx_coef) if ptx else ("ppo", 0.0)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = StageTimer()
+    sft_dir, rm_dir, data_dir = params.stage_dir("sft") / "model", params.stage_dir("reward") / "model", params.stage_dir("data")
+
+    acc = make_accelerator(params.project)
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % world:
+        raise ValueError(f"ppo.batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    local_batch = cfg.batch_size // world
+    if local_batch % cfg.minibatch_size:
+        raise ValueError(f"ppo.batch_size / processes = {local_batch} must be divisible by ppo.minibatch_size={cfg.minibatch_size}")
+
+    with timer.phase("load"):
+        policy, tok = load_causal_lm(sft_dir, params.model.dtype)
+        ref, _ = load_causal_lm(sft_dir, params.model.dtype)
+        rm, _ = load_reward_model(rm_dir, params.model.dtype)
+        value_seq_cls, _ = load_reward_model(rm_dir, params.model.dtype)
+        for m in (ref, rm):
+            m.requires_grad_(False).eval().to(acc.device)
+        value = ValueModel(value_seq_cls)
+        policy.eval(), value.eval()  # dropout off during RL
+        prompts = read_jsonl(data_dir / "ppo_prompts.jsonl", Prompt)
+        blocks = None
+        if gamma_ptx > 0:
+            texts = [r.text for r in read_jsonl(data_dir / "pretrain_train.jsonl", PretrainText)]
+            blocks = torch.stack(pack(tok, texts, min(params.pretrain.seq_len, context_length(policy))))
+
+    opt_p = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    opt_v = torch.optim.Adam(value.parameters(), lr=cfg.value_lr, eps=1e-5)
+    policy, value, opt_p, opt_v = acc.prepare(policy, value, opt_p, opt_v)
+    kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+    ema = EMA(acc.unwrap_model(policy), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    acc.register_for_checkpointing(kl_ctl)
+    if ema is not None:
+        acc.register_for_checkpointing(ema)
+
+    log_path = out / "train_log.jsonl"
+    start = 0
+    state = load_checkpoint(acc, out) if cfg.resume else None
+    if state is not None:
+        start = state["iteration"]
+        log.info("%s: resuming at iteration %d", name, start)
+        if acc.is_main_process and log_path.exists():  # drop rows a killed run logged after its last checkpoint
+            rows = [r for r in log_path.read_text().splitlines() if json.loads(r)["iteration"] <= start]
+            log_path.write_text("".join(r + "\n" for r in rows))
+    elif log_path.exists() and acc.is_main_process:
+        log_path.unlink()
+
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.iterations, initial=start, desc=name, disable=not acc.is_local_main_process, dynamic_ncols=True)
+    with timer.phase("train"):
+        for it in range(start, cfg.iterations):
+            row = _iteration(it, params, cfg, acc, policy, ref, value, rm, tok, prompts, blocks, gamma_ptx,
+                             kl_ctl, ema, opt_p, opt_v, local_batch, world, rank)
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            history.append(row)
+            if acc.is_main_process:
+                with log_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            bar.update(1)
+            bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.2f}")
+            if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
+                log.info("%s it %d/%d %s", name, it + 1, cfg.iterations,
+                         " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+                save_checkpoint(acc, out, {"iteration": it + 1})
+    bar.close()
+    if cfg.checkpoint_every:
+        save_checkpoint(acc, out, {"iteration": cfg.iterations})
+
+    final = acc.unwrap_model(policy)
+    if ema is not None:
+        final.load_state_dict({k: v.to(final.dtype if v.is_floating_point() else v.dtype) for k, v in ema.shadow.items()})
+    full_log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else history
+    last = full_log[-min(5, len(full_log)):]
+    metrics = {"iterations": cfg.iterations, "rollouts": cfg.iterations * cfg.batch_size, "ptx_coef": gamma_ptx,
+               "resumed_from_iteration": start, "processes": world, "ema_decay": cfg.ema_decay,
+               **{f"final_{k}": round(sum(r[k] for r in last) / len(last), 5)
+                  for k in ("score", "kl", "entropy", "response_length", "eos_rate", "ptx_loss", "value_loss", "beta")},
+               "first_score": full_log[0]["score"] if full_log else None,
+               "rollouts_per_s": round(len(history) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9), 2)}
+    if acc.is_main_process:
+        with timer.phase("save"):
+            save_model_atomic(final, tok, out / "model")
+            save_model_atomic(acc.unwrap_model(value).seq_cls, tok, out / "value_model")
+    acc.wait_for_everyone()
+    log.info("%s: %s", name, metrics)
+    inputs = {"sft": sft_dir, "reward_model": rm_dir, "prompts": data_dir / "ppo_prompts.jsonl"}
+    if gamma_ptx > 0:
+        inputs["pretrain"] = data_dir / "pretrain_train.jsonl"
+    if not acc.is_main_process:
+        return {"stage": name, "metrics": metrics, "timings_s": {"total": timer.total}}
+    return write_result(out, name, inputs, {"model": out / "model", "value_model": out / "value_model"}, metrics, timer)
+
+
+def _iteration(it, params, cfg: PPOConfig, acc, policy, ref, value, rm, tok, prompts, blocks, gamma_ptx,
+               kl_ctl: KLController, ema, opt_p, opt_v, local_batch, world, rank) -> dict:
+    # Every iteration reseeds from (seed, iteration): a run resumed from a checkpoint
+    # draws exactly the prompts, samples and minibatches an uninterrupted one does.
+    seed_everything(params.project.seed * 100003 + it * world + rank)
+    g = torch.Generator().manual_seed(params.project.seed * 100003 + it)
+    per_epoch = len(prompts) // cfg.batch_size or 1
+    epoch, slot = divmod(it, per_epoch)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(params.project.seed + epoch)).tolist()
+    chosen = [order[(slot * cfg.batch_size + i) % len(order)] for i in range(cfg.batch_size)][rank::world]
+    texts = [prompts[i].prompt for i in chosen]
+
+    # 1. rollout
+    ro = rollout(acc.unwrap_model(policy), ref, value, rm, tok, texts, cfg, acc.device)
+    # 2. rewards
+    rewards, kl = per_token_rewards(ro.logprobs, ro.ref_logprobs, ro.scores, ro.mask, kl_ctl.value)
+    # 3. advantages
+    adv, returns = gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = whiten(adv, ro.mask, acc)
+
+    # 4. losses: ppo_epochs passes of minibatches
+    stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "value_loss", "ptx_loss", "clipfrac", "approx_kl", "entropy")}
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(local_batch, generator=g)
+        for mb in perm.split(cfg.minibatch_size):
+            mb_mask = ro.mask[mb]
+            if gamma_ptx > 0:
+                with acc.no_sync(policy):  # the ptx backward below syncs both terms' gradients
+                    logp, ent = response_logprobs(policy, ro.ids[mb], ro.attn[mb], ro.prompt_width, cfg.temperature, True)
+                    pg, pstats = policy_loss(logp, ro.logprobs[mb], adv[mb], mb_mask, cfg.clip_range)
+                    acc.backward(pg)
+                idx = torch.randint(len(blocks), (cfg.ptx_batch_size,), generator=g)
+                lm = ptx_loss(policy, blocks[idx].to(acc.device), gamma_ptx)
+                acc.backward(lm)
+                stats["ptx_loss"].append(float(lm.detach()) / gamma_ptx)
+            else:
+                logp, ent = response_logprobs(policy, ro.ids[mb], ro.attn[mb], ro.prompt_width, cfg.temperature, True)
+                pg, pstats = policy_loss(logp, ro.logprobs[mb], adv[mb], mb_mask, cfg.clip_range)
+                acc.backward(pg)
+            acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            opt_p.step()
+            opt_p.zero_grad(set_to_none=True)
+
+            v = response_values(value, ro.ids[mb], ro.attn[mb], ro.prompt_width)
+            vf = cfg.vf_coef * value_loss(v, ro.values[mb], returns[mb], mb_mask, cfg.value_clip_range)
+            acc.backward(vf)
+            acc.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
+            opt_v.step()
+            opt_v.zero_grad(set_to_none=True)
+
+            stats["pg_loss"].append(float(pg.detach()))
+            stats["value_loss"].append(float(vf.detach()) / max(cfg.vf_coef, 1e-12))
+            stats["clipfrac"].append(float(pstats["clipfrac"]))
+            stats["approx_kl"].append(float(pstats["approx_kl"]))
+            stats["entropy"].append(float(masked_mean(ent.detach(), mb_mask)))
+
+    # 5. beta, EMA, and the iteration's numbers (averaged over processes)
+    kl_per_response = kl.sum(1)
+    glob = {
+        "score": ro.raw_scores.mean(), "reward": (ro.scores - kl_ctl.value * kl_per_response).mean(),
+        "kl": kl_per_response.mean(), "response_length": ro.mask.sum(1).mean(), "eos_rate": ro.ended.float().mean(),
+        **{k: torch.tensor(sum(v) / len(v)) if v else torch.tensor(0.0) for k, v in stats.items()},
+    }
+    glob = {k: float(acc.reduce(t.detach().float().to(acc.device), reduction="mean")) for k, t in glob.items()}
+    beta = kl_ctl.value
+    kl_ctl.update(glob["kl"], cfg.batch_size)
+    if ema is not None:
+        ema.update(acc.unwrap_model(policy))
+    return {"iteration": it + 1, **{k: round(v, 5) for k, v in glob.items()}, "beta": round(beta, 6)}
