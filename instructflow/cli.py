@@ -21,7 +21,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: build the built-in 
 app.add_typer(data_app, name="data")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
-STAGES = ("data", "pretrain", "sft", "collect", "reward", "ppo", "ppo_ptx", "eval")
+STAGES = ("data", "pretrain", "sft", "collect", "reward", "export", "ppo", "ppo_ptx", "eval")
 
 
 def _setup_logging() -> None:
@@ -55,6 +55,8 @@ def run_stage(stage: str, params_path: Path) -> dict:
         return run_ppo(params, ptx=stage == "ppo_ptx")
     elif stage == "eval":
         from .evaluate import run_eval as fn
+    elif stage == "export":
+        from .export import run_export as fn
     else:
         raise ValueError(f"unknown stage '{stage}'")
     return fn(params)
@@ -141,6 +143,52 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     """Judge base (few-shot), SFT, PPO and PPO-ptx on held-out prompts; artifacts/eval/."""
     result = _run("eval", params)
     typer.echo(eval_table(result["metrics"]))
+
+
+@app.command()
+def export(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Export the RM to ONNX with a parity check against torch; artifacts/export/rm/."""
+    _run("export", params)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Export folder (artifacts/export) or s3://bucket/prefix.")] = "artifacts/export",
+    params: ParamsOpt = Path("params.yaml"),
+    host: Annotated[str | None, typer.Option(help="Overrides serve.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Overrides serve.port.")] = None,
+) -> None:
+    """Serve the exported RM over HTTP (POST /v1/score, /v1/compare; /healthz, /readyz, /metrics, /docs)."""
+    from .serve import serve as run_server
+
+    _setup_logging()
+    try:
+        cfg = load_params(params).serve if params.exists() else None
+    except ConfigError as err:
+        _fail(str(err))
+    from .config import ServeConfig
+
+    cfg = cfg or ServeConfig()
+    cfg = cfg.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    try:
+        run_server(model, cfg)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        _fail(f"not serving {model}: {err}")
+
+
+@app.command()
+def publish(
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix")],
+    folder: Annotated[Path, typer.Option(help="The export folder.")] = Path("artifacts/export/rm"),
+) -> None:
+    """Upload the exported RM to object storage, manifest last (endpoint/credentials from AWS_* variables)."""
+    from .storage import publish_export
+
+    try:
+        m = publish_export(folder, uri)
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(f"published {m['model_version']} ({len(m['files'])} files + manifest) to {uri}")
 
 
 @app.command()

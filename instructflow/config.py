@@ -203,6 +203,29 @@ class EvalConfig(_Section):
     samples_per_category: int = Field(3, ge=0, description="Prompts per category shown in samples.md.")
 
 
+class ExportConfig(_Section):
+    opset: int = Field(18, ge=17, description="ONNX opset of the exported RM.")
+    parity_tolerance: float = Field(1e-4, gt=0, description="Max |onnx - torch| score difference (fp32) allowed; above it the export fails.")
+    parity_cases: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(1, 5), (2, 7), (3, 33), (8, 100), (5, 256)],
+        description="(batch size, sequence length) pairs checked; lengths are capped at the model's context.",
+    )
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    max_batch_size: int = Field(32, ge=1, description="Most (prompt, response) items scored in one ONNX Runtime call.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more requests before running a partial batch.")
+    max_items: int = Field(64, ge=1, description="Most items in one /v1/score request (413 above).")
+    max_chars: int = Field(8000, ge=1, description="Most characters in one prompt or response field (413 above).")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted (413 above).")
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when a session really starts on it, else CPU.")
+    api_keys_env: str = Field("INSTRUCTFLOW_API_KEYS", description="Environment variable with comma-separated API keys; unset and no file means no auth.")
+    api_keys_file: str = Field("", description="File with one API key per line (alternative to the environment variable).")
+    cache_dir: str = Field("artifacts/serve-cache", description="Where a model given as s3://bucket/prefix is downloaded.")
+
+
 class Params(_Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig, description="Seed, folders, threads.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
@@ -213,6 +236,8 @@ class Params(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="RL with PPO; the ppo stage runs it with ptx_coef 0, ppo_ptx as given.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation by the held-out labeler.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export of the RM.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The scoring endpoint.")
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.project.artifacts_dir) / stage

@@ -48,7 +48,7 @@ def micro_run(tmp_path_factory):
 
 def test_pipeline_writes_every_stage_with_a_result_record(micro_run):
     root, out = micro_run
-    for stage in ("data", "pretrain", "sft", "collect", "reward", "ppo", "ppo_ptx", "eval"):
+    for stage in ("data", "pretrain", "sft", "collect", "reward", "export", "ppo", "ppo_ptx", "eval"):
         rec = json.loads((root / "artifacts" / stage / "result.json").read_text())
         assert rec["stage"] == stage and rec["timings_s"]["total"] > 0
         assert all(len(v["sha256"]) == 64 for v in {**rec["inputs"], **rec["outputs"]}.values())

@@ -1,0 +1,174 @@
+"""The `export` stage: the reward model as ONNX, checked against torch.
+
+Output folder (artifacts/export/rm/): model.onnx, the tokenizer files and
+manifest.json. The graph maps (input_ids, attention_mask), right-padded, to
+one score per row: the RM's head read at the last attended token, with the
+centring bias (`reward_bias`) added, so a served score equals
+`instructflow.modeling.reward_scores` on the same tokens.
+
+A parity check is part of the export: ONNX Runtime (CPU) against the torch RM
+on several batch sizes and sequence lengths, including lengths never seen at
+export and padded rows; a max abs difference above `parity_tolerance` fails
+the stage and nothing is published. The folder is written beside its final
+place and renamed in, manifest last, so a reader never sees half an export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Params
+from .io import StageTimer, content_hash, sha256_file, write_result
+from .modeling import REWARD_BIAS_KEY, context_length, load_reward_model, position_ids_from_mask
+from .training import setup_runtime
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ["input_ids", "attention_mask"]
+OUTPUT_NAMES = ["scores"]
+MANIFEST = "manifest.json"
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not reproduce the torch model."""
+
+
+class ScoreGraph(torch.nn.Module):
+    """scores[b] = head(hidden[b, last attended token]) + reward_bias; rows right-padded."""
+
+    def __init__(self, rm):
+        super().__init__()
+        self.rm = rm
+        self.register_buffer("bias", torch.tensor(float(getattr(rm.config, REWARD_BIAS_KEY, 0.0) or 0.0)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        backbone = getattr(self.rm, self.rm.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+        logits = self.rm.score(hidden).squeeze(-1).float()            # (B, T)
+        last = (attention_mask.sum(-1) - 1).clamp(min=0)              # (B,)
+        return logits.gather(1, last[:, None]).squeeze(1) + self.bias
+
+
+def _random_batch(vocab: int, batch: int, length: int, pad_id: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens, with every other row right-padded to a shorter length."""
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(1, batch, 2):
+        keep = max(1, length // (i + 1))
+        mask[i, keep:] = 0
+        ids[i, keep:] = pad_id
+    return ids, mask
+
+
+def parity(graph: ScoreGraph, onnx_path: Path, cases: list[tuple[int, int]], pad_id: int, seed: int = 0) -> list[dict]:
+    """Max |onnx - torch| per (batch, length) case, ONNX Runtime on CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    vocab = graph.rm.config.vocab_size
+    rows = []
+    for batch, length in cases:
+        ids, mask = _random_batch(vocab, batch, length, pad_id, g)
+        with torch.no_grad():
+            ref = graph(ids, mask)
+        got = torch.from_numpy(sess.run(OUTPUT_NAMES, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+        rows.append({"batch": batch, "length": length, "max_abs_diff": float((got - ref).abs().max())})
+    return rows
+
+
+def export_reward_model(rm_dir: Path, dest: Path, opset: int, tolerance: float, cases: list[tuple[int, int]]) -> dict:
+    """Export, check parity, and move the folder into `dest`; return the manifest."""
+    rm, tok = load_reward_model(rm_dir)
+    rm.eval()
+    graph = ScoreGraph(rm).eval()
+    ctx = context_length(rm)
+    cases = [(b, min(n, ctx)) for b, n in cases]
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    ids, mask = _random_batch(rm.config.vocab_size, 2, 7, tok.pad_token_id, torch.Generator().manual_seed(1))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=ctx)
+    t0 = time.perf_counter()
+    program = torch.onnx.export(
+        graph, (ids, mask), dynamo=True, opset_version=opset, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, verbose=False,
+    )
+    program.save(str(tmp / "model.onnx"))
+    export_s = time.perf_counter() - t0
+    checks = parity(graph, tmp / "model.onnx", cases, tok.pad_token_id)
+    worst = max(c["max_abs_diff"] for c in checks)
+    if not worst <= tolerance:
+        shutil.rmtree(tmp)
+        raise ExportError(f"ONNX parity check failed: max |onnx - torch| = {worst:.3g} > {tolerance:g} "
+                          f"(cases: {checks}); nothing was exported to {dest}")
+    tok.save_pretrained(str(tmp))
+    source_hash = content_hash(rm_dir)
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest = {
+        "format": "instructflow-rm-onnx/1",
+        "model_version": f"rm-{source_hash[:12]}",
+        "source_checkpoint": str(rm_dir),
+        "source_sha256": source_hash,
+        "opset": opset,
+        "input_names": INPUT_NAMES,
+        "output_names": OUTPUT_NAMES,
+        "padding": "right",
+        "max_length": ctx,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "reward_bias": float(graph.bias),
+        "reward_bias_in_graph": True,
+        "parity": {"tolerance": tolerance, "max_abs_diff": worst, "cases": checks},
+        "files": files,
+        "created_unix": int(time.time()),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence means complete
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    manifest["export_seconds"] = round(export_s, 2)
+    return manifest
+
+
+def verify_export(folder: Path) -> dict:
+    """Check every file against the manifest's sha256; return the manifest or raise ValueError."""
+    path = folder / MANIFEST
+    if not path.exists():
+        raise ValueError(f"{folder}: no {MANIFEST}; not an instructflow RM export (or an incomplete one)")
+    manifest = json.loads(path.read_text())
+    for name, want in manifest["files"].items():
+        f = folder / name
+        if not f.exists():
+            raise ValueError(f"{folder}: {name} is listed in the manifest but missing")
+        got = sha256_file(f)
+        if got != want:
+            raise ValueError(f"{folder}: {name} has sha256 {got[:16]}..., the manifest says {want[:16]}...; refusing it")
+    return manifest
+
+
+def run_export(params: Params) -> dict:
+    setup_runtime(params.project)
+    cfg, out = params.export, params.stage_dir("export")
+    out.mkdir(parents=True, exist_ok=True)
+    timer = StageTimer()
+    rm_dir = params.stage_dir("reward") / "model"
+    with timer.phase("export"):
+        manifest = export_reward_model(rm_dir, out / "rm", cfg.opset, cfg.parity_tolerance,
+                                       [tuple(c) for c in cfg.parity_cases])
+    metrics = {"model_version": manifest["model_version"], "parity_max_abs_diff": manifest["parity"]["max_abs_diff"],
+               "parity_cases": len(manifest["parity"]["cases"]), "opset": manifest["opset"],
+               "export_seconds": manifest["export_seconds"], "onnx_bytes": (out / "rm" / "model.onnx").stat().st_size}
+    log.info("export: %s", metrics)
+    return write_result(out, "export", {"reward_model": rm_dir}, {"rm": out / "rm"}, metrics, timer)

@@ -1,0 +1,331 @@
+"""The scoring endpoint: the exported RM on ONNX Runtime behind FastAPI.
+
+    POST /v1/score    {"items": [{"prompt", "response"}, ...]} -> {"scores": [...], "model_version"}
+    POST /v1/compare  {"prompt", "response_a", "response_b"} -> P(a preferred) = sigmoid(r_a - r_b)
+    GET  /healthz     alive;  GET /readyz  model loaded, names the execution provider
+    GET  /metrics     Prometheus;  GET /docs  OpenAPI
+
+Concurrent requests are grouped by a micro-batcher into one ONNX Runtime call
+of at most `max_batch_size` items, waiting at most `max_wait_ms` for company.
+Text is encoded exactly as in training (chat template, response + EOS); a pair
+longer than the model's context keeps the whole response when it fits and cuts
+the prompt from the LEFT (`modeling.join_truncated`), so long inputs never fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes.util
+import hmac
+import logging
+import math
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from .config import ServeConfig
+from .export import MANIFEST, verify_export
+from .modeling import encode_prompt, encode_response, join_truncated
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the model
+def make_session(onnx_path: Path, provider: str):
+    """An ONNX Runtime session on CUDA when one really starts there, else CPU; and
+    the provider in use. A machine without a CUDA driver is never asked to try, so
+    onnxruntime-gpu prints no errors on CPU hosts."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    want_cuda = provider == "cuda" or (provider == "auto" and ctypes.util.find_library("cuda") is not None)
+    if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        if sess.get_providers()[0] == "CUDAExecutionProvider":
+            return sess, "CUDAExecutionProvider"
+        if provider == "cuda":
+            raise RuntimeError("serve.provider=cuda, but ONNX Runtime could not start a CUDA session")
+    elif provider == "cuda":
+        raise RuntimeError("serve.provider=cuda, but this ONNX Runtime or machine has no CUDA provider")
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"]), "CPUExecutionProvider"
+
+
+class OnnxScorer:
+    """Tokenizer + ONNX session of one verified export folder."""
+
+    def __init__(self, folder: Path, provider: str = "auto"):
+        from transformers import AutoTokenizer
+
+        self.manifest = verify_export(folder)
+        self.version = self.manifest["model_version"]
+        self.max_length = int(self.manifest["max_length"])
+        self.pad_id = int(self.manifest["pad_token_id"])
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.session, self.provider = make_session(folder / "model.onnx", provider)
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        return join_truncated(encode_prompt(self.tokenizer, prompt), encode_response(self.tokenizer, response), self.max_length)[0]
+
+    def score_ids(self, seqs: list[list[int]]) -> list[float]:
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        return self.session.run(["scores"], {"input_ids": ids, "attention_mask": mask})[0].astype(float).tolist()
+
+
+# --------------------------------------------------------------------------- micro-batching
+@dataclass
+class _Job:
+    seqs: list[list[int]]
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Collects concurrent jobs into batches of at most `max_batch` sequences,
+    waiting at most `max_wait_s` after the first; runs `fn` in a worker thread."""
+
+    def __init__(self, fn, max_batch: int, max_wait_s: float, on_batch=None):
+        self.fn, self.max_batch, self.max_wait_s, self.on_batch = fn, max_batch, max_wait_s, on_batch
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, seqs: list[list[int]]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(seqs), self.max_batch):  # a request larger than a batch goes in several
+            job = _Job(seqs[i : i + self.max_batch], asyncio.get_running_loop().create_future())
+            await self.queue.put(job)
+            out.extend(await job.future)
+        return out
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        carry: _Job | None = None
+        while True:
+            jobs = [carry or await self.queue.get()]
+            carry = None
+            size = len(jobs[0].seqs)
+            deadline = loop.time() + self.max_wait_s
+            while size < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                if size + len(job.seqs) > self.max_batch:
+                    carry = job
+                    break
+                jobs.append(job)
+                size += len(job.seqs)
+            seqs = [s for j in jobs for s in j.seqs]
+            try:
+                scores = await loop.run_in_executor(None, self.fn, seqs)
+            except Exception as err:  # noqa: BLE001 - every waiting caller gets the error
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(err)
+                continue
+            if self.on_batch:
+                self.on_batch(len(seqs))
+            offset = 0
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_result(scores[offset : offset + len(j.seqs)])
+                offset += len(j.seqs)
+
+
+# --------------------------------------------------------------------------- API schema
+class Item(BaseModel):
+    prompt: str = Field(description="The prompt, as a user wrote it (the chat template is applied here).")
+    response: str = Field(description="The response to score.")
+
+
+class ScoreRequest(BaseModel):
+    items: list[Item] = Field(min_length=1, description="Pairs to score.")
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float] = Field(description="One reward per item, in order (demonstrations average 0).")
+    model_version: str
+
+
+class CompareRequest(BaseModel):
+    prompt: str
+    response_a: str
+    response_b: str
+
+
+class CompareResponse(BaseModel):
+    probability_a_preferred: float = Field(description="sigmoid(r_a - r_b), the Bradley-Terry preference the RM was trained on.")
+    scores: list[float] = Field(description="[r_a, r_b]")
+    model_version: str
+
+
+class LimitError(Exception):
+    def __init__(self, message: str):
+        self.message = message
+
+
+def load_api_keys(cfg: ServeConfig) -> list[str]:
+    keys = [k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()]
+    if cfg.api_keys_file:
+        keys += [line.strip() for line in Path(cfg.api_keys_file).read_text().splitlines() if line.strip()]
+    return keys
+
+
+def key_matches(given: str, keys: list[str]) -> bool:
+    """Constant-time comparison against every key (no early exit)."""
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given.encode(), k.encode())
+    return ok
+
+
+# --------------------------------------------------------------------------- the app
+def create_app(model_dir: Path, cfg: ServeConfig):
+    registry = CollectorRegistry()
+    requests_total = Counter("instructflow_requests_total", "HTTP requests", ["path", "status"], registry=registry)
+    latency = Histogram("instructflow_request_seconds", "Request latency", ["path"], registry=registry,
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+    batch_sizes = Histogram("instructflow_batch_size", "Items per ONNX Runtime call", registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    errors_total = Counter("instructflow_errors_total", "Requests answered with an error", ["path", "status"], registry=registry)
+    keys = load_api_keys(cfg)
+    if not keys:
+        log.warning("serve: no API keys configured (%s / serve.api_keys_file); the endpoint is open", cfg.api_keys_env)
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scorer = OnnxScorer(model_dir, cfg.provider)
+        batcher = MicroBatcher(scorer.score_ids, cfg.max_batch_size, cfg.max_wait_ms / 1000, batch_sizes.observe)
+        batcher.start()
+        state.update(scorer=scorer, batcher=batcher)
+        log.info("serve: model %s on %s", scorer.version, scorer.provider)
+        yield
+        await batcher.stop()  # uvicorn has already let the requests in flight finish
+        state.clear()
+
+    app = FastAPI(title="instructflow reward model", version="1", lifespan=lifespan,
+                  description="Scores (prompt, response) pairs with the exported InstructGPT-style reward model.")
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        t0 = time.perf_counter()
+        path = request.url.path
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
+            response = JSONResponse({"detail": f"request body of {length} bytes exceeds max_body_bytes={cfg.max_body_bytes}"}, 413)
+        elif length is None and request.method == "POST" and len(await request.body()) > cfg.max_body_bytes:
+            response = JSONResponse({"detail": f"request body exceeds max_body_bytes={cfg.max_body_bytes}"}, 413)
+        else:
+            response = await call_next(request)
+        if path not in ("/metrics",):
+            requests_total.labels(path, str(response.status_code)).inc()
+            latency.labels(path).observe(time.perf_counter() - t0)
+            if response.status_code >= 400:
+                errors_total.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(LimitError)
+    async def _limit(request, err: LimitError):
+        return JSONResponse({"detail": err.message}, 413)
+
+    def authorize(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token or not key_matches(token, keys):
+            raise HTTPException(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def check_chars(name: str, text: str) -> None:
+        if len(text) > cfg.max_chars:
+            raise LimitError(f"{name} has {len(text)} characters, more than max_chars={cfg.max_chars}")
+
+    async def scores_for(pairs: list[tuple[str, str]]) -> list[float]:
+        scorer: OnnxScorer = state["scorer"]
+        seqs = [scorer.encode(p, r) for p, r in pairs]
+        return await state["batcher"].submit(seqs)
+
+    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
+    async def score(req: ScoreRequest) -> ScoreResponse:
+        if len(req.items) > cfg.max_items:
+            raise LimitError(f"{len(req.items)} items, more than max_items={cfg.max_items}")
+        for i, it in enumerate(req.items):
+            check_chars(f"items[{i}].prompt", it.prompt)
+            check_chars(f"items[{i}].response", it.response)
+        scores = await scores_for([(it.prompt, it.response) for it in req.items])
+        return ScoreResponse(scores=scores, model_version=state["scorer"].version)
+
+    @app.post("/v1/compare", response_model=CompareResponse, dependencies=[Depends(authorize)])
+    async def compare(req: CompareRequest) -> CompareResponse:
+        for name in ("prompt", "response_a", "response_b"):
+            check_chars(name, getattr(req, name))
+        ra, rb = await scores_for([(req.prompt, req.response_a), (req.prompt, req.response_b)])
+        return CompareResponse(probability_a_preferred=1.0 / (1.0 + math.exp(-(ra - rb))), scores=[ra, rb],
+                               model_version=state["scorer"].version)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if "scorer" not in state:
+            return JSONResponse({"ready": False}, 503)
+        s: OnnxScorer = state["scorer"]
+        return {"ready": True, "model_version": s.version, "provider": s.provider, "max_length": s.max_length,
+                "max_batch_size": cfg.max_batch_size}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def resolve_model(model: str, cfg: ServeConfig) -> Path:
+    """A local export folder, or s3://bucket/prefix fetched into the cache and verified."""
+    if model.startswith("s3://"):
+        from .storage import fetch_export
+
+        return fetch_export(model, Path(cfg.cache_dir))
+    folder = Path(model)
+    if (folder / "rm" / MANIFEST).exists():  # the export stage's folder
+        folder = folder / "rm"
+    verify_export(folder)
+    return folder
+
+
+def serve(model: str, cfg: ServeConfig) -> None:
+    import uvicorn
+
+    folder = resolve_model(model, cfg)
+    app = create_app(folder, cfg)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=30)

@@ -1,0 +1,233 @@
+"""ONNX export and the scoring endpoint, through the real server over HTTP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from conftest import free_port, wait_http
+from instructflow.export import ExportError, export_reward_model, verify_export
+from instructflow.modeling import encode_prompt, encode_response, join_truncated, load_reward_model, pad_right, reward_scores
+from tiny import MICRO, TEXTS
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-123"
+LIMITS = {"max_items": 8, "max_chars": 2000, "max_body_bytes": 40000, "max_batch_size": 16, "max_wait_ms": 20}
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    from instructflow.modeling import train_tokenizer
+
+    tok = train_tokenizer(TEXTS, MICRO.vocab_size)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=MICRO.hidden_size, intermediate_size=MICRO.intermediate_size,
+                      num_hidden_layers=MICRO.num_layers, num_attention_heads=MICRO.num_heads,
+                      num_key_value_heads=MICRO.num_heads, max_position_embeddings=MICRO.max_position_embeddings,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, num_labels=1)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(cfg)
+    model.config.reward_bias = 0.25
+    path = tmp_path_factory.mktemp("rm") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(rm_dir, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("export") / "rm"
+    manifest = export_reward_model(rm_dir, dest, opset=18, tolerance=1e-4, cases=[(1, 5), (3, 17), (4, 64)])
+    return dest, manifest
+
+
+def torch_scores(rm_dir, pairs):
+    model, tok = load_reward_model(rm_dir)
+    model.eval()
+    seqs = [join_truncated(encode_prompt(tok, p), encode_response(tok, r), model.config.max_position_embeddings)[0]
+            for p, r in pairs]
+    ids, mask = pad_right(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        return reward_scores(model, ids, mask).tolist()
+
+
+def _start(model: str, tmp_path, env_extra: dict, limits: dict = LIMITS):
+    port = free_port()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"serve": {**limits, "port": port, "cache_dir": str(tmp_path / "cache")}}))
+    env = {**os.environ, **env_extra}
+    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", model, "--params", "params.yaml"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    folder, _ = exported
+    work = tmp_path_factory.mktemp("serve")
+    proc, url = _start(str(folder), work, {"INSTRUCTFLOW_API_KEYS": f"other-key,{KEY}"})
+    try:
+        wait_http(url + "/healthz", 120, proc)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert KEY not in out  # keys are never logged
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_export_writes_a_manifest_that_verifies(exported, rm_dir):
+    folder, manifest = exported
+    assert manifest["parity"]["max_abs_diff"] <= 1e-4 and len(manifest["parity"]["cases"]) == 3
+    assert manifest["reward_bias"] == 0.25 and manifest["input_names"] == ["input_ids", "attention_mask"]
+    assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json"}
+    assert verify_export(folder)["model_version"] == manifest["model_version"]
+
+
+def test_export_fails_when_parity_is_broken_and_writes_nothing(rm_dir, tmp_path, monkeypatch):
+    # an exporter that writes a graph of slightly different weights: ONNX Runtime then
+    # disagrees with the torch model by 0.01, and the real parity check must catch it
+    import copy
+
+    real_export = torch.onnx.export
+
+    def drifting_export(graph, args, **kw):
+        drifted = copy.deepcopy(graph)
+        with torch.no_grad():
+            drifted.bias += 0.01
+        return real_export(drifted, args, **kw)
+
+    monkeypatch.setattr(torch.onnx, "export", drifting_export)
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_reward_model(rm_dir, tmp_path / "rm", opset=18, tolerance=1e-4, cases=[(2, 9)])
+    assert not (tmp_path / "rm").exists() and not (tmp_path / "rm.tmp").exists()
+
+
+def test_scores_equal_the_torch_model(server, rm_dir):
+    pairs = [("What color is the ball?", "It is red."), ("Name 2 fruits.", "Apple and plum."), ("Hi", "")]
+    r = httpx.post(server + "/v1/score", json={"items": [{"prompt": p, "response": a} for p, a in pairs]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    got = r.json()["scores"]
+    want = torch_scores(rm_dir, pairs)
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
+    c = httpx.post(server + "/v1/compare", json={"prompt": pairs[0][0], "response_a": pairs[0][1], "response_b": "Blue."},
+                   headers=AUTH).json()
+    ra, rb = torch_scores(rm_dir, [pairs[0], (pairs[0][0], "Blue.")])
+    assert c["probability_a_preferred"] == pytest.approx(1 / (1 + torch.exp(torch.tensor(rb - ra)).item()), abs=1e-4)
+
+
+def test_long_inputs_are_truncated_from_the_left_not_rejected(server, rm_dir):
+    long_prompt = "Ana has a green kite. " * 80  # about 1,700 characters: far beyond the 64-token context
+    r = httpx.post(server + "/v1/score", json={"items": [{"prompt": long_prompt, "response": "It is green."}]}, headers=AUTH)
+    assert r.status_code == 200
+    assert r.json()["scores"][0] == pytest.approx(torch_scores(rm_dir, [(long_prompt, "It is green.")])[0], abs=1e-4)
+
+
+def test_concurrent_callers_each_get_their_own_scores_in_shared_batches(server, rm_dir):
+    prompts = [f"Name {i} fruits." for i in range(40)]
+    want = torch_scores(rm_dir, [(p, "Apple.") for p in prompts])
+
+    def call(i):
+        return httpx.post(server + "/v1/score", json={"items": [{"prompt": prompts[i], "response": "Apple."}]},
+                          headers=AUTH, timeout=60).json()["scores"][0]
+
+    before = _batch_count(server)
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(call, range(40)))
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
+    batches = _batch_count(server) - before
+    assert batches < 40  # the batcher grouped concurrent requests
+
+
+def _batch_count(url) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("instructflow_batch_size_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_auth_limits_and_malformed_input_get_their_status_codes(server):
+    item = {"prompt": "Hi", "response": "Hello"}
+    assert httpx.post(server + "/v1/score", json={"items": [item]}).status_code == 401
+    bad = httpx.post(server + "/v1/score", json={"items": [item]}, headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
+    r = httpx.post(server + "/v1/score", json={"items": [item] * 9}, headers=AUTH)
+    assert r.status_code == 413 and "max_items=8" in r.json()["detail"]
+    r = httpx.post(server + "/v1/score", json={"items": [{"prompt": "x" * 2001, "response": "y"}]}, headers=AUTH)
+    assert r.status_code == 413 and "items[0].prompt" in r.json()["detail"] and "max_chars=2000" in r.json()["detail"]
+    r = httpx.post(server + "/v1/score", content=b'{"items": [' + b" " * 50000 + b"]}", headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+    r = httpx.post(server + "/v1/score", content=b'{"items": [', headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 422
+    assert httpx.post(server + "/v1/score", json={"items": []}, headers=AUTH).status_code == 422
+    assert httpx.post(server + "/v1/score", json={"items": [{"prompt": 3}]}, headers=AUTH).status_code == 422
+    assert httpx.post(server + "/v1/compare", json={"prompt": "a"}, headers=AUTH).status_code == 422
+
+
+def test_health_readiness_metrics_and_openapi(server, exported):
+    _, manifest = exported
+    assert httpx.get(server + "/healthz").json() == {"status": "alive"}
+    ready = httpx.get(server + "/readyz").json()
+    assert ready["ready"] and ready["provider"] == "CPUExecutionProvider" and ready["model_version"] == manifest["model_version"]
+    metrics = httpx.get(server + "/metrics").text
+    assert "instructflow_request_seconds_bucket" in metrics and "instructflow_requests_total" in metrics
+    spec = httpx.get(server + "/openapi.json").json()
+    assert {"/v1/score", "/v1/compare", "/healthz", "/readyz"} <= spec["paths"].keys()
+
+
+def test_a_tampered_model_is_refused(exported, tmp_path):
+    import shutil
+
+    folder, _ = exported
+    bad = tmp_path / "rm"
+    shutil.copytree(folder, bad)
+    data = bytearray((bad / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "model.onnx").write_bytes(bytes(data))
+    proc, _ = _start(str(bad), tmp_path, {})
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "model.onnx has sha256" in out and "refusing" in out
+
+
+def test_model_served_from_s3_and_tampering_there_is_refused(exported, s3_server, tmp_path):
+    import boto3
+
+    from instructflow.storage import publish_export
+
+    folder, manifest = exported
+    client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], aws_access_key_id="x", aws_secret_access_key="y",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket="models")
+    publish_export(folder, "s3://models/rm/v1", client=client)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="models", Prefix="rm/v1/")["Contents"]]
+    assert "rm/v1/manifest.json" in keys and "rm/v1/model.onnx" in keys
+
+    proc, url = _start("s3://models/rm/v1", tmp_path / "good" if (tmp_path / "good").mkdir() is None else tmp_path, s3_server)
+    try:
+        wait_http(url + "/readyz", 120, proc)
+        assert httpx.get(url + "/readyz").json()["model_version"] == manifest["model_version"]
+        assert httpx.post(url + "/v1/score", json={"items": [{"prompt": "Hi", "response": "Hello"}]}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+    client.put_object(Bucket="models", Key="rm/v1/tokenizer.json", Body=b'{"tampered": true}')
+    (tmp_path / "bad").mkdir()
+    proc, _ = _start("s3://models/rm/v1", tmp_path / "bad", s3_server)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "tokenizer.json has sha256" in out
+    assert not (tmp_path / "bad" / "cache" / "models" / "rm" / "v1").exists()
+
+
+def test_manifest_is_json_with_every_file_hashed(exported):
+    folder, _ = exported
+    m = json.loads((folder / "manifest.json").read_text())
+    on_disk = {p.name for p in folder.iterdir()} - {"manifest.json"}
+    assert set(m["files"]) == on_disk
