@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params.yaml
 
-.PHONY: setup pipeline test clean
+.PHONY: setup pipeline test bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -22,6 +22,12 @@ pipeline: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+# Benchmarks (figures go to docs/benchmarks.md by hand, with machine and date).
+# The load test needs the exported RM: the stages up to export run first if it is missing.
+bench: setup
+	test -f artifacts/export/rm/manifest.json || $(BIN)/instructflow pipeline --params $(PARAMS) --stages data,pretrain,sft,collect,reward,export
+	$(BIN)/python bench/serve_load.py --clients 32 --seconds 30
 
 clean:
 	rm -rf artifacts

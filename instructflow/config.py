@@ -221,6 +221,7 @@ class ServeConfig(_Section):
     max_chars: int = Field(8000, ge=1, description="Most characters in one prompt or response field (413 above).")
     max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted (413 above).")
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when a session really starts on it, else CPU.")
+    backend: Literal["onnx", "torch"] = Field("onnx", description="'onnx' serves an export folder; 'torch' serves the RM checkpoint eagerly (for comparisons).")
     api_keys_env: str = Field("INSTRUCTFLOW_API_KEYS", description="Environment variable with comma-separated API keys; unset and no file means no auth.")
     api_keys_file: str = Field("", description="File with one API key per line (alternative to the environment variable).")
     cache_dir: str = Field("artifacts/serve-cache", description="Where a model given as s3://bucket/prefix is downloaded.")

@@ -85,6 +85,34 @@ class OnnxScorer:
         return self.session.run(["scores"], {"input_ids": ids, "attention_mask": mask})[0].astype(float).tolist()
 
 
+class TorchScorer:
+    """The same interface on the torch RM checkpoint (eager mode): the peer that
+    ONNX Runtime is measured against in bench/serve_load.py."""
+
+    def __init__(self, folder: Path, provider: str = "auto"):
+        import torch
+
+        from .modeling import context_length, load_reward_model
+
+        self.torch = torch
+        self.model, self.tokenizer = load_reward_model(folder)
+        self.model.eval()
+        self.version = f"torch:{folder.name}"
+        self.max_length = context_length(self.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.provider = "torch-eager-cpu"
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        return join_truncated(encode_prompt(self.tokenizer, prompt), encode_response(self.tokenizer, response), self.max_length)[0]
+
+    def score_ids(self, seqs: list[list[int]]) -> list[float]:
+        from .modeling import pad_right, reward_scores
+
+        ids, mask = pad_right(seqs, self.pad_id)
+        with self.torch.inference_mode():
+            return reward_scores(self.model, ids, mask).float().tolist()
+
+
 # --------------------------------------------------------------------------- micro-batching
 @dataclass
 class _Job:
@@ -221,7 +249,7 @@ def create_app(model_dir: Path, cfg: ServeConfig):
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scorer = OnnxScorer(model_dir, cfg.provider)
+        scorer = (TorchScorer if cfg.backend == "torch" else OnnxScorer)(model_dir, cfg.provider)
         batcher = MicroBatcher(scorer.score_ids, cfg.max_batch_size, cfg.max_wait_ms / 1000, batch_sizes.observe)
         batcher.start()
         state.update(scorer=scorer, batcher=batcher)
@@ -312,6 +340,8 @@ def create_app(model_dir: Path, cfg: ServeConfig):
 
 def resolve_model(model: str, cfg: ServeConfig) -> Path:
     """A local export folder, or s3://bucket/prefix fetched into the cache and verified."""
+    if cfg.backend == "torch":  # a save_pretrained RM folder, for comparisons
+        return Path(model)
     if model.startswith("s3://"):
         from .storage import fetch_export
 

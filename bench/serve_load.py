@@ -1,0 +1,132 @@
+"""Load test of the scoring endpoint: ONNX Runtime against torch eager, same model, same run.
+
+Starts the real server (a subprocess, real HTTP) once per backend and drives it
+with N concurrent clients for D seconds, each sending one-item /v1/score
+requests drawn from the evaluation prompts. Reports requests/s and p50/p99
+latency per backend and the throughput ratio.
+
+    python bench/serve_load.py --export artifacts/export --rm artifacts/reward/model --clients 32 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model: str, backend: str, work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    (work / "params.yaml").write_text(yaml.safe_dump({"serve": {"port": port, "backend": backend}}))
+    env = {**os.environ, "INSTRUCTFLOW_LOG": "WARNING"}
+    env.pop("INSTRUCTFLOW_API_KEYS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", model, "--params", "params.yaml"],
+                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{backend} server did not become ready")
+
+
+async def drive(url: str, items: list[dict], clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal errors
+        async with httpx.AsyncClient(timeout=30) as http:
+            k = i
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await http.post(url + "/v1/score", json={"items": [items[k % len(items)]]})
+                latencies.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+                k += clients
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - t0
+    lat = sorted(latencies)
+    return {"requests": len(lat), "errors": errors, "seconds": round(elapsed, 2), "requests_per_s": round(len(lat) / elapsed, 1),
+            "p50_ms": round(1000 * lat[len(lat) // 2], 2), "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 2),
+            "mean_ms": round(1000 * statistics.fmean(lat), 2)}
+
+
+def engine_only(export: Path, rm: Path, items: list[dict], batch: int = 32, seconds: float = 5.0) -> dict:
+    """Scores per second of the two backends' score_ids alone (no HTTP), same batches."""
+    from instructflow.serve import OnnxScorer, TorchScorer, resolve_model
+    from instructflow.config import ServeConfig
+
+    out = {}
+    for name, scorer in (("onnx", OnnxScorer(resolve_model(str(export), ServeConfig()))), ("torch", TorchScorer(rm))):
+        seqs = [scorer.encode(it["prompt"], it["response"]) for it in items[:batch]]
+        scorer.score_ids(seqs)  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            scorer.score_ids(seqs)
+            n += len(seqs)
+        out[f"{name}_scores_per_s"] = round(n / (time.perf_counter() - t0), 1)
+    out["ratio_onnx_vs_torch"] = round(out["onnx_scores_per_s"] / out["torch_scores_per_s"], 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--export", default="artifacts/export")
+    ap.add_argument("--rm", default="artifacts/reward/model")
+    ap.add_argument("--prompts", default="artifacts/data/eval_prompts.jsonl")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--out", default="bench/results/serve_load.json")
+    args = ap.parse_args()
+    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()]
+    items = [{"prompt": p, "response": "I do not know."} for p in prompts]
+    result = {"clients": args.clients, "seconds": args.seconds, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "date": time.strftime("%Y-%m-%d")}
+    for backend, model in (("onnx", args.export), ("torch", args.rm)):
+        with tempfile.TemporaryDirectory() as work:
+            proc, url = start(str(Path(model).resolve()), backend, Path(work))
+            try:
+                drive_result = asyncio.run(drive(url, items, args.clients, args.seconds))
+                drive_result["provider"] = httpx.get(url + "/readyz").json()["provider"]
+                result[backend] = drive_result
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+        print(backend, result[backend], flush=True)
+    result["throughput_ratio_onnx_vs_torch"] = round(result["onnx"]["requests_per_s"] / result["torch"]["requests_per_s"], 2)
+    result["engine_only_batch_32"] = engine_only(Path(args.export), Path(args.rm), items)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
