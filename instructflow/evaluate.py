@@ -35,9 +35,10 @@ from .data.formats import Demonstration, PretrainText, Prompt
 from .generation import generate
 from .io import StageTimer, read_jsonl, write_json, write_result
 from .judge import judge
-from .modeling import context_length, encode_prompt, encode_response, join_truncated, load_causal_lm, load_reward_model, pad_right
+from .modeling import context_length, encode_prompt, encode_response, join_truncated, load_causal_lm, load_reward_model
 from .pretrain import heldout_loss, pack
 from .reward import score_texts
+from .sft import sft_batch
 from .suite.labelers import Labeler
 from .training import setup_runtime
 
@@ -89,21 +90,20 @@ def few_shot_prompt(shots: list[Demonstration], prompt: str) -> str:
 
 @torch.no_grad()
 def sequence_logprobs(model, tok, prompts: list[str], responses: list[str], max_len: int, batch_size: int = 64) -> torch.Tensor:
-    """log p(response + EOS | prompt) under `model`, one number per pair; (N,)."""
+    """log p(response + EOS | prompt) under `model`, one number per pair; (N,).
+
+    Same encoding and prompt masking as SFT (`sft_batch`): only response tokens count."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = [join_truncated(encode_prompt(tok, p), encode_response(tok, r), max_len)
                for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
-        ids, mask = pad_right([e[0] for e in enc], tok.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        tok_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        is_resp = torch.zeros_like(tok_logp)
-        for j, (seq, n_prompt) in enumerate(enc):
-            is_resp[j, n_prompt - 1 : len(seq) - 1] = 1  # position t predicts token t+1
-        out.append((tok_logp * is_resp).sum(1).cpu())
+        b = {k: v.to(device) for k, v in sft_batch(enc, tok.pad_token_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        labels = b["labels"][:, 1:]                                   # position t predicts token t+1
+        tok_logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        out.append((tok_logp * (labels != -100)).sum(1).cpu())
     return torch.cat(out)
 
 

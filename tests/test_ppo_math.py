@@ -147,3 +147,19 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
     assert lo < 0.6 < hi and 0.08 < hi - lo < 0.24  # normal approx: +-1.96*sqrt(.24/100) = +-0.096
     lo2, hi2 = bootstrap_interval(([1.0] * 60 + [0.0] * 40) * 4, 2000, seed=0)
     assert hi2 - lo2 < hi - lo
+
+
+def test_sequence_logprobs_sums_only_the_response_tokens():
+    from instructflow.evaluate import sequence_logprobs
+    from instructflow.modeling import encode_prompt, encode_response
+
+    model, tok = tiny_lm()
+    model.eval()
+    got = sequence_logprobs(model, tok, ["What color is the ball?", "Hi"], ["It is red.", "Positive."], max_len=64)
+    for k, (p, r) in enumerate([("What color is the ball?", "It is red."), ("Hi", "Positive.")]):
+        prompt, resp = encode_prompt(tok, p), encode_response(tok, r)
+        ids = torch.tensor([prompt + resp])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        want = sum(float(logp[len(prompt) - 1 + t, tok_id]) for t, tok_id in enumerate(resp))  # a plain loop
+        assert float(got[k]) == pytest.approx(want, abs=1e-4)
