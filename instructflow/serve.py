@@ -59,7 +59,17 @@ def make_session(onnx_path: Path, provider: str):
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"]), "CPUExecutionProvider"
 
 
-class OnnxScorer:
+class _Scorer:
+    """What both backends share: training's encoding of a (prompt, response) pair."""
+
+    tokenizer = None
+    max_length = 0
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        return join_truncated(encode_prompt(self.tokenizer, prompt), encode_response(self.tokenizer, response), self.max_length)[0]
+
+
+class OnnxScorer(_Scorer):
     """Tokenizer + ONNX session of one verified export folder."""
 
     def __init__(self, folder: Path, provider: str = "auto"):
@@ -72,9 +82,6 @@ class OnnxScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.session, self.provider = make_session(folder / "model.onnx", provider)
 
-    def encode(self, prompt: str, response: str) -> list[int]:
-        return join_truncated(encode_prompt(self.tokenizer, prompt), encode_response(self.tokenizer, response), self.max_length)[0]
-
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
@@ -85,7 +92,7 @@ class OnnxScorer:
         return self.session.run(["scores"], {"input_ids": ids, "attention_mask": mask})[0].astype(float).tolist()
 
 
-class TorchScorer:
+class TorchScorer(_Scorer):
     """The same interface on the torch RM checkpoint (eager mode): the peer that
     ONNX Runtime is measured against in bench/serve_load.py."""
 
@@ -101,9 +108,6 @@ class TorchScorer:
         self.max_length = context_length(self.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.provider = "torch-eager-cpu"
-
-    def encode(self, prompt: str, response: str) -> list[int]:
-        return join_truncated(encode_prompt(self.tokenizer, prompt), encode_response(self.tokenizer, response), self.max_length)[0]
 
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
         from .modeling import pad_right, reward_scores

@@ -209,7 +209,8 @@ def test_model_served_from_s3_and_tampering_there_is_refused(exported, s3_server
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="models", Prefix="rm/v1/")["Contents"]]
     assert "rm/v1/manifest.json" in keys and "rm/v1/model.onnx" in keys
 
-    proc, url = _start("s3://models/rm/v1", tmp_path / "good" if (tmp_path / "good").mkdir() is None else tmp_path, s3_server)
+    (tmp_path / "good").mkdir()
+    proc, url = _start("s3://models/rm/v1", tmp_path / "good", s3_server)
     try:
         wait_http(url + "/readyz", 120, proc)
         assert httpx.get(url + "/readyz").json()["model_version"] == manifest["model_version"]
