@@ -66,7 +66,7 @@ def _run(stage: str, params_path: Path) -> dict:
     _setup_logging()
     try:
         result = run_stage(stage, params_path)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(json.dumps({"stage": stage, "metrics": result["metrics"], "seconds": result["timings_s"]["total"]}, indent=2))
     return result
@@ -209,7 +209,7 @@ def pipeline(
     for stage in chosen:
         try:
             result = run_stage(stage, params)
-        except (ConfigError, DataError) as err:
+        except (ConfigError, DataError, FileNotFoundError) as err:
             _fail(f"stage {stage}: {err}")
         summary.append((stage, result["timings_s"]["total"], result["metrics"]))
     typer.echo("\nstage       seconds  key metrics")

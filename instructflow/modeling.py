@@ -80,7 +80,15 @@ def ensure_pad_token(tokenizer, model: PreTrainedModel | None = None) -> None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def _looks_local(path: str | Path) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else (or a Path) means a folder on disk."""
+    text = str(path)
+    return isinstance(path, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
 def load_tokenizer(path: str | Path):
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"{path}: no model folder there; run the stage that writes it first")
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.eos_token is None:
         raise ValueError(f"{path}: tokenizer has no EOS token; instructflow needs one to end responses")

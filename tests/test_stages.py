@@ -105,6 +105,13 @@ def test_bad_params_fail_with_the_key_named(micro_run, tmp_path):
     assert proc.returncode == 2 and "unknown key 'sft.epochz'" in proc.stderr
 
 
+def test_a_stage_whose_input_model_is_missing_names_the_folder(tmp_path):
+    (tmp_path / "params.yaml").write_text("project: {artifacts_dir: artifacts}\n")
+    proc = subprocess.run([sys.executable, "-m", "instructflow.cli", "ppo", "--params", "params.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "artifacts/sft/model: no model folder there" in proc.stderr
+
+
 def test_empty_comparisons_file_is_a_clear_error(tmp_path):
     (tmp_path / "c.jsonl").write_text("")
     (tmp_path / "params.yaml").write_text("data: {source: files, comparisons: c.jsonl}\n")
