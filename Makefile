@@ -7,8 +7,11 @@ BIN    := $(VENV)/bin
 # CPU wheel by default; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index.
 TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params.yaml
+# Prefect keeps its database, results (the stage cache) and logs here unless the caller set PREFECT_HOME.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench clean
+.PHONY: setup pipeline test bench clean repro prefect-server deploy worker
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -17,8 +20,25 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	touch $@
 
+# The pipeline as a Prefect flow (a temporary local server unless PREFECT_API_URL is set).
 pipeline: setup
-	$(BIN)/instructflow pipeline --params $(PARAMS)
+	$(BIN)/python -m flows.pipeline --params $(PARAMS)
+
+# The same stages through DVC (dvc.yaml is generated from instructflow/pipeline.py).
+repro: setup
+	$(BIN)/dvc repro
+
+# Schedules: a real Prefect server, the work pools, the deployments of prefect.yaml, a worker.
+PREFECT_PORT ?= 4200
+prefect-server: setup
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: setup
+	$(BIN)/prefect work-pool create instructflow-local --type process --overwrite
+	INSTRUCTFLOW_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --name weekly-retrain --name nightly-eval
+
+worker: setup
+	$(BIN)/prefect worker start --pool instructflow-local
 
 test: setup
 	$(BIN)/pytest -q
@@ -26,8 +46,8 @@ test: setup
 # Benchmarks (figures go to docs/benchmarks.md by hand, with machine and date).
 # The load test needs the exported RM: the stages up to export run first if it is missing.
 bench: setup
-	test -f artifacts/export/rm/manifest.json || $(BIN)/instructflow pipeline --params $(PARAMS) --stages data,pretrain,sft,collect,reward,export
+	test -f artifacts/export/rm/manifest.json || $(BIN)/instructflow pipeline --params $(PARAMS) --stages data,validate,pretrain,sft,collect,reward,export
 	$(BIN)/python bench/serve_load.py --clients 32 --seconds 30
 
 clean:
-	rm -rf artifacts
+	rm -rf artifacts .prefect

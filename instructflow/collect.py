@@ -19,6 +19,7 @@ import statistics
 from .config import Params
 from .data.formats import Comparison, Prompt
 from .generation import generate
+from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_json, write_jsonl, write_result
 from .modeling import load_causal_lm
 from .suite.labelers import Labeler, pairwise_agreement
@@ -65,6 +66,7 @@ def run_collect(params: Params) -> dict:
     if params.data.source != "builtin":
         raise ValueError("collect needs the built-in suite's simulated labelers; with data.source=files the "
                          "comparisons come from data.comparisons")
+    key = stage_key(params, "collect")
     setup_runtime(params.project)
     cfg, data_dir, out = params.collect, params.stage_dir("data"), params.stage_dir("collect")
     out.mkdir(parents=True, exist_ok=True)
@@ -110,4 +112,4 @@ def run_collect(params: Params) -> dict:
     log.info("collect: %s", metrics)
     inputs = {"policy": params.stage_dir("sft") / "model", "prompts_train": data_dir / "rm_prompts_train.jsonl",
               "prompts_val": data_dir / "rm_prompts_val.jsonl"}
-    return write_result(out, "collect", inputs, paths, metrics, timer)
+    return write_result(out, "collect", inputs, paths, metrics, timer, run_key=key)

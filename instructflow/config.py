@@ -227,6 +227,28 @@ class ServeConfig(_Section):
     cache_dir: str = Field("artifacts/serve-cache", description="Where a model given as s3://bucket/prefix is downloaded.")
 
 
+class ValidateConfig(_Section):
+    max_prompt_chars: int = Field(8000, ge=1, description="Longest prompt accepted, in characters.")
+    max_response_chars: int = Field(8000, ge=1, description="Longest response or demonstration accepted, in characters.")
+    max_text_chars: int = Field(100_000, ge=1, description="Longest pretraining document accepted, in characters.")
+    max_failed_rows_shown: int = Field(10, ge=1, description="Line numbers listed per failed expectation in the report.")
+
+
+class OrchestrateConfig(_Section):
+    version_with_dvc: bool = Field(
+        True, description="After each stage, record it in dvc.lock (dvc commit) and push its outputs to the DVC remote. "
+        "Only when the run reads the params.yaml beside dvc.yaml.")
+    dvc_remote: str = Field("", description="DVC remote to push to; empty means the default remote in .dvc/config.")
+    retries: int = Field(3, ge=0, description="Retries of a stage or push that failed on a transient fault (storage, network).")
+    retry_delay_s: float = Field(5.0, ge=0, description="First retry delay; it doubles on each retry (with jitter).")
+    stage_timeout_s: float = Field(6 * 3600, gt=0, description="A stage still running after this long fails.")
+    gpu_stages: list[str] = Field(
+        default_factory=list, description="Stages sent to the GPU work pool (deployment `gpu_deployment`); the rest run "
+        "in the pipeline's own process. Inputs and outputs travel through exchange_uri, object storage both sides reach.")
+    gpu_deployment: str = Field("instructflow-stage/gpu-stage", description="Deployment (flow/deployment) that runs one stage on the GPU pool.")
+    exchange_uri: str = Field("s3://instructflow/exchange", description="Where a stage sent to the GPU pool gets its inputs and leaves its outputs (S3 API; endpoint from AWS_ENDPOINT_URL).")
+
+
 class Params(_Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig, description="Seed, folders, threads.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
@@ -239,6 +261,8 @@ class Params(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation by the held-out labeler.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export of the RM.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The scoring endpoint.")
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate", description="Data validation (Great Expectations).")
+    orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig, description="Prefect retries, timeouts, DVC versioning.")
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.project.artifacts_dir) / stage

@@ -33,6 +33,7 @@ import torch
 from .config import Params
 from .data.formats import Demonstration, PretrainText, Prompt
 from .generation import generate
+from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_json, write_result
 from .judge import judge
 from .modeling import context_length, encode_prompt, encode_response, join_truncated, load_causal_lm, load_reward_model
@@ -116,6 +117,7 @@ def _model_dirs(params: Params) -> dict[str, Path]:
 def run_eval(params: Params) -> dict:
     if params.data.source != "builtin":
         raise ValueError("eval judges with the built-in suite's held-out labeler; data.source=files has none")
+    key = stage_key(params, "eval")
     setup_runtime(params.project)
     cfg, out, data_dir = params.eval, params.stage_dir("eval"), params.stage_dir("data")
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +174,7 @@ def run_eval(params: Params) -> dict:
     outputs.update({p.stem: p for p in sorted(out.glob("*.png"))})
     inputs = {"prompts": data_dir / "eval_prompts.jsonl", "reward_model": params.stage_dir("reward") / "model",
               **{f"model_{k}": v for k, v in dirs.items()}}
-    return write_result(out, "eval", inputs, outputs, metrics, timer)
+    return write_result(out, "eval", inputs, outputs, metrics, timer, run_key=key)
 
 
 def _pick_shots(demos: list[Demonstration], n: int) -> list[Demonstration]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import Params
+from .pipeline import stage_key
 from .io import StageTimer, content_hash, sha256_file, write_result
 from .modeling import REWARD_BIAS_KEY, context_length, load_reward_model, position_ids_from_mask
 from .training import setup_runtime
@@ -87,6 +88,16 @@ def parity(graph: ScoreGraph, onnx_path: Path, cases: list[tuple[int, int]], pad
     return rows
 
 
+def _drop_source_paths(model) -> None:
+    """Remove the exporter's per-node stack traces: they name this checkout's
+    file paths, so the same checkpoint would export to different bytes in
+    another folder (and DVC would see a changed output)."""
+    graphs = [model.graph, *model.functions.values()]
+    for g in graphs:
+        for node in g.all_nodes():
+            node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
+
+
 def export_reward_model(rm_dir: Path, dest: Path, opset: int, tolerance: float, cases: list[tuple[int, int]]) -> dict:
     """Export, check parity, and move the folder into `dest`; return the manifest."""
     rm, tok = load_reward_model(rm_dir)
@@ -105,6 +116,7 @@ def export_reward_model(rm_dir: Path, dest: Path, opset: int, tolerance: float, 
         graph, (ids, mask), dynamo=True, opset_version=opset, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
         dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, verbose=False,
     )
+    _drop_source_paths(program.model)
     program.save(str(tmp / "model.onnx"))
     export_s = time.perf_counter() - t0
     checks = parity(graph, tmp / "model.onnx", cases, tok.pad_token_id)
@@ -131,8 +143,7 @@ def export_reward_model(rm_dir: Path, dest: Path, opset: int, tolerance: float, 
         "reward_bias": float(graph.bias),
         "reward_bias_in_graph": True,
         "parity": {"tolerance": tolerance, "max_abs_diff": worst, "cases": checks},
-        "files": files,
-        "created_unix": int(time.time()),
+        "files": files,  # no timestamp: the same checkpoint exports to the same bytes (dvc repro checks it)
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence means complete
     if dest.exists():
@@ -159,6 +170,7 @@ def verify_export(folder: Path) -> dict:
 
 
 def run_export(params: Params) -> dict:
+    key = stage_key(params, "export")
     setup_runtime(params.project)
     cfg, out = params.export, params.stage_dir("export")
     out.mkdir(parents=True, exist_ok=True)
@@ -171,4 +183,4 @@ def run_export(params: Params) -> dict:
                "parity_cases": len(manifest["parity"]["cases"]), "opset": manifest["opset"],
                "export_seconds": manifest["export_seconds"], "onnx_bytes": (out / "rm" / "model.onnx").stat().st_size}
     log.info("export: %s", metrics)
-    return write_result(out, "export", {"reward_model": rm_dir}, {"rm": out / "rm"}, metrics, timer)
+    return write_result(out, "export", {"reward_model": rm_dir}, {"rm": out / "rm"}, metrics, timer, run_key=key)

@@ -137,10 +137,14 @@ def write_result(
     outputs: dict[str, str | Path],
     metrics: dict,
     timer: StageTimer,
+    run_key: str = "",
 ) -> dict:
-    """Write `<out_dir>/result.json`: metrics, content hashes in and out, timings."""
+    """Write `<out_dir>/result.json`: metrics, content hashes in and out, timings,
+    and the run key (pipeline.stage_key) of the inputs, params and code that
+    produced the outputs."""
     record = {
         "stage": stage,
+        "run_key": run_key,
         "metrics": metrics,
         "inputs": {k: {"path": str(v), "sha256": content_hash(v)} for k, v in inputs.items()},
         "outputs": {k: {"path": str(v), "sha256": content_hash(v)} for k, v in outputs.items()},

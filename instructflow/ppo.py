@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .config import Params, PPOConfig
 from .data.formats import Prompt, PretrainText
 from .generation import left_pad, sampling_config
+from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_result
 from .modeling import (
     context_length,
@@ -243,9 +244,11 @@ def _stage_dir(params: Params, ptx: bool) -> Path:
 
 def run_ppo(params: Params, ptx: bool = False) -> dict:
     """Train a policy with PPO (ptx=False) or PPO-ptx (ptx=True, gamma = ppo.ptx_coef)."""
+    name = "ppo_ptx" if ptx else "ppo"
+    key = stage_key(params, name)
     setup_runtime(params.project)
     cfg, out = params.ppo, _stage_dir(params, ptx)
-    name, gamma_ptx = ("ppo_ptx", cfg.ptx_coef) if ptx else ("ppo", 0.0)
+    gamma_ptx = cfg.ptx_coef if ptx else 0.0
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
     sft_dir, rm_dir, data_dir = params.stage_dir("sft") / "model", params.stage_dir("reward") / "model", params.stage_dir("data")
@@ -284,7 +287,7 @@ def run_ppo(params: Params, ptx: bool = False) -> dict:
 
     log_path = out / "train_log.jsonl"
     start = 0
-    state = load_checkpoint(acc, out) if cfg.resume else None
+    state = load_checkpoint(acc, out, key) if cfg.resume else None
     if state is not None:
         start = state["iteration"]
         log.info("%s: resuming at iteration %d", name, start)
@@ -312,10 +315,10 @@ def run_ppo(params: Params, ptx: bool = False) -> dict:
                 log.info("%s it %d/%d %s", name, it + 1, cfg.iterations,
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-                save_checkpoint(acc, out, {"iteration": it + 1})
+                save_checkpoint(acc, out, {"iteration": it + 1, "run_key": key})
     bar.close()
     if cfg.checkpoint_every:
-        save_checkpoint(acc, out, {"iteration": cfg.iterations})
+        save_checkpoint(acc, out, {"iteration": cfg.iterations, "run_key": key})
 
     final = acc.unwrap_model(policy)
     if ema is not None:
@@ -339,7 +342,7 @@ def run_ppo(params: Params, ptx: bool = False) -> dict:
         inputs["pretrain"] = data_dir / "pretrain_train.jsonl"
     if not acc.is_main_process:
         return {"stage": name, "metrics": metrics, "timings_s": {"total": timer.total}}
-    return write_result(out, name, inputs, {"model": out / "model", "value_model": out / "value_model"}, metrics, timer)
+    return write_result(out, name, inputs, {"model": out / "model", "value_model": out / "value_model"}, metrics, timer, run_key=key)
 
 
 def _iteration(it, params, cfg: PPOConfig, acc, policy, ref, value, rm, tok, prompts, blocks, gamma_ptx,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import Params
 from .data.formats import Demonstration, PretrainText
+from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_result
 from .modeling import BUILTIN, build_tiny_llama, format_prompt, load_causal_lm, train_tokenizer
 from .training import make_accelerator, save_model_atomic, setup_runtime, train_loop
@@ -60,6 +61,7 @@ def heldout_loss(model, blocks: list[torch.Tensor], batch_size: int = 32) -> flo
 
 
 def run_pretrain(params: Params) -> dict:
+    key = stage_key(params, "pretrain")
     setup_runtime(params.project)
     cfg, data_dir, out = params.pretrain, params.stage_dir("data"), params.stage_dir("pretrain")
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ def run_pretrain(params: Params) -> dict:
             res = train_loop(
                 name="pretrain", model=model, examples=blocks, collate=lambda xs: {"input_ids": torch.stack(xs)},
                 loss_fn=loss_fn, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
-                count_fn=lambda b: b["input_ids"].numel(),
+                count_fn=lambda b: b["input_ids"].numel(), run_key=key,
             )
         model = acc.unwrap_model(model)
         metrics.update(steps=res.steps, train_loss=res.train_metrics.get("loss"), tokens_per_s=res.items_per_s)
@@ -97,4 +99,4 @@ def run_pretrain(params: Params) -> dict:
     log.info("pretrain: %s", metrics)
     with timer.phase("save"):
         save_model_atomic(model, tok, out / "model")
-    return write_result(out, "pretrain", {"corpus": corpus_path, "heldout": heldout_path}, {"model": out / "model"}, metrics, timer)
+    return write_result(out, "pretrain", {"corpus": corpus_path, "heldout": heldout_path}, {"model": out / "model"}, metrics, timer, run_key=key)

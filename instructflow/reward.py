@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .config import Params
 from .data.formats import Comparison, Demonstration
+from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_result
 from .modeling import (
     REWARD_BIAS_KEY,
@@ -140,6 +141,7 @@ def comparison_paths(params: Params) -> tuple[Path, Path, Path | None]:
 
 
 def run_reward(params: Params) -> dict:
+    key = stage_key(params, "reward")
     setup_runtime(params.project)
     cfg, out = params.reward, params.stage_dir("reward")
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,7 @@ def run_reward(params: Params) -> dict:
             name="reward", model=model, examples=train_ex, collate=lambda xs: collate_comparisons(xs, tok.pad_token_id),
             loss_fn=rm_loss, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
             val_fn=lambda m: {"val_accuracy": round(pairwise_accuracy(m, tok, val, max_len), 4)},
-            count_fn=lambda b: int(b["n_comparisons"]),
+            count_fn=lambda b: int(b["n_comparisons"]), run_key=key,
         )
     model = acc.unwrap_model(model)
     metrics = {"steps": res.steps, "train_loss": res.train_metrics.get("loss"), "train_accuracy": res.train_metrics.get("accuracy"),
@@ -177,4 +179,4 @@ def run_reward(params: Params) -> dict:
     log.info("reward: %s", metrics)
     with timer.phase("save"):
         save_model_atomic(model, tok, out / "model")
-    return write_result(out, "reward", inputs, {"model": out / "model"}, metrics, timer)
+    return write_result(out, "reward", inputs, {"model": out / "model"}, metrics, timer, run_key=key)

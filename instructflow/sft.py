@@ -17,6 +17,7 @@ import torch
 from .config import Params
 from .data.formats import Demonstration
 from .generation import generate
+from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_result
 from .judge import judge
 from .modeling import add_residual_dropout, encode_prompt, encode_response, join_truncated, load_causal_lm, pad_right
@@ -64,6 +65,7 @@ def validation_loss(model, examples, pad_id: int, batch_size: int = 64) -> float
 
 
 def run_sft(params: Params) -> dict:
+    key = stage_key(params, "sft")
     setup_runtime(params.project)
     cfg, data_dir, out = params.sft, params.stage_dir("data"), params.stage_dir("sft")
     base_dir = params.stage_dir("pretrain") / "model"
@@ -84,7 +86,7 @@ def run_sft(params: Params) -> dict:
             name="sft", model=model, examples=train_ex, collate=lambda xs: sft_batch(xs, tok.pad_token_id),
             loss_fn=sft_loss, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
             val_fn=lambda m: {"val_loss": round(validation_loss(m, val_ex, tok.pad_token_id), 5)},
-            count_fn=lambda b: int(b["attention_mask"].sum()),
+            count_fn=lambda b: int(b["attention_mask"].sum()), run_key=key,
         )
     model = acc.unwrap_model(model)
     metrics = {"steps": res.steps, "train_loss": res.train_metrics.get("loss"), **res.val_metrics,
@@ -97,7 +99,7 @@ def run_sft(params: Params) -> dict:
     with timer.phase("save"):
         save_model_atomic(model, tok, out / "model")
     inputs = {"base_model": base_dir, "train": data_dir / "sft_train.jsonl", "val": data_dir / "sft_val.jsonl"}
-    return write_result(out, "sft", inputs, {"model": out / "model"}, metrics, timer)
+    return write_result(out, "sft", inputs, {"model": out / "model"}, metrics, timer, run_key=key)
 
 
 def compare_with_base(params: Params, sft_model, tok, prompts: list[Demonstration]) -> dict:

@@ -72,3 +72,58 @@ def fetch_export(uri: str, cache_dir: Path, client=None) -> Path:
         shutil.rmtree(dest)
     os.replace(tmp, dest)
     return dest
+
+
+# ------------------------------------------------------------------ file trees
+# A stage sent to another machine gets its inputs, and returns its outputs,
+# as a tree of files under s3://bucket/prefix with a manifest written last.
+TREE_MANIFEST = "tree-manifest.json"
+
+
+def _files_under(paths: list[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and "checkpoint" not in f.relative_to(p).parts[:1])
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: not found (cannot upload it)")
+    return out
+
+
+def put_tree(paths: list[str], uri: str, client=None) -> dict:
+    """Upload files and folders (relative paths, kept as they are) to `uri`,
+    then a manifest of their sha256; return the manifest."""
+    from .io import sha256_file
+
+    client = client or s3_client()
+    bucket, prefix = split_s3_uri(uri)
+    files = {f.as_posix(): sha256_file(f) for f in _files_under(paths)}
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"{rel}: only paths inside the working directory can be exchanged")
+        client.upload_file(rel, bucket, f"{prefix}/{rel}")
+    manifest = {"files": files}
+    client.put_object(Bucket=bucket, Key=f"{prefix}/{TREE_MANIFEST}", Body=json.dumps(manifest).encode())
+    return manifest
+
+
+def get_tree(uri: str, dest: Path = Path("."), client=None) -> dict:
+    """Download what put_tree uploaded to `uri` into `dest`, checking every sha256
+    before a file replaces the local one; return the manifest."""
+    from .io import sha256_file
+
+    client = client or s3_client()
+    bucket, prefix = split_s3_uri(uri)
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/{TREE_MANIFEST}")["Body"].read())
+    for rel, sha in manifest["files"].items():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.download")
+        client.download_file(bucket, f"{prefix}/{rel}", str(tmp))
+        if sha256_file(tmp) != sha:
+            tmp.unlink()
+            raise ValueError(f"{uri}/{rel}: checksum mismatch after download")
+        os.replace(tmp, target)
+    return manifest

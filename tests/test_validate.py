@@ -1,0 +1,141 @@
+"""Great Expectations suites: each kind of bad row is caught, named by line and
+expectation, and quarantined; good data passes; leakage between splits is found."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from instructflow.config import ValidateConfig
+from instructflow.validate import ValidationFailed, validate_dataset_dir, validate_file, validate_inputs
+
+
+def good(kind: str, i: int) -> dict:
+    if kind == "demonstrations":
+        return {"id": f"d{i}", "prompt": f"Say hello number {i}.", "response": f"Hello {i}!"}
+    if kind == "comparisons":
+        return {"id": f"c{i}", "prompt": f"Name a colour ({i}).", "responses": ["red", "blue", "green"], "ranking": [2, 0, 1]}
+    if kind == "prompts":
+        return {"id": f"p{i}", "prompt": f"Write a haiku about {i}."}
+    return {"text": f"Document number {i} about rivers."}
+
+
+def write(path, kind: str, bad: bytes, at: int = 3, n: int = 5) -> int:
+    """n good rows with `bad` as line `at`; returns that line number."""
+    lines = [json.dumps(good(kind, i)).encode() for i in range(n)]
+    lines.insert(at - 1, bad)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return at
+
+
+def j(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+# (case, kind, bad line, words that must appear in the failed expectation's description)
+CASES = [
+    ("not_utf8", "demonstrations", b'{"id": "x", "prompt": "caf\xe9", "response": "ok"}', "UTF-8"),
+    ("not_json", "demonstrations", b'{"id": "x", "prompt": "hi", "response": ', "one JSON object"),
+    ("not_an_object", "prompts", b'["a", "list"]', "one JSON object"),
+    ("missing_field", "demonstrations", j({"id": "x", "prompt": "hi"}), "response is present"),
+    ("wrong_type", "prompts", j({"id": "x", "prompt": 42}), "right types"),
+    ("unknown_field", "demonstrations", j({"id": "x", "prompt": "hi", "response": "yo", "answer": "?"}), "no unknown fields"),
+    ("whitespace_prompt", "prompts", j({"id": "x", "prompt": "  \t "}), "not empty or whitespace"),
+    ("too_long", "demonstrations", j({"id": "x", "prompt": "hi", "response": "a" * 9000}), "at most 8000 characters"),
+    ("control_char", "demonstrations", j({"id": "x", "prompt": "bell\u0007 here", "response": "ok"}), "control characters"),
+    ("replacement_char", "pretrain", j({"text": "mojibake \ufffd text"}), "control characters or U+FFFD"),
+    ("duplicate_id", "prompts", j({"id": "p1", "prompt": "another prompt"}), "id is unique"),
+    ("k_too_small", "comparisons", j({"id": "x", "prompt": "q", "responses": ["only one"], "ranking": [0]}), "between 2 and 9"),
+    ("k_too_large", "comparisons", j({"id": "x", "prompt": "q", "responses": [f"r{i}" for i in range(10)],
+                                      "ranking": list(range(10))}), "between 2 and 9"),
+    ("ranking_not_permutation", "comparisons", j({"id": "x", "prompt": "q", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}),
+     "permutation"),
+    ("duplicate_responses", "comparisons", j({"id": "x", "prompt": "q", "responses": ["same", "other", "same "], "ranking": [0, 1, 2]}),
+     "distinct"),
+    ("ranking_and_scores", "comparisons", j({"id": "x", "prompt": "q", "responses": ["a", "b"], "ranking": [0, 1], "scores": [1, 0]}),
+     "exactly one"),
+    ("no_order", "comparisons", j({"id": "x", "prompt": "q", "responses": ["a", "b"]}), "exactly one"),
+    ("scores_wrong_length", "comparisons", j({"id": "x", "prompt": "q", "responses": ["a", "b", "c"], "scores": [1, 2]}),
+     "scores has K numbers"),
+    ("empty_response", "comparisons", j({"id": "x", "prompt": "q", "responses": ["a", " "], "ranking": [0, 1]}),
+     "no response is empty"),
+]
+
+
+@pytest.mark.parametrize("case,kind,bad,words", CASES, ids=[c[0] for c in CASES])
+def test_each_kind_of_bad_row_is_rejected_and_quarantined(tmp_path, case, kind, bad, words):
+    path = tmp_path / f"{case}.jsonl"
+    line = write(path, kind, bad)
+    report = validate_file(path, kind, ValidateConfig(), tmp_path / "q")
+    assert not report.ok
+    hits = [f for f in report.failures if words in f.description]
+    assert hits, f"expected a failure mentioning {words!r}, got {[f.description for f in report.failures]}"
+    assert all(f.lines == [line] for f in hits)
+    assert report.bad_lines == [line]  # the good rows are not blamed
+    q = [json.loads(x) for x in report.quarantine.read_text().splitlines()]
+    assert [r["line"] for r in q] == [line] and q[0]["file"] == str(path)
+    assert any(words in reason for reason in q[0]["reasons"])
+    msg = report.summary()
+    assert str(path) in msg and f"lines {line}" in msg
+
+
+@pytest.mark.parametrize("kind", ["prompts", "demonstrations", "comparisons", "pretrain"])
+def test_good_data_passes(tmp_path, kind):
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps(good(kind, i)) + "\n" for i in range(20)))
+    report = validate_file(path, kind, ValidateConfig(), tmp_path / "q")
+    assert report.ok and report.rows == 20 and report.quarantine is None
+
+
+def test_scores_with_ties_are_valid(tmp_path):
+    path = tmp_path / "scores.jsonl"
+    rows = [{"id": f"s{i}", "prompt": f"q{i}", "responses": ["a", "b", "c"], "scores": [1, 1, 0.5]} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert validate_file(path, "comparisons").ok
+
+
+def test_empty_file_is_rejected(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    report = validate_file(path, "prompts")
+    assert not report.ok and "at least one record" in report.summary()
+
+
+def test_leakage_between_train_and_validation_is_found(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    train = [good("demonstrations", i) for i in range(6)]
+    val = [{"id": "v0", "prompt": "A fresh prompt.", "response": "x"}, {**train[2], "id": "v1"}]
+    (data / "sft_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (data / "sft_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    reports = {r.path.name: r for r in validate_dataset_dir(data, ValidateConfig(), tmp_path / "q")}
+    assert reports["sft_train.jsonl"].ok
+    leak = reports["sft_val.jsonl"]
+    assert not leak.ok and leak.bad_lines == [2] and "training file" in leak.failures[0].description
+
+
+def test_validate_inputs_raises_with_every_failing_file(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write(a, "demonstrations", j({"id": "x", "prompt": "", "response": "y"}))
+    write(b, "pretrain", j({"text": 3}))
+    with pytest.raises(ValidationFailed) as err:
+        validate_inputs({"demonstrations": (a, "demonstrations"), "pretrain_text": (b, "pretrain")}, ValidateConfig(), tmp_path / "q")
+    msg = str(err.value)
+    assert "2 file(s)" in msg and f"{a}: 1 row(s)" in msg and f"{b}: 1 row(s)" in msg and "quarantined" in msg
+
+
+def test_cli_exits_nonzero_with_the_report(tmp_path):
+    path = tmp_path / "comparisons.jsonl"
+    write(path, "comparisons", j({"id": "x", "prompt": "q", "responses": ["a", "b"], "ranking": [1, 1]}), at=4)
+    proc = subprocess.run([sys.executable, "-m", "instructflow.cli", "data", "validate", str(path), "--kind", "comparisons",
+                           "--quarantine", str(tmp_path / "q"), "--report", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{path}: 1 row(s) fail 'ranking is a permutation" in proc.stderr and "lines 4" in proc.stderr
+    assert (tmp_path / "q" / "comparisons.quarantine.jsonl").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["failures"][0]["lines"] == [4]
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps(good("prompts", 0)) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "instructflow.cli", "data", "validate", str(ok), "--kind", "prompts"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "all expectations met" in proc.stdout
