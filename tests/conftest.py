@@ -70,7 +70,7 @@ def s3_server(tmp_path_factory):
     ports = {name: free_port(10000) for name in ("master", "volume", "filer", "s3")}
     cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={ports['master']}",
            f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
-           "-master.volumeSizeLimitMB=64"]
+           "-master.volumeSizeLimitMB=64", "-volume.max=100"]  # each bucket grows 7 volumes; the default max is 8
     log = open(data / "weed.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
