@@ -217,6 +217,19 @@ class CompareResponse(BaseModel):
     model_version: str
 
 
+class ErrorResponse(BaseModel):
+    detail: str | list = Field(description="What is wrong and where (FastAPI lists field errors for 422).")
+
+
+# Every status code a scoring route can answer, so the OpenAPI schema documents them all.
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "The body could not be parsed (not UTF-8 or not JSON)."},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key, when keys are configured."},
+    413: {"model": ErrorResponse, "description": "A limit was exceeded: body size, items per request or characters per field; the message names it."},
+    422: {"model": ErrorResponse, "description": "The JSON does not match the request schema."},
+}
+
+
 class LimitError(Exception):
     def __init__(self, message: str):
         self.message = message
@@ -305,7 +318,7 @@ def create_app(model_dir: Path, cfg: ServeConfig):
         seqs = [scorer.encode(p, r) for p, r in pairs]
         return await state["batcher"].submit(seqs)
 
-    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
+    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)], responses=ERRORS)
     async def score(req: ScoreRequest) -> ScoreResponse:
         if len(req.items) > cfg.max_items:
             raise LimitError(f"{len(req.items)} items, more than max_items={cfg.max_items}")
@@ -315,7 +328,7 @@ def create_app(model_dir: Path, cfg: ServeConfig):
         scores = await scores_for([(it.prompt, it.response) for it in req.items])
         return ScoreResponse(scores=scores, model_version=state["scorer"].version)
 
-    @app.post("/v1/compare", response_model=CompareResponse, dependencies=[Depends(authorize)])
+    @app.post("/v1/compare", response_model=CompareResponse, dependencies=[Depends(authorize)], responses=ERRORS)
     async def compare(req: CompareRequest) -> CompareResponse:
         for name in ("prompt", "response_a", "response_b"):
             check_chars(name, getattr(req, name))
@@ -327,7 +340,7 @@ def create_app(model_dir: Path, cfg: ServeConfig):
     async def healthz() -> dict:
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "The model is not loaded yet."}})
     async def readyz():
         if "scorer" not in state:
             return JSONResponse({"ready": False}, 503)
@@ -335,7 +348,8 @@ def create_app(model_dir: Path, cfg: ServeConfig):
         return {"ready": True, "model_version": s.version, "provider": s.provider, "max_length": s.max_length,
                 "max_batch_size": cfg.max_batch_size}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."}})
     async def metrics():
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
