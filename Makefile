@@ -11,7 +11,7 @@ PARAMS ?= params.yaml
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench clean repro prefect-server deploy worker
+.PHONY: setup pipeline test bench bench-peers bench-models clean repro prefect-server deploy worker
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -43,11 +43,19 @@ worker: setup
 test: setup
 	$(BIN)/pytest -q
 
-# Benchmarks (figures go to docs/benchmarks.md by hand, with machine and date).
-# The load test needs the exported RM: the stages up to export run first if it is missing.
-bench: setup
-	test -f artifacts/export/rm/manifest.json || $(BIN)/instructflow pipeline --params $(PARAMS) --stages data,validate,pretrain,sft,collect,reward,export
+# Benchmarks. The serving load test writes its figures by hand into docs/benchmarks.md; the
+# peer benchmark against TRL (its own venvs under bench/.venvs) writes bench/results.json and its
+# part of docs/benchmarks.md. Both need the default pipeline's models: the stages up to export run
+# first when they are missing.
+bench: bench-models
 	$(BIN)/python bench/serve_load.py --clients 32 --seconds 30
+	$(BIN)/python bench/peers.py
+
+bench-peers: bench-models
+	$(BIN)/python bench/peers.py
+
+bench-models: setup
+	test -f artifacts/export/rm/manifest.json || $(BIN)/instructflow pipeline --params $(PARAMS) --stages data,validate,pretrain,sft,collect,reward,export
 
 clean:
 	rm -rf artifacts .prefect

@@ -242,7 +242,8 @@ def test_openapi_fuzz_finds_no_server_error(server, tmp_path):
            "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
            "--max-examples", "60", "--seed", "1", "--request-timeout", "30",
            "-H", f"Authorization: Bearer {KEY}", "--report", "junit", "--report-dir", str(tmp_path)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
     tail = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail
     assert "Tested: 5" in run.stdout and "No issues found" in run.stdout, tail  # all five operations were exercised
