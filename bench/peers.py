@@ -1,7 +1,7 @@
 """instructflow against Hugging Face TRL: same model, tokens, batch sizes and
 number of updates, measured side by side in one run.
 
-    python bench/peers.py                    # everything (about 25 min on 2 CPU cores)
+    python bench/peers.py                    # everything (about 15 min on 2 CPU cores, 3 more the first time)
     python bench/peers.py --tasks sft,reward --repeats 3
 
 What runs:
