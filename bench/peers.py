@@ -131,6 +131,11 @@ def our_order(n: int, batch_size: int, seed: int) -> list[int]:
     return [i for batch in _epoch_batches(n, batch_size, seed, 0) for i in batch]
 
 
+def memory(res: dict) -> dict:
+    """Peak host memory of a run, and its peak GPU memory when it ran on one."""
+    return {k: res[k] for k in ("peak_rss_mb", "peak_gpu_memory_mb") if k in res}
+
+
 def link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink() or dst.exists():
@@ -153,7 +158,8 @@ def run_ours(stage: str, params_path: Path, run_dir: Path) -> dict:
     rss = run_process([sys.executable, "-m", "instructflow.cli", stage.replace("_", "-"), "--params", str(params_path)],
                       run_dir / "log.txt", env={"INSTRUCTFLOW_LOG": "WARNING"})
     res = json.loads((run_dir / "artifacts" / stage / "result.json").read_text())
-    return {"metrics": res["metrics"], "peak_rss_mb": round(rss, 1), "model": str(run_dir / "artifacts" / stage / "model")}
+    return {"metrics": res["metrics"], "peak_rss_mb": round(rss, 1), "model": str(run_dir / "artifacts" / stage / "model"),
+            **({"peak_gpu_memory_mb": res["host"]["peak_gpu_memory_mb"]} if "peak_gpu_memory_mb" in res["host"] else {})}
 
 
 def run_peer(task: str, spec: dict, run_dir: Path, venvs: Path) -> dict:
@@ -163,7 +169,8 @@ def run_peer(task: str, spec: dict, run_dir: Path, venvs: Path) -> dict:
     rss = run_process([str(peer_python(TASK_PEER[task], venvs)), str(ROOT / "bench" / "trl_runner.py"),
                        str(run_dir / "spec.json")], run_dir / "log.txt", env={"TQDM_DISABLE": "1"})
     res = json.loads((run_dir / "result.json").read_text())
-    return {"metrics": res, "peak_rss_mb": round(rss, 1), "model": str(run_dir / "model")}
+    return {"metrics": res, "peak_rss_mb": round(rss, 1), "model": str(run_dir / "model"),
+            **({"peak_gpu_memory_mb": res["peak_gpu_memory_mb"]} if "peak_gpu_memory_mb" in res else {})}
 
 
 # --------------------------------------------------------------------------- the shared inputs
@@ -334,7 +341,7 @@ def bench_sft(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -> d
         p = ours_params(inputs.params, d, args.threads, seed + r, sft={"epochs": 1, "residual_dropout": 0.0, "eval_prompts": 0, "warmup_ratio": WARMUP_RATIO,
                                                                "checkpoint_every": 0, "resume": False, "log_every": 10**6})
         res = run_ours("sft", p, d)
-        out = {"items_per_s": res["metrics"]["tokens_per_s"], "peak_rss_mb": res["peak_rss_mb"],
+        out = {"items_per_s": res["metrics"]["tokens_per_s"], **memory(res),
                "val_loss": judge_.sft_val_loss(res["model"], val)}
         return {**out, "summary": out}
 
@@ -343,7 +350,7 @@ def bench_sft(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -> d
         shutil.rmtree(d, ignore_errors=True)
         ordered = inputs.in_our_order(tokens, cfg.batch_size, seed + r)
         res = run_peer("sft", {**hyper, "seed": seed + r, "model": str(inputs.base), "train": str(ordered)}, d, venvs)
-        out = {"items_per_s": res["metrics"]["items_per_s"], "peak_rss_mb": res["peak_rss_mb"],
+        out = {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
                "val_loss": judge_.sft_val_loss(res["model"], val), "version": res["metrics"]["version"]}
         return {**out, "summary": out}
 
@@ -375,7 +382,7 @@ def bench_reward(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -
         p = ours_params(inputs.params, d, args.threads, seed + r, reward={"epochs": 1, "batch_size": args.rm_batch, "warmup_ratio": WARMUP_RATIO, "checkpoint_every": 0,
                                                                  "resume": False, "log_every": 10**6})
         res = run_ours("reward", p, d)
-        out = {"items_per_s": res["metrics"]["comparisons_per_s"], "peak_rss_mb": res["peak_rss_mb"],
+        out = {"items_per_s": res["metrics"]["comparisons_per_s"], **memory(res),
                "accuracy": judge_.rm_accuracy(res["model"], val)}
         return {**out, "summary": out}
 
@@ -384,7 +391,7 @@ def bench_reward(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -
         shutil.rmtree(d, ignore_errors=True)
         ordered = inputs.in_our_order(tokens, args.rm_batch, seed + r)
         res = run_peer("reward", {**hyper, "seed": seed + r, "model": str(inputs.sft), "train": str(ordered)}, d, venvs)
-        out = {"items_per_s": res["metrics"]["items_per_s"], "peak_rss_mb": res["peak_rss_mb"],
+        out = {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
                "accuracy": judge_.rm_accuracy(res["model"], val), "pairs_per_step": res["metrics"]["pairs_per_step"],
                "version": res["metrics"]["version"]}
         return {**out, "summary": out}
@@ -428,7 +435,7 @@ def bench_rl(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path, tasks
         if r not in cache:  # one set of instructflow PPO runs serves as the peer of both PPOTrainer and RLOOTrainer
             res = run_ours_ppo(inputs, runs / f"ppo-ours-{r}", args.threads, seed + r, inputs.sft, inputs.rm, prompts,
                                iterations=args.ppo_iterations)
-            cache[r] = {"items_per_s": res["metrics"]["rollouts_per_s"], "peak_rss_mb": res["peak_rss_mb"],
+            cache[r] = {"items_per_s": res["metrics"]["rollouts_per_s"], **memory(res),
                         **judge_.policy(res["model"])}
         return {**cache[r], "summary": {k: v for k, v in cache[r].items() if k != "answers"}}
 
@@ -440,7 +447,7 @@ def bench_rl(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path, tasks
             extra = {"num_generations": args.rloo_k} if task == "rloo" else {}
             res = run_peer(task, {**spec, **extra, "seed": seed + r, "model": str(inputs.sft), "reward_model": str(inputs.rm),
                                   "train": str(data)}, d, venvs)
-            out = {"items_per_s": res["metrics"]["items_per_s"], "peak_rss_mb": res["peak_rss_mb"],
+            out = {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
                    **judge_.policy(res["model"]), "version": res["metrics"]["version"]}
             return {**out, "summary": {k: v for k, v in out.items() if k != "answers"}}
         return peer
@@ -466,6 +473,8 @@ def summarize(task: str, unit: str, ours: list[dict], peer: list[dict], *, quali
     def side(runs, fpi):
         s = {"items_per_s": median([r["items_per_s"] for r in runs]), "peak_rss_mb": median([r["peak_rss_mb"] for r in runs]),
              quality: median([r[quality] for r in runs]), "runs": [{k: v for k, v in r.items() if k != "summary"} for r in runs]}
+        if "peak_gpu_memory_mb" in runs[0]:
+            s["peak_gpu_memory_mb"] = median([r["peak_gpu_memory_mb"] for r in runs])
         if "win_rate_vs_sft" in runs[0]:
             s["win_rate_vs_sft"] = median([r["win_rate_vs_sft"] for r in runs])
         if fpi is not None:
@@ -507,7 +516,7 @@ def bench_scaling(inputs: Inputs, args, runs: Path) -> dict:
                                iterations=args.scale_iterations, batch_size=setting["batch_size"],
                                minibatch_size=min(16, setting["batch_size"]), max_new_tokens=setting["max_new_tokens"])
             rows.append({knob: v, "ms_per_episode": round(1000 / res["metrics"]["rollouts_per_s"], 2),
-                         "peak_rss_mb": res["peak_rss_mb"], "response_length": res["metrics"]["final_response_length"]})
+                         **memory(res), "response_length": res["metrics"]["final_response_length"]})
             print(f"[peers]   scale {knob}={v}: {rows[-1]}", flush=True)
         out[knob] = {"defaults": defaults, "points": rows}
     return out
@@ -529,6 +538,8 @@ def markdown(results: dict) -> str:
         peer = {"ppo": "PPOTrainer", "rloo": "RLOOTrainer", "sft": "SFTTrainer", "reward": "RewardTrainer"}[name]
         q = r["quality_metric"]
         extra = f"; win vs SFT {o['win_rate_vs_sft']} / {p['win_rate_vs_sft']}" if "win_rate_vs_sft" in o else ""
+        if "peak_gpu_memory_mb" in o:
+            extra += f"; peak GPU MB {o['peak_gpu_memory_mb']:.0f} / {p.get('peak_gpu_memory_mb', float('nan')):.0f}"
         if "head_to_head" in r:
             extra += f"; ours over TRL's policy {r['head_to_head']['win_rate']}"
         lines.append(f"| {name} vs {peer} {r['peer_version']} | {r['unit']} | {o['items_per_s']} | {p['items_per_s']} | "

@@ -224,6 +224,8 @@ def main() -> None:
     res = TASKS[spec["task"]](spec, timer)
     res.update(seconds=round(timer.seconds, 3), items_per_s=round(res["items"] / timer.seconds, 2),
                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    if torch.cuda.is_available():
+        res["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     import trl
 
     res["version"] = trl.__version__

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import platform
 import tempfile
 import time
@@ -130,6 +131,14 @@ class StageTimer:
         return round(time.perf_counter() - self.start, 3)
 
 
+def gpu_memory() -> dict:
+    """The GPU this process used and its peak allocated memory; empty on CPU-only runs."""
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"gpu": torch.cuda.get_device_name(), "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+
+
 def write_result(
     out_dir: str | Path,
     stage: str,
@@ -149,7 +158,8 @@ def write_result(
         "inputs": {k: {"path": str(v), "sha256": content_hash(v)} for k, v in inputs.items()},
         "outputs": {k: {"path": str(v), "sha256": content_hash(v)} for k, v in outputs.items()},
         "timings_s": {"total": timer.total, **timer.phases},
-        "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+        "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                 **gpu_memory()},
     }
     write_json(Path(out_dir) / "result.json", record)
     return record
