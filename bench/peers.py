@@ -49,7 +49,7 @@ from instructflow.config import Params, load_params
 from instructflow.data.formats import Comparison, Demonstration, Prompt
 from instructflow.evaluate import win_rates
 from instructflow.generation import generate
-from instructflow.io import read_jsonl, write_jsonl
+from instructflow.io import content_hash, read_jsonl, write_jsonl
 from instructflow.judge import judge
 from instructflow.modeling import (
     build_tiny_llama,
@@ -212,7 +212,9 @@ class Inputs:
         """K-wise comparisons of SFT samples ranked by the training labelers, as the collect
         stage makes them, but with exactly K responses each, and a whole number of batches of
         training comparisons. (train, val, train as token ids)"""
-        train, val, tokens = (self.work / f"comparisons_k{k}_{s}.jsonl" for s in ("train", "val", "tokens"))
+        # cached under a key of everything they are made from: a new SFT model or other sizes make new files
+        key = content_hash(self.sft)[:12] + f"-k{k}-n{self.args.rm_comparisons}-v{self.args.rm_val_comparisons}-b{batch}"
+        train, val, tokens = (self.work / f"comparisons_{key}_{s}.jsonl" for s in ("train", "val", "tokens"))
         if not train.exists() or not val.exists():
             model, tok = load_causal_lm(self.sft)
             labelers = [Labeler(lab) for lab in self.params.data.labelers if not lab.heldout]
