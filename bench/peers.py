@@ -323,7 +323,8 @@ def alternate(repeats: int, ours, peer) -> tuple[list[dict], list[dict]]:
     for r in range(repeats):
         for side in ((ours, peer) if r % 2 == 0 else (peer, ours)):
             (a if side is ours else b).append(side(r))
-            print(f"[peers]   {'ours' if side is ours else 'peer'} #{r}: {(a if side is ours else b)[-1]['summary']}", flush=True)
+            shown = {k: v for k, v in (a if side is ours else b)[-1].items() if k != "answers"}
+            print(f"[peers]   {'ours' if side is ours else 'peer'} #{r}: {shown}", flush=True)
     return a, b
 
 
@@ -345,7 +346,7 @@ def bench_sft(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -> d
         res = run_ours("sft", p, d)
         out = {"items_per_s": res["metrics"]["tokens_per_s"], **memory(res),
                "val_loss": judge_.sft_val_loss(res["model"], val)}
-        return {**out, "summary": out}
+        return out
 
     def peer(r):
         d = runs / f"sft-trl-{r}"
@@ -354,14 +355,13 @@ def bench_sft(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -> d
         res = run_peer("sft", {**hyper, "seed": seed + r, "model": str(inputs.base), "train": str(ordered)}, d, venvs)
         out = {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
                "val_loss": judge_.sft_val_loss(res["model"], val), "version": res["metrics"]["version"]}
-        return {**out, "summary": out}
+        return out
 
     a, b = alternate(args.repeats, ours, peer)
     rows = [json.loads(x) for x in tokens.read_text().splitlines()]
     mean_len = statistics.fmean(len(r["input_ids"]) for r in rows)
     return summarize("sft", "tokens/s", a, b, quality="val_loss", lower_is_better=True,
                      flops_per_item=train_flops_per_token(inputs.base, mean_len, lm_head=True),
-                     flops_per_item_peer=train_flops_per_token(inputs.base, mean_len, lm_head=True),
                      settings={"examples": len(rows), "batch_size": cfg.batch_size, "epochs": 1, "mean_tokens": round(mean_len, 1),
                                "residual_dropout": 0.0, "lr": cfg.lr, "warmup_ratio": WARMUP_RATIO, "batch_order": "same"})
 
@@ -386,7 +386,7 @@ def bench_reward(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -
         res = run_ours("reward", p, d)
         out = {"items_per_s": res["metrics"]["comparisons_per_s"], **memory(res),
                "accuracy": judge_.rm_accuracy(res["model"], val)}
-        return {**out, "summary": out}
+        return out
 
     def peer(r):
         d = runs / f"reward-trl-{r}"
@@ -396,7 +396,7 @@ def bench_reward(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -
         out = {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
                "accuracy": judge_.rm_accuracy(res["model"], val), "pairs_per_step": res["metrics"]["pairs_per_step"],
                "version": res["metrics"]["version"]}
-        return {**out, "summary": out}
+        return out
 
     a, b = alternate(args.repeats, ours, peer)
     rows = [json.loads(x) for x in tokens.read_text().splitlines()]
@@ -439,7 +439,7 @@ def bench_rl(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path, tasks
                                iterations=args.ppo_iterations)
             cache[r] = {"items_per_s": res["metrics"]["rollouts_per_s"], **memory(res),
                         **judge_.policy(res["model"])}
-        return {**cache[r], "summary": {k: v for k, v in cache[r].items() if k != "answers"}}
+        return dict(cache[r])
 
     def peer_fn(task):
         def peer(r):
@@ -451,7 +451,7 @@ def bench_rl(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path, tasks
                                   "train": str(data)}, d, venvs)
             out = {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
                    **judge_.policy(res["model"]), "version": res["metrics"]["version"]}
-            return {**out, "summary": {k: v for k, v in out.items() if k != "answers"}}
+            return out
         return peer
 
     out = {}
@@ -459,8 +459,6 @@ def bench_rl(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path, tasks
     for task in tasks:
         a, b = alternate(args.repeats, ours, peer_fn(task))
         h2h = [judge_.head_to_head(x.pop("answers"), y.pop("answers")) for x, y in zip(a, b)]
-        for x in a + b:
-            x["summary"].pop("answers", None)
         settings = {"episodes": episodes, "batch_size": spec["batch_size"], "minibatch_size": spec["minibatch_size"],
                     "ppo_epochs": spec["ppo_epochs"], "max_new_tokens": spec["max_new_tokens"], "kl_coef": spec["kl_coef"]}
         if task == "rloo":
@@ -472,9 +470,10 @@ def bench_rl(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path, tasks
 
 def summarize(task: str, unit: str, ours: list[dict], peer: list[dict], *, quality: str, lower_is_better: bool,
               settings: dict, flops_per_item: float | None = None, flops_per_item_peer: float | None = None) -> dict:
+    """Medians per side and their ratio. FLOPs per item default to the same on both sides."""
     def side(runs, fpi):
         s = {"items_per_s": median([r["items_per_s"] for r in runs]), "peak_rss_mb": median([r["peak_rss_mb"] for r in runs]),
-             quality: median([r[quality] for r in runs]), "runs": [{k: v for k, v in r.items() if k != "summary"} for r in runs]}
+             quality: median([r[quality] for r in runs]), "runs": runs}
         if "peak_gpu_memory_mb" in runs[0]:
             s["peak_gpu_memory_mb"] = median([r["peak_gpu_memory_mb"] for r in runs])
         if "win_rate_vs_sft" in runs[0]:
@@ -483,7 +482,7 @@ def summarize(task: str, unit: str, ours: list[dict], peer: list[dict], *, quali
             s["model_gflops_per_s"] = round(s["items_per_s"] * fpi / 1e9, 2)
         return s
 
-    o, p = side(ours, flops_per_item), side(peer, flops_per_item_peer)
+    o, p = side(ours, flops_per_item), side(peer, flops_per_item_peer if flops_per_item_peer is not None else flops_per_item)
     q_ok = o[quality] <= p[quality] if lower_is_better else o[quality] >= p[quality]
     return {"task": task, "unit": unit, "ours": o, "peer": p, "peer_version": peer[0].get("version"),
             "speedup": round(o["items_per_s"] / p["items_per_s"], 3), "quality_metric": quality,

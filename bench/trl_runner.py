@@ -51,13 +51,6 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def common_args(spec: dict) -> dict:
     """Trainer arguments both instructflow's loop and TRL's trainers are matched on."""
     cuda = torch.cuda.is_available()
@@ -95,12 +88,11 @@ def run_sft(spec: dict, timer: LoopTimer) -> dict:
                      num_train_epochs=1, completion_only_loss=True, packing=False, padding_free=False,
                      max_length=spec["max_len"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[timer])
-    base = rss_mb()
     trainer.train()
     tokens = sum(len(r["input_ids"]) for r in rows)
     trainer.model.save_pretrained(spec["out_dir"] + "/model")
     tok.save_pretrained(spec["out_dir"] + "/model")
-    return {"items": tokens, "unit": "tokens", "steps": steps, "rss_before_train_mb": base}
+    return {"items": tokens, "unit": "tokens", "steps": steps}
 
 
 # --------------------------------------------------------------------------- reward model
@@ -121,12 +113,10 @@ def run_reward(spec: dict, timer: LoopTimer) -> dict:
                         num_train_epochs=1, max_length=None, disable_dropout=True, center_rewards_coefficient=None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
                             callbacks=[timer])
-    base = rss_mb()
     trainer.train()
     trainer.model.save_pretrained(spec["out_dir"] + "/model")
     tok.save_pretrained(spec["out_dir"] + "/model")
-    return {"items": len(comps), "unit": "comparisons", "pairs": len(pairs), "pairs_per_step": pairs_per_step,
-            "steps": steps, "rss_before_train_mb": base}
+    return {"items": len(comps), "unit": "comparisons", "pairs": len(pairs), "pairs_per_step": pairs_per_step, "steps": steps}
 
 
 # --------------------------------------------------------------------------- PPO (trl==1.9.0)
@@ -154,12 +144,11 @@ def run_ppo(spec: dict, timer: LoopTimer) -> dict:
     )
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_list(prompts), callbacks=[timer])
-    base = rss_mb()
     trainer.train()
     trainer.policy_model.save_pretrained(spec["out_dir"] + "/model")
     tok.padding_side = "right"
     tok.save_pretrained(spec["out_dir"] + "/model")
-    return {"items": episodes, "unit": "episodes", "rss_before_train_mb": base}
+    return {"items": episodes, "unit": "episodes"}
 
 
 # --------------------------------------------------------------------------- RLOO (current TRL)
@@ -204,12 +193,11 @@ def run_rloo(spec: dict, timer: LoopTimer) -> dict:
     )
     trainer = RLOOTrainer(model=spec["model"], reward_funcs=rm_reward_fn(spec["reward_model"], tok, spec["no_eos_score"]),
                           args=args, train_dataset=Dataset.from_list(prompts), processing_class=tok, callbacks=[timer])
-    base = rss_mb()
     trainer.train()
     trainer.model.save_pretrained(spec["out_dir"] + "/model")
     tok.padding_side = "right"
     tok.save_pretrained(spec["out_dir"] + "/model")
-    return {"items": steps * per_step, "unit": "episodes", "rss_before_train_mb": base}
+    return {"items": steps * per_step, "unit": "episodes"}
 
 
 TASKS = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo, "rloo": run_rloo}
