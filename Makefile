@@ -43,7 +43,7 @@ worker: setup
 test: setup
 	$(BIN)/pytest -q
 
-# Benchmarks. The serving load test writes its figures by hand into docs/benchmarks.md; the
+# Benchmarks. The serving load test prints its figures (copied into docs/benchmarks.md by hand); the
 # peer benchmark against TRL (its own venvs under bench/.venvs) writes bench/results.json and its
 # part of docs/benchmarks.md. Both need the default pipeline's models: the stages up to export run
 # first when they are missing.

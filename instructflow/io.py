@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
