@@ -79,22 +79,39 @@ async def drive(url: str, items: list[dict], clients: int, seconds: float) -> di
             "mean_ms": round(1000 * statistics.fmean(lat), 2)}
 
 
-def engine_only(export: Path, rm: Path, items: list[dict], batch: int = 32, seconds: float = 5.0) -> dict:
-    """Scores per second of the two backends' score_ids alone (no HTTP), same batches."""
+def engine_only(export: Path, rm: Path, items: list[dict], batches: list[int], seconds: float = 5.0) -> dict:
+    """Scores per second of the two backends' score_ids alone (no HTTP), same batches,
+    each backend on the device the server would pick (CUDA where it runs)."""
     from instructflow.serve import OnnxScorer, TorchScorer, resolve_model
     from instructflow.config import ServeConfig
 
     out = {}
     for name, scorer in (("onnx", OnnxScorer(resolve_model(str(export), ServeConfig()))), ("torch", TorchScorer(rm))):
-        seqs = [scorer.encode(it["prompt"], it["response"]) for it in items[:batch]]
-        scorer.score_ids(seqs)  # warm-up
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            scorer.score_ids(seqs)
-            n += len(seqs)
-        out[f"{name}_scores_per_s"] = round(n / (time.perf_counter() - t0), 1)
-    out["ratio_onnx_vs_torch"] = round(out["onnx_scores_per_s"] / out["torch_scores_per_s"], 2)
+        out[f"{name}_provider"] = scorer.provider
+        for batch in batches:
+            seqs = [scorer.encode(it["prompt"], it["response"]) for it in (items * batch)[:batch]]
+            scorer.score_ids(seqs)  # warm-up
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                scorer.score_ids(seqs)  # returns host floats, so a GPU backend is synchronised
+                n += len(seqs)
+            out.setdefault(f"batch_{batch}", {})[f"{name}_scores_per_s"] = round(n / (time.perf_counter() - t0), 1)
+    for batch in batches:
+        row = out[f"batch_{batch}"]
+        row["ratio_onnx_vs_torch"] = round(row["onnx_scores_per_s"] / row["torch_scores_per_s"], 2)
     return out
+
+
+def machine() -> str:
+    text = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            text += f", {torch.cuda.get_device_name()}"
+    except ImportError:
+        pass
+    return text
 
 
 def main() -> None:
@@ -104,11 +121,12 @@ def main() -> None:
     ap.add_argument("--prompts", default="artifacts/data/eval_prompts.jsonl")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--engine-batches", default="32", help="Comma-separated batch sizes for the engine-only figures.")
     ap.add_argument("--out", default="bench/results/serve_load.json")
     args = ap.parse_args()
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()]
     items = [{"prompt": p, "response": "I do not know."} for p in prompts]
-    result = {"clients": args.clients, "seconds": args.seconds, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    result = {"clients": args.clients, "seconds": args.seconds, "machine": machine(),
               "date": time.strftime("%Y-%m-%d")}
     for backend, model in (("onnx", args.export), ("torch", args.rm)):
         with tempfile.TemporaryDirectory() as work:
@@ -122,7 +140,8 @@ def main() -> None:
                 proc.wait(60)
         print(backend, result[backend], flush=True)
     result["throughput_ratio_onnx_vs_torch"] = round(result["onnx"]["requests_per_s"] / result["torch"]["requests_per_s"], 2)
-    result["engine_only_batch_32"] = engine_only(Path(args.export), Path(args.rm), items)
+    batches = [int(b) for b in args.engine_batches.split(",")]
+    result["engine_only"] = engine_only(Path(args.export), Path(args.rm), items, batches)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

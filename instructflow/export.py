@@ -6,15 +6,16 @@ one score per row: the RM's head read at the last attended token, with the
 centring bias (`reward_bias`) added, so a served score equals
 `instructflow.modeling.reward_scores` on the same tokens.
 
-A parity check is part of the export: ONNX Runtime (CPU) against the torch RM
-on several batch sizes and sequence lengths, including lengths never seen at
-export and padded rows; a max abs difference above `parity_tolerance` fails
-the stage and nothing is published. The folder is written beside its final
+A parity check is part of the export: ONNX Runtime (CPU, and CUDA where it
+runs) against the torch RM on several batch sizes and sequence lengths,
+including lengths never seen at export and padded rows; a max abs difference
+above `parity_tolerance` fails the stage and nothing is published. The folder is written beside its final
 place and renamed in, manifest last, so a reader never sees half an export.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import logging
 import os
@@ -69,13 +70,38 @@ def _random_batch(vocab: int, batch: int, length: int, pad_id: int, g: torch.Gen
     return ids, mask
 
 
-def parity(graph: ScoreGraph, onnx_path: Path, cases: list[tuple[int, int]], pad_id: int, seed: int = 0) -> list[dict]:
-    """Max |onnx - torch| per (batch, length) case, ONNX Runtime on CPU."""
+def ort_session(onnx_path: Path, provider: str = "auto"):
+    """An ONNX Runtime session on CUDA when one really starts there, else CPU; and
+    the provider in use. `provider` is "auto", "cpu" or "cuda" ("cuda" raises
+    when no CUDA session starts). A machine without a CUDA driver is never asked
+    to try, so onnxruntime-gpu prints no errors on CPU hosts."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    want_cuda = provider == "cuda" or (provider == "auto" and ctypes.util.find_library("cuda") is not None)
+    if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from pip's nvidia-* wheels (or torch's), when installed
+            ort.preload_dlls()
+        # TF32 matmuls (ONNX Runtime's CUDA default) move scores by ~1e-3: over the fp32 parity contract.
+        cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=[cuda, "CPUExecutionProvider"])
+        if sess.get_providers()[0] == "CUDAExecutionProvider":
+            return sess, "CUDAExecutionProvider"
+        if provider == "cuda":
+            raise RuntimeError("provider=cuda, but ONNX Runtime could not start a CUDA session")
+    elif provider == "cuda":
+        raise RuntimeError("provider=cuda, but this ONNX Runtime or machine has no CUDA provider")
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"]), "CPUExecutionProvider"
+
+
+def parity(graph: ScoreGraph, onnx_path: Path, cases: list[tuple[int, int]], pad_id: int, seed: int = 0) -> list[dict]:
+    """Max |onnx - torch| per (batch, length) case, torch on CPU, ONNX Runtime on
+    CPU and also on CUDA where a CUDA session starts (the provider `serve` picks there)."""
+    sessions = [ort_session(onnx_path, "cpu")]
+    cuda_sess, name = ort_session(onnx_path, "auto")
+    if name == "CUDAExecutionProvider":
+        sessions.append((cuda_sess, name))
     g = torch.Generator().manual_seed(seed)
     vocab = graph.rm.config.vocab_size
     rows = []
@@ -83,8 +109,10 @@ def parity(graph: ScoreGraph, onnx_path: Path, cases: list[tuple[int, int]], pad
         ids, mask = _random_batch(vocab, batch, length, pad_id, g)
         with torch.no_grad():
             ref = graph(ids, mask)
-        got = torch.from_numpy(sess.run(OUTPUT_NAMES, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
-        rows.append({"batch": batch, "length": length, "max_abs_diff": float((got - ref).abs().max())})
+        for sess, provider in sessions:
+            got = torch.from_numpy(sess.run(OUTPUT_NAMES, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+            rows.append({"provider": provider, "batch": batch, "length": length,
+                         "max_abs_diff": float((got - ref).abs().max())})
     return rows
 
 
@@ -142,7 +170,8 @@ def export_reward_model(rm_dir: Path, dest: Path, opset: int, tolerance: float, 
         "eos_token_id": tok.eos_token_id,
         "reward_bias": float(graph.bias),
         "reward_bias_in_graph": True,
-        "parity": {"tolerance": tolerance, "max_abs_diff": worst, "cases": checks},
+        "parity": {"tolerance": tolerance, "max_abs_diff": worst, "providers": sorted({c["provider"] for c in checks}),
+                   "cases": checks},
         "files": files,  # no timestamp: the same checkpoint exports to the same bytes (dvc repro checks it)
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence means complete

@@ -15,7 +15,6 @@ the prompt from the LEFT (`modeling.join_truncated`), so long inputs never fail.
 from __future__ import annotations
 
 import asyncio
-import ctypes.util
 import hmac
 import logging
 import math
@@ -32,33 +31,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 
 from .config import ServeConfig
-from .export import MANIFEST, verify_export
+from .export import MANIFEST, ort_session, verify_export
 from .modeling import encode_prompt, encode_response, join_truncated
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the model
-def make_session(onnx_path: Path, provider: str):
-    """An ONNX Runtime session on CUDA when one really starts there, else CPU; and
-    the provider in use. A machine without a CUDA driver is never asked to try, so
-    onnxruntime-gpu prints no errors on CPU hosts."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    want_cuda = provider == "cuda" or (provider == "auto" and ctypes.util.find_library("cuda") is not None)
-    if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-        if sess.get_providers()[0] == "CUDAExecutionProvider":
-            return sess, "CUDAExecutionProvider"
-        if provider == "cuda":
-            raise RuntimeError("serve.provider=cuda, but ONNX Runtime could not start a CUDA session")
-    elif provider == "cuda":
-        raise RuntimeError("serve.provider=cuda, but this ONNX Runtime or machine has no CUDA provider")
-    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"]), "CPUExecutionProvider"
-
-
 class _Scorer:
     """What both backends share: training's encoding of a (prompt, response) pair."""
 
@@ -80,7 +59,7 @@ class OnnxScorer(_Scorer):
         self.max_length = int(self.manifest["max_length"])
         self.pad_id = int(self.manifest["pad_token_id"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.session, self.provider = make_session(folder / "model.onnx", provider)
+        self.session, self.provider = ort_session(folder / "model.onnx", provider)
 
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
         width = max(len(s) for s in seqs)
@@ -102,19 +81,23 @@ class TorchScorer(_Scorer):
         from .modeling import context_length, load_reward_model
 
         self.torch = torch
+        # The same device rule as ONNX Runtime's provider, so a GPU host compares GPU with GPU.
+        if provider == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("serve.provider=cuda, but torch sees no CUDA device")
+        self.device = torch.device("cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_reward_model(folder)
-        self.model.eval()
+        self.model.eval().to(self.device)
         self.version = f"torch:{folder.name}"
         self.max_length = context_length(self.model)
         self.pad_id = self.tokenizer.pad_token_id
-        self.provider = "torch-eager-cpu"
+        self.provider = f"torch-eager-{self.device.type}"
 
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
         from .modeling import pad_right, reward_scores
 
         ids, mask = pad_right(seqs, self.pad_id)
         with self.torch.inference_mode():
-            return reward_scores(self.model, ids, mask).float().tolist()
+            return reward_scores(self.model, ids.to(self.device), mask.to(self.device)).float().cpu().tolist()
 
 
 # --------------------------------------------------------------------------- micro-batching

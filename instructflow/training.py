@@ -33,10 +33,12 @@ log = logging.getLogger(__name__)
 
 
 def setup_runtime(project: ProjectConfig) -> None:
-    """Threads and seeds; call once per process before building models."""
+    """Threads, seeds and the GPU's peak-memory counter; called at the start of each stage."""
     if project.threads:
         torch.set_num_threads(project.threads)
     seed_everything(project.seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()  # `pipeline` runs every stage in one process: each reports its own peak
 
 
 def seed_everything(seed: int) -> None:

@@ -13,8 +13,9 @@ import yaml
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from conftest import free_port, wait_http
-from instructflow.export import ExportError, export_reward_model, verify_export
+from instructflow.export import ExportError, export_reward_model, ort_session, verify_export
 from instructflow.modeling import encode_prompt, encode_response, join_truncated, load_reward_model, pad_right, reward_scores
+from instructflow.serve import TorchScorer
 from tiny import MICRO, TEXTS
 
 pytestmark = pytest.mark.slow
@@ -85,10 +86,25 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 def test_export_writes_a_manifest_that_verifies(exported, rm_dir):
     folder, manifest = exported
-    assert manifest["parity"]["max_abs_diff"] <= 1e-4 and len(manifest["parity"]["cases"]) == 3
+    parity = manifest["parity"]
+    assert parity["max_abs_diff"] <= 1e-4 and len({(c["batch"], c["length"]) for c in parity["cases"]}) == 3
+    assert "CPUExecutionProvider" in parity["providers"]  # and CUDA too on a GPU host
+    assert {c["provider"] for c in parity["cases"]} == set(parity["providers"])
     assert manifest["reward_bias"] == 0.25 and manifest["input_names"] == ["input_ids", "attention_mask"]
     assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json"}
     assert verify_export(folder)["model_version"] == manifest["model_version"]
+
+
+def test_cuda_asked_for_on_a_host_without_it_is_a_clear_error(exported, rm_dir):
+    folder, _ = exported
+    assert ort_session(folder / "model.onnx", "cpu")[1] == "CPUExecutionProvider"
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    with pytest.raises(RuntimeError, match="provider=cuda"):
+        ort_session(folder / "model.onnx", "cuda")
+    with pytest.raises(RuntimeError, match="provider=cuda"):
+        TorchScorer(rm_dir, "cuda")
+    assert TorchScorer(rm_dir, "auto").provider == "torch-eager-cpu"
 
 
 def test_export_fails_when_parity_is_broken_and_writes_nothing(rm_dir, tmp_path, monkeypatch):
