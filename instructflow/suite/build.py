@@ -135,8 +135,19 @@ def build_builtin(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     }
     counts = {name: write_jsonl(out_dir / f"{name}.jsonl", recs) for name, recs in files.items()}
     flawed = sum(_is_flawed(d) for d in demos)
+    # How much of each category's prompt space a split covers: a category whose templates
+    # give few texts beyond the evaluation prompts' would train on a handful of prompts.
+    distinct = {name: _distinct_by_category(files[name]) for name in ("sft_train", "rm_prompts_train", "ppo_prompts", "eval_prompts")}
     return {"counts": counts, "train_categories": train_cats, "heldout_categories": cfg.heldout_categories,
-            "training_prompts_dropped_as_eval_repeats": src.repeats, "demonstration_error_rate": round(flawed / len(demos), 4)}
+            "training_prompts_dropped_as_eval_repeats": src.repeats, "demonstration_error_rate": round(flawed / len(demos), 4),
+            "distinct_prompts_by_category": distinct}
+
+
+def _distinct_by_category(records: list) -> dict[str, int]:
+    texts: dict[str, set[str]] = {}
+    for r in records:
+        texts.setdefault(r.category or "other", set()).add(r.prompt)
+    return {c: len(t) for c, t in sorted(texts.items())}
 
 
 def _is_flawed(d: Demonstration) -> bool:

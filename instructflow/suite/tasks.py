@@ -123,8 +123,10 @@ def make_prompt(category: str, rng: random.Random, unanswerable_rate: float, har
         spec.update(ask=ask)
         if spec["variant"] == "normal":
             spec.update(answer=W.KNOWN_COUNTRIES[country] if ask == "capital" else W.COUNTRY_FRUIT[country])
-        text = {"capital": rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?"]),
-                "fruit": rng.choice([f"What fruit grows in {country}?", f"Which fruit do people grow in {country}?"])}[ask]
+        text = {"capital": rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?",
+                                       f"Name the capital of {country}.", f"Tell me the capital of {country}."]),
+                "fruit": rng.choice([f"What fruit grows in {country}?", f"Which fruit do people grow in {country}?",
+                                     f"Name the fruit grown in {country}.", f"What fruit do farmers grow in {country}?"])}[ask]
     elif category == "closed_qa":
         people = rng.sample(W.NAMES, 3)
         objs = rng.sample(W.OBJECTS, 3)
@@ -143,9 +145,12 @@ def make_prompt(category: str, rng: random.Random, unanswerable_rate: float, har
             spec.update(name=who, object=what, answer=colors[i])
         text = f"Read: {context}\nQuestion: What color is {who}'s {what}?"
     elif category == "brainstorming":
-        n, kind = rng.randint(2, 4), rng.choice(list(W.KINDS))
+        # 4 x 6 x 6 = 144 distinct prompts: the evaluation set draws 67, and training
+        # (which never reuses an evaluation prompt) must still see most of the space.
+        n, kind = rng.randint(2, 5), rng.choice(list(W.KINDS))
         spec.update(n=n, kind=kind)
-        text = rng.choice([f"List {n} {kind}.", f"Name {n} {kind}."])
+        text = rng.choice([f"List {n} {kind}.", f"Name {n} {kind}.", f"Give me {n} {kind}.",
+                           f"Suggest {n} {kind}.", f"Write down {n} {kind}.", f"Tell me {n} {kind}."])
     elif category == "chat":
         name, fruit = rng.choice(W.NAMES), rng.choice(W.FRUITS)
         ask = rng.choice(["name", "like"])

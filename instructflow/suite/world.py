@@ -19,7 +19,7 @@ VERBS = ["sleeps", "runs", "sits", "jumps", "plays", "waits", "eats", "hides"]
 WEATHER = ["sunny", "rainy", "cold", "warm", "windy"]
 FILLERS = ["today", "again", "slowly", "quietly", "happily", "alone", "outside"]
 
-KINDS = {"fruits": FRUITS, "animals": ANIMALS, "colors": COLORS, "objects": OBJECTS}
+KINDS = {"fruits": FRUITS, "animals": ANIMALS, "colors": COLORS, "objects": OBJECTS, "foods": FOODS, "places": PLACES}
 
 KNOWN_COUNTRIES = {
     "Norland": "Vell", "Sudia": "Tarn", "Eastmark": "Brio", "Westvale": "Kosa",
