@@ -9,8 +9,9 @@ centring bias (`reward_bias`) added, so a served score equals
 A parity check is part of the export: ONNX Runtime (CPU, and CUDA where it
 runs) against the torch RM on several batch sizes and sequence lengths,
 including lengths never seen at export and padded rows; a max abs difference
-above `parity_tolerance` fails the stage and nothing is published. The folder is written beside its final
-place and renamed in, manifest last, so a reader never sees half an export.
+above `parity_tolerance` fails the stage and nothing is published. The folder
+is written beside its final place and renamed in, manifest last, so a reader
+never sees half an export.
 """
 
 from __future__ import annotations
@@ -98,10 +99,8 @@ def ort_session(onnx_path: Path, provider: str = "auto"):
 def parity(graph: ScoreGraph, onnx_path: Path, cases: list[tuple[int, int]], pad_id: int, seed: int = 0) -> list[dict]:
     """Max |onnx - torch| per (batch, length) case, torch on CPU, ONNX Runtime on
     CPU and also on CUDA where a CUDA session starts (the provider `serve` picks there)."""
-    sessions = [ort_session(onnx_path, "cpu")]
-    cuda_sess, name = ort_session(onnx_path, "auto")
-    if name == "CUDAExecutionProvider":
-        sessions.append((cuda_sess, name))
+    served = ort_session(onnx_path, "auto")
+    sessions = [served] if served[1] == "CPUExecutionProvider" else [ort_session(onnx_path, "cpu"), served]
     g = torch.Generator().manual_seed(seed)
     vocab = graph.rm.config.vocab_size
     rows = []
