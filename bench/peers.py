@@ -344,18 +344,16 @@ def bench_sft(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -> d
         p = ours_params(inputs.params, d, args.threads, seed + r, sft={"epochs": 1, "residual_dropout": 0.0, "eval_prompts": 0, "warmup_ratio": WARMUP_RATIO,
                                                                "checkpoint_every": 0, "resume": False, "log_every": 10**6})
         res = run_ours("sft", p, d)
-        out = {"items_per_s": res["metrics"]["tokens_per_s"], **memory(res),
-               "val_loss": judge_.sft_val_loss(res["model"], val)}
-        return out
+        return {"items_per_s": res["metrics"]["tokens_per_s"], **memory(res),
+                "val_loss": judge_.sft_val_loss(res["model"], val)}
 
     def peer(r):
         d = runs / f"sft-trl-{r}"
         shutil.rmtree(d, ignore_errors=True)
         ordered = inputs.in_our_order(tokens, cfg.batch_size, seed + r)
         res = run_peer("sft", {**hyper, "seed": seed + r, "model": str(inputs.base), "train": str(ordered)}, d, venvs)
-        out = {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
-               "val_loss": judge_.sft_val_loss(res["model"], val), "version": res["metrics"]["version"]}
-        return out
+        return {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
+                "val_loss": judge_.sft_val_loss(res["model"], val), "version": res["metrics"]["version"]}
 
     a, b = alternate(args.repeats, ours, peer)
     rows = [json.loads(x) for x in tokens.read_text().splitlines()]
@@ -384,19 +382,17 @@ def bench_reward(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -
         p = ours_params(inputs.params, d, args.threads, seed + r, reward={"epochs": 1, "batch_size": args.rm_batch, "warmup_ratio": WARMUP_RATIO, "checkpoint_every": 0,
                                                                  "resume": False, "log_every": 10**6})
         res = run_ours("reward", p, d)
-        out = {"items_per_s": res["metrics"]["comparisons_per_s"], **memory(res),
-               "accuracy": judge_.rm_accuracy(res["model"], val)}
-        return out
+        return {"items_per_s": res["metrics"]["comparisons_per_s"], **memory(res),
+                "accuracy": judge_.rm_accuracy(res["model"], val)}
 
     def peer(r):
         d = runs / f"reward-trl-{r}"
         shutil.rmtree(d, ignore_errors=True)
         ordered = inputs.in_our_order(tokens, args.rm_batch, seed + r)
         res = run_peer("reward", {**hyper, "seed": seed + r, "model": str(inputs.sft), "train": str(ordered)}, d, venvs)
-        out = {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
-               "accuracy": judge_.rm_accuracy(res["model"], val), "pairs_per_step": res["metrics"]["pairs_per_step"],
-               "version": res["metrics"]["version"]}
-        return out
+        return {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
+                "accuracy": judge_.rm_accuracy(res["model"], val), "pairs_per_step": res["metrics"]["pairs_per_step"],
+                "version": res["metrics"]["version"]}
 
     a, b = alternate(args.repeats, ours, peer)
     rows = [json.loads(x) for x in tokens.read_text().splitlines()]
@@ -449,9 +445,8 @@ def bench_rl(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path, tasks
             extra = {"num_generations": args.rloo_k} if task == "rloo" else {}
             res = run_peer(task, {**spec, **extra, "seed": seed + r, "model": str(inputs.sft), "reward_model": str(inputs.rm),
                                   "train": str(data)}, d, venvs)
-            out = {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
-                   **judge_.policy(res["model"]), "version": res["metrics"]["version"]}
-            return out
+            return {"items_per_s": res["metrics"]["items_per_s"], **memory(res),
+                    **judge_.policy(res["model"]), "version": res["metrics"]["version"]}
         return peer
 
     out = {}
