@@ -15,8 +15,6 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from instructflow.config import load_params
 from instructflow.data.formats import Comparison
 from instructflow.io import read_jsonl
@@ -29,11 +27,14 @@ def by_category(rm_dir: Path, comparisons: Path, params: Path) -> dict[str, dict
     p = load_params(params)
     labelers = {cfg.name: Labeler(cfg) for cfg in p.data.labelers}
     model, tok = load_reward_model(rm_dir)
-    model.eval()
+    comps = read_jsonl(comparisons, Comparison)
+    # every response of every comparison in one batched scoring pass
+    flat = score_texts(model, tok, [c.prompt for c in comps for _ in c.responses],
+                       [r for c in comps for r in c.responses], p.reward.max_len).tolist()
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # right, n (non-tie); right, n (tie)
-    for c in read_jsonl(comparisons, Comparison):
-        with torch.no_grad():
-            scores = score_texts(model, tok, [c.prompt] * c.k, c.responses, p.reward.max_len).tolist()
+    offset = 0
+    for c in comps:
+        scores, offset = flat[offset : offset + c.k], offset + c.k
         latent = [labelers[c.labeler].latent(c.meta, r) for r in c.responses]
         for better, worse in c.pairs():
             tie = abs(latent[better] - latent[worse]) < 1e-9
