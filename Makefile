@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --no-compile "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]"
-	@# pip byte-compiles on one core (half of setup's time); compileall -j 0 uses every core. Like pip,
+	@# pip byte-compiles on one core (half of its install time here); compileall -j 0 uses every core. Like pip,
 	@# it skips the few files that are not Python 3.11 (torch's py312 test helpers): hence -qq and || true.
 	$(BIN)/python -m compileall -qq -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 	touch $@
