@@ -1,8 +1,8 @@
 """Probe: does a causal LM read its own context? Two zero-shot checks on the
 built-in world's text, scored among the 8 colour words only:
 
-- copy:   "Ana has a red cup. Ben has a blue hat. Cleo has a pink box. As I said,
-           Ana has a" -> "red" (the phrase is repeated verbatim);
+- copy:   "Here is what they have. Ana has a red cup. Ben has a blue hat. Cleo has
+           a pink box. As I said, Ana has a" -> "red" (the phrase is repeated verbatim);
 - recall: "... So Ben's hat is" -> "blue" (look up the fact about Ben's hat).
 
 Chance is 1/8 for both. "in context" is the share of recall predictions that
@@ -46,7 +46,9 @@ def probe(path: str | Path, n: int = 300, seed: int = 5) -> dict[str, float]:
     copy = recall = in_context = 0
     for _ in range(n):
         people, objs, cols = rng.sample(W.NAMES, 3), rng.sample(W.OBJECTS, 3), rng.sample(W.COLORS, 3)
-        text = " ".join(f"{p} has a {c} {o}." for p, c, o in zip(people, cols, objs))
+        # The lead sentence puts a space before every name: BPE gives "Ana" at the start of a text and
+        # " Ana" after a space different tokens, and the read-back's name must match the fact's.
+        text = "Here is what they have. " + " ".join(f"{p} has a {c} {o}." for p, c, o in zip(people, cols, objs))
         i = rng.randrange(3)
         copy += predict(f"{text} As I said, {people[i]} has a") == cols[i]
         said = predict(f"{text} So {people[i]}'s {objs[i]} is")
