@@ -2,7 +2,7 @@
 reading that the RM lacks (see bench/context_probe.py)?
 
 Phase 1 trains a fresh default-shape model on short, dense copy documents
-("Ana has a red cup. Ben has a blue hat. As I said, Ben has a blue hat.") in
+("Look. Ana has a red cup. Ben has a blue hat. As I said, Ben has a blue hat.") in
 32-token blocks, 128 per step, lr 1e-3: the shape of data in which a copy
 circuit forms within a few hundred steps, where 128-token blocks of the same
 text do not. Phase 2 is the default pretraining (pretrain.* of params.yaml) on
@@ -43,7 +43,8 @@ from context_probe import probe  # noqa: E402
 def copy_text(rng: random.Random) -> str:
     people, objs = rng.sample(W.NAMES, 2), rng.sample(W.OBJECTS, 2)
     facts = [f"{p} has a {rng.choice(W.COLORS)} {o}." for p, o in zip(people, objs)]
-    return " ".join([*facts, f"As I said, {rng.choice(facts)}"])
+    # "Look." puts a space before the first name too, so that the read-back repeats its tokens exactly
+    return " ".join(["Look.", *facts, f"As I said, {rng.choice(facts)}"])
 
 
 def main() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
     rng = random.Random(params.project.seed)
 
     if args.phase1_steps:
-        n_docs = args.phase1_steps * 128 * 32 // 20  # about 24 tokens per document
+        n_docs = args.phase1_steps * 128 * 32 // 20  # about 26 tokens per document
         blocks = pack(tok, [copy_text(rng) for _ in range(n_docs)], 32)
         if len(blocks) < args.phase1_steps * 128:
             raise ValueError(f"phase 1: {len(blocks)} blocks for {args.phase1_steps} steps of 128")
