@@ -6,6 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU wheel by default; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index.
 TORCH_SPEC ?= torch==2.13.0
+# torch comes from pip (it finds a local wheel where the machine has one); everything else from uv.
+UV_SPEC    ?= uv==0.13.9
 PARAMS ?= params.yaml
 # Prefect keeps its database, results (the stage cache) and logs here unless the caller set PREFECT_HOME.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -16,10 +18,12 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check --no-compile "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]"
-	@# pip byte-compiles on one core (half of its install time here); compileall -j 0 uses every core. Like pip,
-	@# it skips the few files that are not Python 3.11 (torch's py312 test helpers): hence -qq and || true.
+	$(BIN)/pip install -q --disable-pip-version-check --no-compile "$(TORCH_SPEC)" "$(UV_SPEC)"
+	@# uv resolves and installs the ~200 other packages in parallel: 9 s here against pip's 70 s, same versions.
+	@# It reads its own settings (UV_INDEX_URL, UV_EXTRA_INDEX_URL, UV_FIND_LINKS), not pip's.
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[dev]"
+	@# Neither pip --no-compile nor uv writes .pyc files; compileall -j 0 does, on every core. Like pip, it
+	@# skips the few files that are not Python 3.11 (torch's py312 test helpers): hence -qq and || true.
 	$(BIN)/python -m compileall -qq -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 	touch $@
 
