@@ -5,6 +5,7 @@ encoding of (prompt, response) pairs shared by SFT, the RM and sampling.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Iterable
@@ -127,6 +128,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, so a left-padded row is computed exactly
     like the same row unpadded (generate does the same)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (most transformers models
+    do): then it can run its LM head on the last positions only."""
+    model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -163,3 +163,76 @@ def test_sequence_logprobs_sums_only_the_response_tokens():
             logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
         want = sum(float(logp[len(prompt) - 1 + t, tok_id]) for t, tok_id in enumerate(resp))  # a plain loop
         assert float(got[k]) == pytest.approx(want, abs=1e-4)
+
+
+def _padded_rollout(tok, prompts, responses):
+    """A Rollout of left-padded prompts and right-padded responses (EOS included), plus the
+    unpadded rows, built the way `rollout` lays them out."""
+    from instructflow.generation import left_pad
+    from instructflow.modeling import encode_prompt, encode_response
+    from instructflow.ppo import Rollout
+
+    p_ids, p_attn = left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    resp = [encode_response(tok, r) for r in responses]
+    R = max(map(len, resp))
+    r_ids = torch.full((len(resp), R), tok.pad_token_id)
+    mask = torch.zeros(len(resp), R)
+    for i, r in enumerate(resp):
+        r_ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1.0
+    zeros = torch.zeros(len(resp), R)
+    ro = Rollout(torch.cat([p_ids, r_ids], 1), torch.cat([p_attn, mask.long()], 1), mask, p_ids.size(1),
+                 zeros, zeros, zeros, torch.zeros(len(resp)), torch.zeros(len(resp)), torch.ones(len(resp), dtype=torch.bool))
+    rows = [(encode_prompt(tok, p), r) for p, r in zip(prompts, resp)]
+    return ro, rows
+
+
+def test_response_logprobs_match_a_plain_loop_over_unpadded_rows():
+    """Left-padded prompts, right-padded responses and the LM head on the response only
+    (`logits_to_keep`) give each row the log-probabilities it has unpadded."""
+    from instructflow.ppo import response_logprobs
+
+    model, tok = tiny_lm()
+    model.eval()
+    ro, rows = _padded_rollout(tok, ["What color is the ball?", "Hi", "Ana has a green kite. What does Ben have?"],
+                               ["It is red.", "Positive. Negative.", "I do not know."])
+    with torch.no_grad():
+        logp, ent = response_logprobs(model, ro.ids, ro.attn, ro.prompt_width, 1.0, with_entropy=True)
+        for i, (prompt, resp) in enumerate(rows):
+            full = torch.log_softmax(model(input_ids=torch.tensor([prompt + resp])).logits[0].float(), -1)
+            for t, tok_id in enumerate(resp):  # position len(prompt)-1+t predicts response token t
+                row = full[len(prompt) - 1 + t]
+                assert float(logp[i, t]) == pytest.approx(float(row[tok_id]), abs=1e-5)
+                assert float(ent[i, t]) == pytest.approx(float(-(row.exp() * row).sum()), abs=1e-5)
+
+    class FullLogits(torch.nn.Module):  # a causal LM whose forward has no `logits_to_keep`
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    with torch.no_grad():
+        without_keep, _ = response_logprobs(FullLogits(model), ro.ids, ro.attn, ro.prompt_width, 1.0)
+    assert torch.allclose(without_keep * ro.mask, logp * ro.mask, atol=1e-6)
+
+
+def test_minibatch_drops_all_padding_columns_and_changes_no_logprob():
+    from instructflow.ppo import minibatch, response_logprobs
+
+    model, tok = tiny_lm()
+    model.eval()
+    ro, rows = _padded_rollout(tok, ["Ana has a green kite. Ben has a pink hat. What does Ben have?", "Hi", "Hello"],
+                               ["It is a pink hat and a kite.", "Positive.", "Negative."])
+    marker = torch.arange(ro.mask.numel(), dtype=torch.float).view_as(ro.mask)
+    sub = torch.tensor([2, 1])  # the two short rows: the long prompt's and long response's columns go
+    ids, attn, P, (mask, cut) = minibatch(ro, sub, ro.mask, marker)
+    lead = ro.prompt_width - max(len(rows[i][0]) for i in (1, 2))
+    width = max(len(rows[i][1]) for i in (1, 2))
+    assert P == ro.prompt_width - lead and lead > 0
+    assert ids.shape == (2, P + width) and mask.shape == (2, width) and width < ro.mask.size(1)
+    assert torch.equal(ids, ro.ids[sub, lead : ro.prompt_width + width]) and torch.equal(cut, marker[sub, :width])
+    with torch.no_grad():
+        trimmed, _ = response_logprobs(model, ids, attn, P, 1.0)
+        padded, _ = response_logprobs(model, ro.ids[sub], ro.attn[sub], ro.prompt_width, 1.0)
+    assert torch.allclose(trimmed * mask, padded[:, :width] * mask, atol=1e-5)
