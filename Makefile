@@ -50,12 +50,13 @@ worker: setup
 test: setup
 	$(BIN)/pytest -q
 
-# Benchmarks. The serving load test prints its figures (copied into docs/benchmarks.md by hand); the
-# peer benchmark against TRL (its own venvs under bench/.venvs) writes bench/results.json and its
-# part of docs/benchmarks.md. Both need the default pipeline's models: the stages up to export run
-# first when they are missing.
+# Benchmarks. The serving load test and the PPO step benchmark print their figures (copied into
+# docs/benchmarks.md by hand); the peer benchmark against TRL (its own venvs under bench/.venvs)
+# writes bench/results.json and its part of docs/benchmarks.md. All need the default pipeline's
+# models: the stages up to export run first when they are missing.
 bench: bench-models
 	$(BIN)/python bench/serve_load.py --clients 32 --seconds 30
+	$(BIN)/python bench/ppo_step.py
 	$(BIN)/python bench/peers.py
 
 bench-peers: bench-models
