@@ -41,8 +41,9 @@ class FullLogits(torch.nn.Module):
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
 
-def epoch(policy, value, ro, minibatches, trim: bool) -> list[torch.Tensor]:
-    """One pass of policy and value forward + backward over the minibatches; returns log-probs."""
+def epoch(policy, value, ro, minibatches, trim: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass of policy and value forward + backward over the minibatches; returns each
+    minibatch's (masked log-probs, mask)."""
     out = []
     for mb in minibatches:
         if trim:
@@ -78,10 +79,9 @@ def main() -> None:
 
     ways = {"LM head on every position, batch width": (FullLogits(policy), False),
             "LM head on the response, minibatch width": (policy, True)}
-    got = {name: epoch(model, value, ro, minibatches, trim) for name, (model, trim) in ways.items()}  # warm-up
-    (a, _), (b, mask) = got[next(iter(ways))][0], list(got.values())[1][0]
-    width = mask.size(1)
-    assert torch.allclose(a[:, :width], b, atol=1e-5), "the two ways disagree"
+    full, cut = (epoch(model, value, ro, minibatches, trim) for model, trim in ways.values())  # also warm-up
+    for (a, _), (b, mask) in zip(full, cut):
+        assert torch.allclose(a[:, : mask.size(1)], b, atol=1e-5), "the two ways disagree"
     times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(args.repeats):
         for name, (model, trim) in ways.items():
