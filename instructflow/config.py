@@ -216,7 +216,8 @@ class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     max_batch_size: int = Field(32, ge=1, description="Most (prompt, response) items scored in one ONNX Runtime call.")
-    max_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more requests before running a partial batch.")
+    max_wait_ms: float = Field(0.0, ge=0, description="How long the batcher waits for more requests before running a partial batch; "
+                               "0: none, a batch takes the requests that queued while the previous one ran.")
     max_items: int = Field(64, ge=1, description="Most items in one /v1/score request (413 above).")
     max_chars: int = Field(8000, ge=1, description="Most characters in one prompt or response field (413 above).")
     max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted (413 above).")

@@ -180,11 +180,21 @@ def test_auth_limits_and_malformed_input_get_their_status_codes(server):
     assert r.status_code == 413 and "items[0].prompt" in r.json()["detail"] and "max_chars=2000" in r.json()["detail"]
     r = httpx.post(server + "/v1/score", content=b'{"items": [' + b" " * 50000 + b"]}", headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+    # a body sent in chunks has no Content-Length: the server counts what it reads
+    chunked = {**AUTH, "content-type": "application/json"}
+    r = httpx.post(server + "/v1/score", content=iter([b'{"items": [', b" " * 50000, b"]}"]), headers=chunked)
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
+    r = httpx.post(server + "/v1/score", content=iter([b'{"items": [', json.dumps(item).encode(), b"]}"]), headers=chunked)
+    assert r.status_code == 200 and len(r.json()["scores"]) == 1
     r = httpx.post(server + "/v1/score", content=b'{"items": [', headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 422
     assert httpx.post(server + "/v1/score", json={"items": []}, headers=AUTH).status_code == 422
     assert httpx.post(server + "/v1/score", json={"items": [{"prompt": 3}]}, headers=AUTH).status_code == 422
     assert httpx.post(server + "/v1/compare", json={"prompt": "a"}, headers=AUTH).status_code == 422
+    metrics = httpx.get(server + "/metrics").text
+    for status in ("401", "413", "422"):  # every refusal is counted, by path and status
+        assert f'instructflow_errors_total{{path="/v1/score",status="{status}"}}' in metrics
 
 
 def test_health_readiness_metrics_and_openapi(server, exported):
