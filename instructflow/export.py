@@ -80,6 +80,10 @@ def ort_session(onnx_path: Path, provider: str = "auto"):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Idle intra-op threads sleep instead of spinning. The server's event loop and
+    # tokenizer share the cores with them; under load the spinning took that CPU
+    # and cost the endpoint a third of its requests/s (docs/benchmarks.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = provider == "cuda" or (provider == "auto" and ctypes.util.find_library("cuda") is not None)
     if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from pip's nvidia-* wheels (or torch's), when installed
