@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from instructflow import ppo as P  # noqa: E402
-from instructflow.config import load_params  # noqa: E402
-from instructflow.data.formats import Prompt  # noqa: E402
-from instructflow.io import read_jsonl  # noqa: E402
-from instructflow.modeling import load_causal_lm, load_reward_model  # noqa: E402
+from instructflow import ppo as P
+from instructflow.config import load_params
+from instructflow.data.formats import Prompt
+from instructflow.io import read_jsonl
+from instructflow.modeling import load_causal_lm, load_reward_model
 
 
 class FullLogits(torch.nn.Module):

@@ -5,6 +5,7 @@ encoding of (prompt, response) pairs shared by SFT, the RM and sampling.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
@@ -134,7 +135,13 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the causal LM's forward takes `logits_to_keep` (most transformers models
     do): then it can run its LM head on the last positions only."""
     model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _forward_takes_logits_to_keep(type(model))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    """Per class, once: PPO asks on every minibatch."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
