@@ -28,6 +28,15 @@ import httpx
 import yaml
 
 
+def run_loop(coro):
+    """asyncio.run on uvloop where installed (uvicorn[standard] brings it), as the server runs."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,27 +63,53 @@ def start(model: str, backend: str, work: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"{backend} server did not become ready")
 
 
+async def _post_loop(host: str, port: int, requests: list[bytes], first: int, step: int, stop: float,
+                     latencies: list[float]) -> int:
+    """One client: a keep-alive connection that posts requests[first], requests[first + step], ...
+    until `stop`, one at a time, and records each round trip; returns its count of non-200s."""
+    reader, writer = await asyncio.open_connection(host, port)
+    errors, k = 0, first
+    try:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            writer.write(requests[k % len(requests)])
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = None
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length is None:
+                raise RuntimeError(f"response without Content-Length (status {status}); this client reads only sized bodies")
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - t0)
+            errors += status != 200
+            k += step
+    finally:
+        writer.close()
+    return errors
+
+
 async def drive(url: str, items: list[dict], clients: int, seconds: float) -> dict:
+    """`clients` concurrent keep-alive connections, each sending one-item /v1/score
+    requests back to back. The requests are encoded once, up front, and the client
+    speaks bare HTTP/1.1 on asyncio streams: the load generator shares the machine's
+    cores with the server, and a full HTTP client (httpx) took about half a core of
+    the two here, which the server then lacked (docs/benchmarks.md)."""
+    host, port = url.removeprefix("http://").split(":")
+    requests = []
+    for item in items:
+        body = json.dumps({"items": [item]}).encode()
+        requests.append(f"POST /v1/score HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     latencies: list[float] = []
-    errors = 0
     stop = time.perf_counter() + seconds
-
-    async def client(i: int) -> None:
-        nonlocal errors
-        async with httpx.AsyncClient(timeout=30) as http:
-            k = i
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                r = await http.post(url + "/v1/score", json={"items": [items[k % len(items)]]})
-                latencies.append(time.perf_counter() - t0)
-                errors += r.status_code != 200
-                k += clients
-
     t0 = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(clients)))
+    errors = await asyncio.gather(*(_post_loop(host, int(port), requests, i, clients, stop, latencies) for i in range(clients)))
     elapsed = time.perf_counter() - t0
     lat = sorted(latencies)
-    return {"requests": len(lat), "errors": errors, "seconds": round(elapsed, 2), "requests_per_s": round(len(lat) / elapsed, 1),
+    return {"requests": len(lat), "errors": sum(errors), "seconds": round(elapsed, 2), "requests_per_s": round(len(lat) / elapsed, 1),
             "p50_ms": round(1000 * lat[len(lat) // 2], 2), "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 2),
             "mean_ms": round(1000 * statistics.fmean(lat), 2)}
 
@@ -132,7 +167,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             proc, url = start(str(Path(model).resolve()), backend, Path(work))
             try:
-                drive_result = asyncio.run(drive(url, items, args.clients, args.seconds))
+                drive_result = run_loop(drive(url, items, args.clients, args.seconds))
                 drive_result["provider"] = httpx.get(url + "/readyz").json()["provider"]
                 result[backend] = drive_result
             finally:

@@ -1,13 +1,17 @@
-"""The peer benchmark's own arithmetic and bookkeeping (bench/peers.py); the TRL runs
-themselves need the peer virtual environments and belong to `make bench`, not to tests."""
+"""The benchmarks' own arithmetic and bookkeeping (bench/peers.py, bench/serve_load.py's
+load generator); the TRL runs and the timed loads themselves belong to `make bench`, not to tests."""
+import asyncio
 import json
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import peers  # noqa: E402
+import serve_load  # noqa: E402
 from instructflow.config import OptimConfig  # noqa: E402
 from instructflow.training import make_accelerator, train_loop  # noqa: E402
 from instructflow.config import ProjectConfig  # noqa: E402
@@ -51,3 +55,39 @@ def test_report_block_is_replaced_in_place(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nintro") and text.count(peers.MARK_BEGIN) == 1
     assert "**1.5x**" in text and "20.0% / 10.0%" in text
+
+
+def test_load_generator_counts_every_round_trip_and_every_error():
+    """The bare HTTP/1.1 client of serve_load.py against a real server on a socket:
+    keep-alive connections, every response read whole, non-200s counted as errors."""
+    bodies: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn serves
+
+        def do_POST(self):
+            item = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(item)
+            bad = item["items"][0]["prompt"] == "bad"
+            out = json.dumps({"scores": [0.5] * 50}).encode()  # a body larger than one small read
+            self.send_response(500 if bad else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        items = [{"prompt": "good", "response": "a"}, {"prompt": "bad", "response": "b"}]
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = asyncio.run(serve_load.drive(url, items, clients=2, seconds=0.5))
+    finally:
+        server.shutdown()
+    assert result["requests"] == len(bodies) > 10
+    # client 0 sends items 0, 2, 4, ... (all "good"), client 1 items 1, 3, ... (all "bad")
+    assert result["errors"] == sum(b["items"][0]["prompt"] == "bad" for b in bodies) > 0
+    assert result["p50_ms"] > 0 and result["requests_per_s"] > 0
