@@ -34,7 +34,7 @@ def train_and_score(params_path: Path, artifacts: Path, train: Path, val: Path, 
     p = load_params(params_path, {"project.artifacts_dir": str(work),
                                   "reward.init_from": str((artifacts / "sft" / "model").resolve()),
                                   "reward.comparisons_train": str(train), "reward.comparisons_val": str(val)})
-    metrics = json.loads(json.dumps(run_reward(p)["metrics"]))
+    metrics = run_reward(p)["metrics"]
     model, tok = load_reward_model(work / "reward" / "model")
     by: dict[str, list[Comparison]] = defaultdict(list)
     for c in read_jsonl(val, Comparison):
