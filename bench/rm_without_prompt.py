@@ -7,7 +7,7 @@ by one constant text. The second RM judges responses alone. If the two
 validation accuracies match, the first RM did not use the prompt either:
 whatever it learnt is about the response by itself.
 
-    python bench/rm_without_prompt.py            # needs artifacts/sft, artifacts/collect, artifacts/data
+    python bench/rm_without_prompt.py            # needs the sft, collect and data stages' outputs
 """
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ def train_and_score(params_path: Path, artifacts: Path, train: Path, val: Path, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--artifacts", default="artifacts")
     ap.add_argument("--out", default="bench/results/rm_without_prompt.json")
     args = ap.parse_args()
-    artifacts = Path(args.artifacts)
+    artifacts = Path(load_params(args.params).project.artifacts_dir)
     train, val = artifacts / "collect" / "comparisons_train.jsonl", artifacts / "collect" / "comparisons_val.jsonl"
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
