@@ -37,6 +37,8 @@ class TinyModelConfig(_Section):
     num_layers: int = Field(4, ge=1, description="Decoder layers.")
     num_heads: int = Field(4, ge=1, description="Attention heads.")
     max_position_embeddings: int = Field(256, ge=16, description="Context length in tokens.")
+    init_std: float = Field(
+        0.02, gt=0, description="Std of the initial weights (LlamaConfig.initializer_range).")
 
 
 class ModelConfig(_Section):

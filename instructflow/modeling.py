@@ -65,6 +65,7 @@ def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig, s
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
+        initializer_range=cfg.init_std,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import peers  # noqa: E402
+import rm_context_check  # noqa: E402
 import serve_load  # noqa: E402
 from instructflow.config import OptimConfig  # noqa: E402
 from instructflow.training import make_accelerator, train_loop  # noqa: E402
@@ -91,3 +92,32 @@ def test_load_generator_counts_every_round_trip_and_every_error():
     # client 0 sends items 0, 2, 4, ... (all "good"), client 1 items 1, 3, ... (all "bad")
     assert result["errors"] == sum(b["items"][0]["prompt"] == "bad" for b in bodies) > 0
     assert result["p50_ms"] > 0 and result["requests_per_s"] > 0
+
+
+def test_context_check_comparisons_are_decided_by_the_prompt_alone():
+    """Every task's ranking follows from matching the response's words against
+    the prompt's, and the same responses recur with other prompts, so the
+    response alone cannot tell the winner."""
+    import random
+    import re
+
+    rng = random.Random(0)
+    for task in rm_context_check.TASKS:
+        comps = [rm_context_check.make_comparison(task, i, rng) for i in range(200)]
+        for c in comps:
+            assert c.k == 4 and len(set(c.responses)) == 4 and len(set(c.scores)) >= 2
+            prompt_words = set(re.findall(r"[A-Za-z]+", c.prompt.split("Question:")[-1] if task == "closed" else c.prompt))
+            if task == "closed":  # the asked person's colour, read from the text
+                who, what = re.search(r"What color is (\w+)'s (\w+)\?", c.prompt).groups()
+                gold = re.search(rf"{who} has a (\w+) {what}\.", c.prompt).group(1)
+                assert all((s == 1.0) == (f"It is {gold}." == r) for r, s in zip(c.responses, c.scores))
+            else:
+                for r, s in zip(c.responses, c.scores):
+                    # chat and summary: the winner's slots are the prompt's words; summary3: score = slots matched
+                    slots = re.findall(r"[A-Za-z]+", r)
+                    slots = [slots[3]] if task == "chat" else [slots[0], slots[3], slots[4]]
+                    matched = sum(w in prompt_words for w in slots)
+                    assert s == (float(matched) if task == "summary3" else float(matched == len(slots)))
+        winners = {c.responses[c.scores.index(max(c.scores))] for c in comps}
+        losers = {r for c in comps for r, s in zip(c.responses, c.scores) if s < max(c.scores)}
+        assert winners & losers, task  # the same text wins in one comparison and loses in another

@@ -92,3 +92,23 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     assert res.resumed_from_step == 6 and res.steps == ref_res.steps == 12
     for (n, p), (_, q) in zip(ref.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+
+
+def test_tiny_model_initial_weight_scale_follows_init_std(tmp_path):
+    """model.tiny.init_std sets the initial weights' spread and is saved in the
+    config (initializer_range), so plain transformers reloads the same model."""
+    from transformers import AutoModelForCausalLM
+
+    from instructflow.modeling import build_tiny_llama, train_tokenizer
+    from tiny import MICRO, TEXTS
+
+    tok = train_tokenizer(TEXTS, MICRO.vocab_size)
+    for std in (0.02, 0.12):
+        model = build_tiny_llama(tok, MICRO.model_copy(update={"init_std": std}), seed=0)
+        w = model.model.layers[0].self_attn.q_proj.weight
+        assert abs(float(w.std()) - std) < 0.1 * std
+        assert model.config.initializer_range == std
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.initializer_range == 0.12
+    assert torch.equal(again.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
