@@ -26,11 +26,10 @@ import random
 import tempfile
 from pathlib import Path
 
-from instructflow.config import load_params
 from instructflow.data.formats import Comparison
 from instructflow.io import write_jsonl
-from instructflow.reward import run_reward
 from instructflow.suite import world as W
+from reward_runs import run_reward_on
 
 TASKS = ("chat", "summary", "summary3", "closed")
 
@@ -85,12 +84,7 @@ def check(params_path: Path, model: Path, task: str, n_train: int, n_val: int, s
     val = [make_comparison(task, n_train + i, rng) for i in range(n_val)]
     write_jsonl(work / "train.jsonl", train)
     write_jsonl(work / "val.jsonl", val)
-    artifacts = Path(load_params(params_path).project.artifacts_dir)
-    (work / "data").symlink_to((artifacts / "data").resolve())  # the demonstrations the stage centres its bias on
-    p = load_params(params_path, {"project.artifacts_dir": str(work), "reward.init_from": str(model.resolve()),
-                                  "reward.comparisons_train": str(work / "train.jsonl"),
-                                  "reward.comparisons_val": str(work / "val.jsonl")})
-    m = run_reward(p)["metrics"]
+    _, m = run_reward_on(params_path, model, work / "train.jsonl", work / "val.jsonl", work)
     return {"model": str(model), "task": task, "train_comparisons": n_train,
             "train_accuracy": m.get("train_accuracy"), "val_accuracy": m["val_accuracy"]}
 

@@ -22,19 +22,16 @@ from instructflow.config import load_params
 from instructflow.data.formats import Comparison
 from instructflow.io import read_jsonl, write_jsonl
 from instructflow.modeling import load_reward_model
-from instructflow.reward import pairwise_accuracy, run_reward
+from instructflow.reward import pairwise_accuracy
+from reward_runs import run_reward_on
 
 CONSTANT_PROMPT = "Reply."
 
 
 def train_and_score(params_path: Path, artifacts: Path, train: Path, val: Path, work: Path) -> dict:
-    """Run the real reward stage under `work` on these comparison files; return its
-    metrics and its validation accuracy per category."""
-    (work / "data").symlink_to((artifacts / "data").resolve())  # the demonstrations the bias is centred on
-    p = load_params(params_path, {"project.artifacts_dir": str(work),
-                                  "reward.init_from": str((artifacts / "sft" / "model").resolve()),
-                                  "reward.comparisons_train": str(train), "reward.comparisons_val": str(val)})
-    metrics = run_reward(p)["metrics"]
+    """Run the real reward stage under `work` on these comparison files, from the SFT
+    model; return its metrics and its validation accuracy per category."""
+    p, metrics = run_reward_on(params_path, artifacts / "sft" / "model", train, val, work)
     model, tok = load_reward_model(work / "reward" / "model")
     by: dict[str, list[Comparison]] = defaultdict(list)
     for c in read_jsonl(val, Comparison):
