@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import peers  # noqa: E402
+import rm_by_category  # noqa: E402
 import rm_context_check  # noqa: E402
 import serve_load  # noqa: E402
 from instructflow.config import OptimConfig  # noqa: E402
@@ -121,3 +122,27 @@ def test_context_check_comparisons_are_decided_by_the_prompt_alone():
         winners = {c.responses[c.scores.index(max(c.scores))] for c in comps}
         losers = {r for c in comps for r, s in zip(c.responses, c.scores) if s < max(c.scores)}
         assert winners & losers, task  # the same text wins in one comparison and loses in another
+
+
+def test_judge_table_by_hand():
+    """Two chat comparisons ranked by one labeler; the oracle and two judges scored by hand."""
+    from instructflow.config import LabelerConfig
+    from instructflow.data.formats import Comparison
+    from instructflow.suite.labelers import Labeler
+
+    lab = Labeler(LabelerConfig(name="ada"))
+    spec = {"category": "chat", "variant": "normal", "name": "Nia", "fruit": "apple", "ask": "name", "answer": "Nia"}
+    right, wrong, other = "Your name is Nia.", "Your name is Pia.", "Your name is Ben."  # wrong and other: a tie
+    assert lab.latent(spec, right) > lab.latent(spec, wrong) == lab.latent(spec, other)
+    comps = [Comparison(id="c1", prompt="p1", responses=[right, wrong, other], ranking=[0, 2, 1], labeler="ada", category="chat", meta=spec),
+             Comparison(id="c2", prompt="p2", responses=[wrong, right], ranking=[0, 1], labeler="ada", category="chat", meta=spec)]
+    # pairs (better, worse): (right, other), (right, wrong), (other, wrong) [a tie]; then (wrong, right) against the latent
+    judges = {"a": [3.0, 1.0, 2.0, 0.0, 5.0],   # right, right, right; 5 > 0 is against the labeler's (wrong, right)
+              "b": [1.0, 1.0, 1.0, 9.0, 0.0]}   # every pair in p1 tied (0.5 each); p2 right
+    rows = rm_by_category.by_category(comps, {"ada": lab}, judges)
+    assert list(rows) == ["chat", "ALL"]
+    r = rows["ALL"]
+    assert r["pairs"] == 4 and r["tie_share"] == 0.25
+    assert r["oracle"] == (1 + 1 + 0.5 + 0) / 4        # the labeler's last pair went against its own latent
+    assert r["a"] == (1 + 1 + 1 + 0) / 4 and r["a_non_tie"] == (1 + 1 + 0) / 3
+    assert r["b"] == (0.5 + 0.5 + 0.5 + 1) / 4 and r["b_non_tie"] == (0.5 + 0.5 + 1) / 3
