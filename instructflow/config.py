@@ -92,7 +92,7 @@ class DataConfig(_Section):
         default_factory=lambda: ["extraction"], description="Categories kept out of SFT and RM data entirely (evaluation only)."
     )
     sft_prompts: int = Field(3000, ge=1, description="Demonstrations written for SFT (train + validation).")
-    rm_prompts: int = Field(2500, ge=1, description="Prompts whose sampled responses get ranked for the RM.")
+    rm_prompts: int = Field(5000, ge=1, description="Prompts whose sampled responses get ranked for the RM.")
     ppo_prompts: int = Field(2000, ge=1, description="Prompts for RL (no labels).")
     eval_prompts: int = Field(600, ge=1, description="Held-out prompts for evaluation, all categories.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of SFT demonstrations and RM prompts kept for validation.")
