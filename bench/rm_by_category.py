@@ -42,6 +42,10 @@ def by_category(comps: list[Comparison], labelers: dict[str, Labeler],
     """Per category (and ALL): pair and tie counts, the oracle's accuracy, and each judge's
     accuracy over all pairs and over non-tie pairs. `judges` maps a name to one score per
     response, flattened over `comps` in order."""
+    for i, c in enumerate(comps):
+        if c.labeler not in labelers or not c.meta:
+            raise ValueError(f"comparison {i + 1} (id {c.id!r}): needs a built-in labeler and task meta to grade; "
+                             f"labeler is {c.labeler!r}, known: {sorted(labelers)}")
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     offset = 0
     for c in comps:

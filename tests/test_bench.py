@@ -7,6 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -146,3 +147,11 @@ def test_judge_table_by_hand():
     assert r["oracle"] == (1 + 1 + 0.5 + 0) / 4        # the labeler's last pair went against its own latent
     assert r["a"] == (1 + 1 + 1 + 0) / 4 and r["a_non_tie"] == (1 + 1 + 0) / 3
     assert r["b"] == (0.5 + 0.5 + 0.5 + 1) / 4 and r["b_non_tie"] == (0.5 + 0.5 + 1) / 3
+
+
+def test_judge_table_refuses_comparisons_it_cannot_grade():
+    from instructflow.data.formats import Comparison
+
+    comps = [Comparison(id="hh-7", prompt="p", responses=["a", "b"], ranking=[0, 1])]  # imported data: no labeler, no meta
+    with pytest.raises(ValueError, match=r"comparison 1 \(id 'hh-7'\).*labeler is None"):
+        rm_by_category.by_category(comps, {}, {"rm": [0.0, 1.0]})
