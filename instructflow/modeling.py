@@ -155,6 +155,32 @@ def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     return logits.squeeze(-1) + bias
 
 
+def shared_prompt_reward_scores(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                                response_ids: torch.Tensor, response_mask: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Scalar reward per response, bias included, computing each prompt's tokens once for all its responses. (N,)
+
+    prompt_ids/prompt_mask: (B, P), left-padded; response_ids/response_mask: (N, R), right-padded;
+    owner: (N,) the prompt row of each response. The prompts run first and leave their keys and values in
+    a KV cache; the cache is gathered to one row per response, and the responses run on top of it with
+    positions that continue their prompt's. A response thus attends to its own prompt and its own earlier
+    tokens exactly as in the full sequence, so values and gradients equal `reward_scores` on the N joined
+    sequences (to float rounding; tests/test_reward_math.py), for P + K*R tokens instead of K*(P + R).
+    Both passes go through `model` itself, so a DistributedDataParallel wrapper sees them.
+    """
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                use_cache=True)
+    cache = out.past_key_values
+    cache.batch_select_indices(owner)
+    prompt_len = prompt_mask.long().sum(-1)[owner]
+    positions = prompt_len[:, None] + torch.arange(response_ids.size(1), device=response_ids.device)[None]
+    mask = torch.cat([prompt_mask[owner], response_mask], dim=-1)
+    logits = model(input_ids=response_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=False).logits  # (N, 1), read at each response's last non-pad token
+    inner = getattr(model, "module", model)
+    bias = float(getattr(inner.config, REWARD_BIAS_KEY, 0.0) or 0.0)
+    return logits.squeeze(-1) + bias
+
+
 # --------------------------------------------------------------------------- residual dropout
 # The attention and MLP blocks of decoder layer i: "model.layers.3.mlp" (Llama,
 # Mistral, Qwen), "transformer.h.3.attn" (GPT-2).

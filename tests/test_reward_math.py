@@ -5,8 +5,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from instructflow.data.formats import Comparison, Demonstration
-from instructflow.reward import (centre_on_demonstrations, collate_comparisons, encode_comparison, kwise_loss,
-                                 rm_loss, score_texts)
+from instructflow.modeling import pad_right, reward_scores
+from instructflow.reward import (centre_on_demonstrations, collate_comparisons, comparison_rewards, encode_comparison,
+                                 kwise_loss, rm_loss, score_texts)
 from tiny import tiny_lm
 
 
@@ -49,13 +50,16 @@ def test_kwise_batching_equals_pairwise_loss_with_exactly_k_forward_rows(tiny_rm
     rm, tok = tiny_rm
     comps = _comparisons()
     batch = collate_comparisons([encode_comparison(tok, c, 64) for c in comps], tok.pad_token_id)
-    rows = []  # batch rows seen by the transformer body, per forward call
-    handle = rm.model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    rows = []  # (batch rows, tokens per row) seen by the transformer body, per forward call
+    handle = rm.model.register_forward_pre_hook(lambda m, args, kw: rows.append(tuple((args[0] if args else kw["input_ids"]).shape)), with_kwargs=True)
     try:
         loss, _ = rm_loss(rm, batch)
     finally:
         handle.remove()
-    assert rows == [sum(c.k for c in comps)]  # one row per response: 4 + 2 + 3, not 2 * pairs
+    # one row per prompt (computed once, shared through the KV cache), then one row per response: 4 + 2 + 3,
+    # not 2 * pairs; the response rows carry response tokens only
+    assert [r[0] for r in rows] == [len(comps), sum(c.k for c in comps)]
+    assert rows == [tuple(batch["prompt_ids"].shape), tuple(batch["response_ids"].shape)]
     # reference: every pair scored separately (2 forward rows per pair), mean per prompt, then mean over prompts
     per_prompt = []
     for c in comps:
@@ -75,7 +79,47 @@ def test_reward_is_read_at_the_eos_token(tiny_rm):
     full = score_texts(rm, tok, ["What color is the ball?"], ["It is red."], 64)
     alone = rm(input_ids=torch.tensor([enc.sequences[0]])).logits.squeeze()
     assert float(full[0]) == pytest.approx(float(alone), abs=1e-5)  # right padding does not move the read-out
-    assert batch["input_ids"].shape[0] == 4
+    assert batch["response_ids"].shape[0] == 4
+
+
+def test_shared_prompt_rewards_and_gradients_equal_the_full_sequences(tiny_rm):
+    """Prompts of different lengths (left padding) and responses of different lengths (right padding):
+    the shared-prompt pass must give each response the reward, and the parameters the gradient, of
+    scoring prompt + response as one sequence."""
+    rm, tok = tiny_rm
+    comps = _comparisons()
+    enc = [encode_comparison(tok, c, 64) for c in comps]
+    batch = collate_comparisons(enc, tok.pad_token_id)
+    assert len({len(e.prompt) for e in enc}) == 3 and len({len(r) for e in enc for r in e.responses}) > 2
+    rm.train()
+    try:
+        shared = comparison_rewards(rm, batch)
+        ids, mask = pad_right([s for e in enc for s in e.sequences], tok.pad_token_id)
+        full = reward_scores(rm, ids, mask)
+        assert shared.shape == (9,)
+        assert torch.allclose(shared, full, atol=1e-5)
+        weights = torch.linspace(-1, 1, 9)  # any scalar function of the rewards
+        params = [p for p in rm.parameters()]
+        g_shared = torch.autograd.grad((weights * shared).sum(), params)
+        g_full = torch.autograd.grad((weights * full).sum(), params)
+    finally:
+        rm.eval()
+    for a, b in zip(g_shared, g_full):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_one_prompt_cut_serves_all_k_responses():
+    c = Comparison(id="x", prompt="p", responses=["a", "b b b b"], ranking=[0, 1])
+
+    class Tok:  # one token per character
+        eos_token_id = 0
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(ch) for ch in text]}
+
+    enc = encode_comparison(Tok(), c, 12)  # prompt "Human: p\n\nAssistant:" (19 tokens), responses 3 and 9 tokens
+    assert [len(r) for r in enc.responses] == [3, 9]
+    assert len(enc.prompt) == 12 - 9 and enc.prompt == [ord(ch) for ch in "nt:"]  # cut from the left
+    assert max(len(s) for s in enc.sequences) == 12
 
 
 def test_bias_centres_demonstrations_at_zero(tiny_rm):
