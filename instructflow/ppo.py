@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .config import Params, PPOConfig
 from .data.formats import Prompt, PretrainText
-from .generation import left_pad, sampling_config
+from .generation import left_pad, sample_tokens
 from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_result
 from .modeling import (
@@ -225,10 +225,9 @@ def rollout(policy, ref, value_model, rm, tok, prompts: list[str], cfg: PPOConfi
     max_prompt = context_length(policy) - cfg.max_new_tokens
     p_ids, p_attn = left_pad([encode_prompt(tok, p)[-max_prompt:] for p in prompts], tok.pad_token_id)
     p_ids, p_attn = p_ids.to(device), p_attn.to(device)
-    gen = sampling_config(tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    seqs = policy.generate(input_ids=p_ids, attention_mask=p_attn, generation_config=gen)
+    resp = sample_tokens(policy, p_ids, p_attn, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_token_id,
+                         pad_id=tok.pad_token_id, temperature=cfg.temperature)
     P = p_ids.size(1)
-    resp = seqs[:, P:]
     is_eos = resp == tok.eos_token_id
     ended = is_eos.any(1)
     first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full_like(ended, resp.size(1) - 1, dtype=torch.long))
