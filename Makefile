@@ -57,6 +57,7 @@ test: setup
 bench: bench-models
 	$(BIN)/python bench/serve_load.py --clients 32 --seconds 30
 	$(BIN)/python bench/ppo_step.py
+	$(BIN)/python bench/shared_prompt.py
 	$(BIN)/python bench/peers.py
 
 bench-peers: bench-models
