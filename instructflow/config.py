@@ -150,12 +150,12 @@ class SFTConfig(OptimConfig):
 
 
 class CollectConfig(_Section):
-    k: int = Field(6, ge=2, le=9, description="Responses ranked per prompt (paper: 4 to 9).")
-    candidates: int = Field(8, ge=2, description="Samples drawn per prompt; the first k distinct are kept.")
+    k: int = Field(9, ge=2, le=9, description="Responses ranked per prompt (paper: 4 to 9).")
+    candidates: int = Field(12, ge=2, description="Samples drawn per prompt; the first k distinct are kept.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (paper: 1).")
     max_new_tokens: int = Field(32, ge=1, description="Response length limit in tokens.")
     batch_size: int = Field(128, ge=1, description="Prompts per generation batch.")
-    agreement_prompts: int = Field(200, ge=0, description="Validation comparisons ranked by every labeler to measure agreement.")
+    agreement_prompts: int = Field(500, ge=0, description="Validation comparisons ranked by every labeler to measure agreement.")
 
 
 class RewardConfig(OptimConfig):
