@@ -116,7 +116,7 @@ def test_one_prompt_cut_serves_all_k_responses():
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [ord(ch) for ch in text]}
 
-    enc = encode_comparison(Tok(), c, 12)  # prompt "Human: p\n\nAssistant:" (19 tokens), responses 3 and 9 tokens
+    enc = encode_comparison(Tok(), c, 12)  # prompt "Human: p\n\nAssistant:" (20 tokens), responses 3 and 9 tokens
     assert [len(r) for r in enc.responses] == [3, 9]
     assert len(enc.prompt) == 12 - 9 and enc.prompt == [ord(ch) for ch in "nt:"]  # cut from the left
     assert max(len(s) for s in enc.sequences) == 12
