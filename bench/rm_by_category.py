@@ -28,7 +28,7 @@ from instructflow.data.formats import Comparison
 from instructflow.evaluate import sequence_logprobs
 from instructflow.io import read_jsonl
 from instructflow.modeling import load_causal_lm, load_reward_model
-from instructflow.reward import score_texts
+from instructflow.reward import comparison_scores
 from instructflow.suite.labelers import Labeler
 
 
@@ -77,7 +77,7 @@ def judge_scores(comps: list[Comparison], rm_dir: Path, sft_dir: Path | None, ma
     prompts = [c.prompt for c in comps for _ in c.responses]
     responses = [r for c in comps for r in c.responses]
     model, tok = load_reward_model(rm_dir)
-    judges = {"rm": score_texts(model, tok, prompts, responses, max_len).tolist()}
+    judges = {"rm": [x for s in comparison_scores(model, tok, comps, max_len) for x in s]}  # as the reward stage scores
     if sft_dir is not None:
         lm, lm_tok = load_causal_lm(sft_dir)
         judges["sft_logp"] = sequence_logprobs(lm, lm_tok, prompts, responses, max_len).tolist()

@@ -90,15 +90,13 @@ def bench_rm_step(p, comps: list[Comparison], repeats: int) -> dict:
         return out
 
     times: dict[str, list[float]] = {"shared_prompt": [], "full_sequences": []}
+    rewards: dict[str, list[torch.Tensor]] = {}
     for _ in range(repeats):
         for name, fn in (("shared_prompt", run_shared), ("full_sequences", run_full)):
             model.zero_grad(set_to_none=True)
-            dt, out = timed(fn)
+            dt, rewards[name] = timed(fn)
             times[name].append(dt)
-            if name == "shared_prompt":
-                a = out
-            else:
-                diff = max(float((x - y).abs().max().detach()) for x, y in zip(a, out))
+    diff = max(float((x - y).abs().max().detach()) for x, y in zip(rewards["shared_prompt"], rewards["full_sequences"]))
     tokens = {"shared_prompt": sum(b["prompt_ids"].numel() + b["response_ids"].numel() for b in shared),
               "full_sequences": sum(ids.numel() for ids, _ in full)}
     return _summary(times, "shared_prompt", "full_sequences") | {"max_abs_reward_diff": diff, "padded_tokens": tokens}
@@ -113,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--prompts", type=int, default=512, help="RM prompts sampled, and comparisons scored")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, choices=range(1, 100), metavar="N")
     args = ap.parse_args()
     p = load_params(args.params)
     if p.project.threads:

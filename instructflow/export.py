@@ -29,7 +29,7 @@ import torch
 from .config import Params
 from .pipeline import stage_key
 from .io import StageTimer, content_hash, sha256_file, write_result
-from .modeling import REWARD_BIAS_KEY, context_length, load_reward_model, position_ids_from_mask
+from .modeling import context_length, load_reward_model, position_ids_from_mask, reward_bias
 from .training import setup_runtime
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ScoreGraph(torch.nn.Module):
     def __init__(self, rm):
         super().__init__()
         self.rm = rm
-        self.register_buffer("bias", torch.tensor(float(getattr(rm.config, REWARD_BIAS_KEY, 0.0) or 0.0)))
+        self.register_buffer("bias", torch.tensor(reward_bias(rm)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         backbone = getattr(self.rm, self.rm.base_model_prefix)

@@ -145,14 +145,19 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
+def reward_bias(model: torch.nn.Module) -> float:
+    """The centring offset stored in the RM's config (0 before `reward` sets it); sees through a DDP wrapper."""
+    config = getattr(model, "module", model).config
+    return float(getattr(config, REWARD_BIAS_KEY, 0.0) or 0.0)
+
+
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward per row, read at the last non-pad token, bias included. (B,)
 
     Rows may be right- or left-padded (positions are taken from the mask)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask)).logits  # (B, 1)
-    bias = float(getattr(model.config, REWARD_BIAS_KEY, 0.0) or 0.0)
-    return logits.squeeze(-1) + bias
+    return logits.squeeze(-1) + reward_bias(model)
 
 
 def shared_prompt_reward_scores(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -176,9 +181,7 @@ def shared_prompt_reward_scores(model: PreTrainedModel, prompt_ids: torch.Tensor
     mask = torch.cat([prompt_mask[owner], response_mask], dim=-1)
     logits = model(input_ids=response_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=False).logits  # (N, 1), read at each response's last non-pad token
-    inner = getattr(model, "module", model)
-    bias = float(getattr(inner.config, REWARD_BIAS_KEY, 0.0) or 0.0)
-    return logits.squeeze(-1) + bias
+    return logits.squeeze(-1) + reward_bias(model)
 
 
 # --------------------------------------------------------------------------- residual dropout
