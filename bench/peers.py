@@ -63,7 +63,7 @@ from instructflow.modeling import (
 from instructflow.reward import encode_comparison, pairwise_accuracy
 from instructflow.sft import encode_demonstration, sft_batch, validation_loss
 from instructflow.suite.labelers import Labeler
-from instructflow.training import _epoch_batches
+from instructflow.training import epoch_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = {  # venv name -> TRL version
@@ -125,10 +125,11 @@ def run_process(cmd: list[str], log: Path, env: dict | None = None) -> float:
 
 
 def our_order(n: int, batch_size: int, seed: int) -> list[int]:
-    """The order in which instructflow's train_loop visits n examples in its first epoch. The
-    peer is given its data in this order with sequential sampling, so that both sides take the
-    same batches in the same order and their quality can be compared run for run."""
-    return [i for batch in _epoch_batches(n, batch_size, seed, 0) for i in batch]
+    """The order in which instructflow's train_loop visits n examples in its first epoch when
+    batches are not grouped by length (our runs here set group_by_length false). The peer is
+    given its data in this order with sequential sampling, so that both sides take the same
+    batches in the same order and their quality can be compared run for run."""
+    return [i for batch in epoch_batches(n, batch_size, seed, 0) for i in batch]
 
 
 def memory(res: dict) -> dict:
@@ -341,7 +342,7 @@ def bench_sft(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -> d
         link(inputs.base, d / "artifacts/pretrain/model")
         link(train, d / "artifacts/data/sft_train.jsonl")
         link(val, d / "artifacts/data/sft_val.jsonl")
-        p = ours_params(inputs.params, d, args.threads, seed + r, sft={"epochs": 1, "residual_dropout": 0.0, "eval_prompts": 0, "warmup_ratio": WARMUP_RATIO,
+        p = ours_params(inputs.params, d, args.threads, seed + r, sft={"epochs": 1, "group_by_length": False, "residual_dropout": 0.0, "eval_prompts": 0, "warmup_ratio": WARMUP_RATIO,
                                                                "checkpoint_every": 0, "resume": False, "log_every": 10**6})
         res = run_ours("sft", p, d)
         return {"items_per_s": res["metrics"]["tokens_per_s"], **memory(res),
@@ -379,7 +380,7 @@ def bench_reward(inputs: Inputs, judge_: Judge, args, runs: Path, venvs: Path) -
         link(train, d / "artifacts/collect/comparisons_train.jsonl")
         link(val, d / "artifacts/collect/comparisons_val.jsonl")
         link(inputs.data / "sft_train.jsonl", d / "artifacts/data/sft_train.jsonl")
-        p = ours_params(inputs.params, d, args.threads, seed + r, reward={"epochs": 1, "batch_size": args.rm_batch, "warmup_ratio": WARMUP_RATIO, "checkpoint_every": 0,
+        p = ours_params(inputs.params, d, args.threads, seed + r, reward={"epochs": 1, "group_by_length": False, "batch_size": args.rm_batch, "warmup_ratio": WARMUP_RATIO, "checkpoint_every": 0,
                                                                  "resume": False, "log_every": 10**6})
         res = run_ours("reward", p, d)
         return {"items_per_s": res["metrics"]["comparisons_per_s"], **memory(res),

@@ -73,6 +73,12 @@ def encode_comparison(tokenizer, c: Comparison, max_len: int) -> EncodedComparis
     return EncodedComparison(prompt[-keep:], responses, c.pairs())
 
 
+def padded_size(c: EncodedComparison) -> tuple[int, int]:
+    """What a comparison's padding in a batch depends on: its longest response (every
+    response row is as wide as the batch's longest), then its prompt."""
+    return max(len(r) for r in c.responses), len(c.prompt)
+
+
 def collate_comparisons(batch: list[EncodedComparison], pad_id: int) -> dict[str, torch.Tensor]:
     """B comparisons as B left-padded prompts and sum(K_b) right-padded responses,
     plus the pair index tensors.
@@ -222,7 +228,7 @@ def run_reward(params: Params) -> dict:
             name="reward", model=model, examples=train_ex, collate=lambda xs: collate_comparisons(xs, tok.pad_token_id),
             loss_fn=rm_loss, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
             val_fn=validate,
-            count_fn=lambda b: int(b["n_comparisons"]), run_key=key,
+            count_fn=lambda b: int(b["n_comparisons"]), size_fn=padded_size, run_key=key,
         )
     model = acc.unwrap_model(model)
     metrics = {"steps": res.steps, "train_loss": res.train_metrics.get("loss"), "train_accuracy": res.train_metrics.get("accuracy"),

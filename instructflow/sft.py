@@ -86,7 +86,7 @@ def run_sft(params: Params) -> dict:
             name="sft", model=model, examples=train_ex, collate=lambda xs: sft_batch(xs, tok.pad_token_id),
             loss_fn=sft_loss, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
             val_fn=lambda m: {"val_loss": round(validation_loss(m, val_ex, tok.pad_token_id), 5)},
-            count_fn=lambda b: int(b["attention_mask"].sum()), run_key=key,
+            count_fn=lambda b: int(b["attention_mask"].sum()), size_fn=lambda e: len(e[0]), run_key=key,
         )
     model = acc.unwrap_model(model)
     metrics = {"steps": res.steps, "train_loss": res.train_metrics.get("loss"), **res.val_metrics,

@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,10 +84,28 @@ class LoopResult:
     items_per_s: float = 0.0
 
 
-def _epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int,
+                  sizes: Sequence | None = None, group: int = 0) -> list[list[int]]:
+    """One epoch's micro-batches of item indices, a function of (seed, epoch) alone.
+
+    With `sizes` (a sortable padded-size key per item) and `group` > 0, batches are
+    grouped by length, as Hugging Face's LengthGroupedSampler does: the shuffled items
+    are cut into windows of `group` batches, each window is sorted by size and cut into
+    batches, and the batches are shuffled. A batch is then padded to the longest of
+    items of about the same length, not of random ones; every item is still seen once
+    per epoch, in the same number of batches."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     perm = torch.randperm(n_items, generator=g).tolist()
-    return [perm[i : i + batch_size] for i in range(0, n_items, batch_size)]
+    if sizes is None or group <= 0:
+        return [perm[i : i + batch_size] for i in range(0, n_items, batch_size)]
+    if len(sizes) != n_items:
+        raise ValueError(f"epoch_batches: {len(sizes)} sizes for {n_items} items")
+    window = batch_size * group
+    batches = []
+    for w in range(0, n_items, window):
+        chunk = sorted(perm[w : w + window], key=lambda i: sizes[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def train_loop(
@@ -103,10 +121,12 @@ def train_loop(
     seed: int,
     val_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None,
+    size_fn: Callable[[Any], Any] | None = None,
     run_key: str = "",
 ) -> LoopResult:
     """Train `model` in place; return metrics. `count_fn(batch)` counts the
-    work items (tokens, comparisons) of a batch for the throughput figure."""
+    work items (tokens, comparisons) of a batch for the throughput figure.
+    `size_fn(example)` gives the padded-size key that `cfg.group_by_length` sorts by."""
     if not examples:
         raise ValueError(f"{name}: no training examples")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +137,7 @@ def train_loop(
         raise ValueError(f"{name}: {len(examples)} examples make {batches_per_epoch} batches of {cfg.batch_size}, "
                          f"fewer than processes x grad_accum = {world * cfg.grad_accum}")
     micro_per_epoch = batches_per_epoch // world
+    sizes = [size_fn(e) for e in examples] if size_fn is not None and cfg.group_by_length else None
     # whole optimizer steps only: a partial accumulation window would be dropped
     total_steps = max(1, int(cfg.epochs * micro_per_epoch) // cfg.grad_accum)
     total_micro = total_steps * cfg.grad_accum
@@ -152,7 +173,7 @@ def train_loop(
     micro = micro_done
     while micro < total_micro:
         epoch, start = divmod(micro, micro_per_epoch)
-        order = _epoch_batches(len(examples), cfg.batch_size, seed, epoch)[rank::world][:micro_per_epoch]
+        order = epoch_batches(len(examples), cfg.batch_size, seed, epoch, sizes, cfg.length_group)[rank::world][:micro_per_epoch]
         for idx in order[start:]:
             batch = collate([examples[i] for i in idx])
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}

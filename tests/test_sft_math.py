@@ -61,7 +61,7 @@ class _Crash(RuntimeError):
     pass
 
 
-def _train(tmp_path, crash_at=None, resume=True):
+def _train(tmp_path, crash_at=None, resume=True, size_fn=None):
     torch.manual_seed(0)
     model, tok = tiny_lm()
     add_residual_dropout(model, 0.2)  # randomness inside the step: resume must restore RNG state too
@@ -78,17 +78,19 @@ def _train(tmp_path, crash_at=None, resume=True):
     cfg = OptimConfig(lr=1e-2, batch_size=4, grad_accum=2, epochs=2, checkpoint_every=2, log_every=1, resume=resume)
     acc = make_accelerator(ProjectConfig(device="cpu"), cfg.grad_accum)
     res = train_loop(name="t", model=model, examples=data, collate=lambda xs: {"input_ids": torch.stack(xs)},
-                     loss_fn=loss_fn, cfg=cfg, out_dir=tmp_path, accelerator=acc, seed=1)
+                     loss_fn=loss_fn, cfg=cfg, out_dir=tmp_path, accelerator=acc, seed=1, size_fn=size_fn)
     return acc.unwrap_model(model), res
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
-    ref, ref_res = _train(tmp_path / "ref")
+@pytest.mark.parametrize("grouped", [False, True], ids=["random-batches", "grouped-by-length"])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, grouped):
+    size_fn = (lambda x: int(x[0]) % 5) if grouped else None  # any sortable key exercises the grouped order
+    ref, ref_res = _train(tmp_path / "ref", size_fn=size_fn)
     with pytest.raises(_Crash):
-        _train(tmp_path / "run", crash_at=15)  # mid-epoch, after the checkpoint at step 6
+        _train(tmp_path / "run", crash_at=15, size_fn=size_fn)  # mid-epoch, after the checkpoint at step 6
     state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 6
-    resumed, res = _train(tmp_path / "run")
+    resumed, res = _train(tmp_path / "run", size_fn=size_fn)
     assert res.resumed_from_step == 6 and res.steps == ref_res.steps == 12
     for (n, p), (_, q) in zip(ref.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
@@ -112,3 +114,31 @@ def test_tiny_model_initial_weight_scale_follows_init_std(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert again.config.initializer_range == 0.12
     assert torch.equal(again.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_length_grouped_batches_cover_every_item_once_with_less_padding():
+    """epoch_batches with sizes: the same items in the same number of batches as random
+    batching, a function of (seed, epoch) alone, and less padding on mixed lengths."""
+    import random
+
+    from instructflow.training import epoch_batches
+
+    rng = random.Random(0)
+    n, bs = 1003, 16
+    lengths = [rng.choice([3, 4, 5, 30, 31, 60]) for _ in range(n)]
+    plain = epoch_batches(n, bs, seed=1, epoch=0)
+    grouped = epoch_batches(n, bs, seed=1, epoch=0, sizes=lengths, group=10)
+    assert len(grouped) == len(plain) == -(-n // bs)
+    assert sorted(i for b in grouped for i in b) == list(range(n))
+    assert grouped == epoch_batches(n, bs, seed=1, epoch=0, sizes=lengths, group=10)
+    assert grouped != epoch_batches(n, bs, seed=1, epoch=1, sizes=lengths, group=10)
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert padded(grouped) < 0.6 * padded(plain)
+    # the windows are sorted, but the batches are not visited in order of length
+    maxima = [max(lengths[i] for i in b) for b in grouped]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+    with pytest.raises(ValueError, match="3 sizes for 1003 items"):
+        epoch_batches(n, bs, seed=1, epoch=0, sizes=[1, 2, 3], group=10)
