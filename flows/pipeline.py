@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from prefect import flow, get_run_logger
 from instructflow.cli import eval_table
 from instructflow.config import load_params
 from instructflow.io import write_json
-from instructflow.pipeline import stage_specs
+from instructflow.pipeline import stage_specs, stage_waves
 from tasks.report import publish_report
 from tasks.stages import stage, with_retries
 from tasks.versioning import dvc_root, version_stage
@@ -27,8 +28,10 @@ from tasks.versioning import dvc_root, version_stage
 
 @flow(name="instructflow-pipeline", log_prints=True)
 def pipeline(params: str = "params.yaml", stages: list[str] | None = None) -> dict:
-    """Run the stages in order (all of them by default). A stage whose inputs,
-    params and code are unchanged is not run again (Prefect shows it Cached)."""
+    """Run the stages in order (all of them by default), wave by wave: stages that do
+    not read each other's outputs run side by side (orchestrate.concurrent_stages).
+    A stage whose inputs, params and code are unchanged is not run again (Prefect
+    shows it Cached)."""
     logger = get_run_logger()
     p = load_params(params)
     specs = [s for s in stage_specs(p) if not stages or s.name in stages]
@@ -36,23 +39,20 @@ def pipeline(params: str = "params.yaml", stages: list[str] | None = None) -> di
     if p.orchestrate.version_with_dvc and root is None:
         logger.info("not versioning with DVC: dvc.yaml reads params.yaml beside it, this run reads %s", params)
     t0, rows = time.perf_counter(), []
-    for s in specs:
-        t_stage = time.perf_counter()
-        if s.name in p.orchestrate.gpu_stages:
-            from flows.stage import run_on_gpu_pool
-
-            record, state_name = run_on_gpu_pool(s.name, params, p), "Completed (GPU pool)"
-        else:
-            state = stage(s.name, params, p, return_state=True)
-            record, state_name = state.result(), state.name  # raises if the stage failed: nothing later runs
-        if root is not None:
-            with_retries(version_stage, p)(s.name, str(root), p.orchestrate.dvc_remote)
-        cached = state_name == "Cached"
-        rows.append({"stage": s.name, "state": state_name, "wall_s": round(time.perf_counter() - t_stage, 2),
-                     "compute_s": 0.0 if cached else record["timings_s"]["total"], "metrics": record["metrics"]})
+    for w, wave in enumerate(stage_waves(specs)):
+        outcomes = run_wave(wave, params, p)
+        for s in wave:  # one DVC commit at a time, in stage order
+            record, state_name, wall_s = outcomes[s.name]
+            if root is not None:
+                with_retries(version_stage, p)(s.name, str(root), p.orchestrate.dvc_remote)
+            cached = state_name == "Cached"
+            rows.append({"stage": s.name, "wave": w, "state": state_name, "wall_s": round(wall_s, 2),
+                         "compute_s": 0.0 if cached else record["timings_s"]["total"], "metrics": record["metrics"]})
     wall = time.perf_counter() - t0
-    compute = sum(r["compute_s"] for r in rows)
+    # stages of a wave overlap: the compute on the run's critical path is each wave's longest stage
+    compute = sum(max(r["compute_s"] for r in rows if r["wave"] == w) for w in {r["wave"] for r in rows})
     run = {"params": str(params), "wall_s": round(wall, 2), "stage_compute_s": round(compute, 2),
+           "stage_compute_total_s": round(sum(r["compute_s"] for r in rows), 2),
            "overhead_s": round(wall - compute, 2), "overhead_share": round((wall - compute) / wall, 4) if wall else 0.0,
            "stages": rows}
     write_json(p.stage_dir("pipeline") / "run.json", run)
@@ -62,6 +62,41 @@ def pipeline(params: str = "params.yaml", stages: list[str] | None = None) -> di
     logger.info("pipeline: %.1f s wall, %.1f s in stages, orchestration overhead %.1f s (%.1f%%)",
                 wall, compute, wall - compute, 100 * run["overhead_share"])
     return run
+
+
+def run_wave(wave: list, params: str, p) -> dict[str, tuple[dict, str, float]]:
+    """Run one wave's stages; returns stage -> (result record, state name, wall seconds).
+
+    With orchestrate.concurrent_stages, the wave's local stages run side by side, each in
+    its own process with an equal share of the threads; the rest run here, one by one.
+    A failed stage raises once every stage of the wave has ended: none is left running."""
+    local = [s.name for s in wave if s.name not in p.orchestrate.gpu_stages]
+    futures = {}
+    t_wave = time.perf_counter()
+    if p.orchestrate.concurrent_stages and len(local) > 1:
+        threads = max(1, (p.project.threads or os.cpu_count() or 1) // len(local))
+        get_run_logger().info("%s: side by side, %d thread(s) each", ", ".join(local), threads)
+        futures = {name: stage(name, params, p, threads=threads) for name in local}
+    outcomes = {}
+    try:
+        for s in wave:
+            if s.name in futures:
+                continue
+            t_stage = time.perf_counter()
+            if s.name in p.orchestrate.gpu_stages:
+                from flows.stage import run_on_gpu_pool
+
+                record, state_name = run_on_gpu_pool(s.name, params, p), "Completed (GPU pool)"
+            else:
+                state = stage(s.name, params, p, return_state=True)
+                record, state_name = state.result(), state.name  # raises if the stage failed: nothing later runs
+            outcomes[s.name] = (record, state_name, time.perf_counter() - t_stage)
+    finally:
+        for f in futures.values():
+            f.wait()
+    for name, f in futures.items():
+        outcomes[name] = (f.state.result(), f.state.name, time.perf_counter() - t_wave)
+    return outcomes
 
 
 def main() -> None:

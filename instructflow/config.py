@@ -249,6 +249,9 @@ class OrchestrateConfig(_Section):
         True, description="After each stage, record it in dvc.lock (dvc commit) and push its outputs to the DVC remote. "
         "Only when the run reads the params.yaml beside dvc.yaml.")
     dvc_remote: str = Field("", description="DVC remote to push to; empty means the default remote in .dvc/config.")
+    concurrent_stages: bool = Field(
+        True, description="Run the stages of one wave (stages that do not read each other's outputs: export, ppo and "
+        "ppo_ptx) at the same time, each in its own process with an equal share of project.threads (all cores when 0).")
     retries: int = Field(3, ge=0, description="Retries of a stage or push that failed on a transient fault (storage, network).")
     retry_delay_s: float = Field(5.0, ge=0, description="First retry delay; it doubles on each retry (with jitter).")
     stage_timeout_s: float = Field(6 * 3600, gt=0, description="A stage still running after this long fails.")

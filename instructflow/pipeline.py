@@ -4,6 +4,7 @@ this table and DVC's dvc.yaml is generated from it, so the two can never
 disagree about a stage's inputs.
 
     stage_specs(params)      -> the stages, in order, for this configuration
+    stage_waves(specs)       -> the same, cut into waves of stages that may run at the same time
     stage_key(params, name)  -> hash of the stage's inputs, params sections and code
     outputs_current(...)     -> are the stage's outputs on disk the ones that key made?
 """
@@ -97,6 +98,28 @@ def stage_specs(params: Params) -> list[StageSpec]:
             plots=(f"{a}/eval/winrate.png", f"{a}/eval/ppo_curves.png")))
     return [StageSpec(s.name, s.cmd, s.sections, s.deps, s.outs, (*s.metrics, f"{a}/{s.name}/result.json"), s.plots,
                       f"{a}/{s.name}/result.json") for s in specs]
+
+
+def stage_waves(specs: list[StageSpec]) -> list[list[StageSpec]]:
+    """The stages, in order, cut into waves whose stages may run at the same time:
+    a stage joins the wave before it unless it reads something a stage of that
+    wave writes. On the built-in default: export, ppo and ppo_ptx form one wave."""
+    waves: list[list[StageSpec]] = []
+    for s in specs:
+        if waves and not any(reads_from(s, t) for t in waves[-1]):
+            waves[-1].append(s)
+        else:
+            waves.append([s])
+    return waves
+
+
+def reads_from(s: StageSpec, t: StageSpec) -> bool:
+    """Whether stage s reads a path that stage t writes (the same path, or one inside the other)."""
+    def nested(a: str, b: str) -> bool:
+        pa, pb = Path(a), Path(b)
+        return pa == pb or pb in pa.parents or pa in pb.parents
+
+    return any(nested(d, w) for d in s.deps for w in (*t.outs, *t.metrics, *t.plots))
 
 
 def builtin_model(params: Params) -> bool:

@@ -11,10 +11,18 @@ Prefect's cache knows keys, not files: if the outputs on disk are not the ones
 the key produced (deleted, edited, or overwritten by a run with other
 params), the task is called with refresh_cache=True so it runs again and
 replaces the cached record.
+
+Stages of one wave (instructflow.pipeline.stage_waves) run side by side, each in
+a process of its own (`stage_process_task`), sharing the cache keys.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from prefect import task
@@ -22,7 +30,7 @@ from prefect.tasks import exponential_backoff
 
 from instructflow.cli import run_stage
 from instructflow.config import Params, load_params
-from instructflow.pipeline import outputs_current, stage_key
+from instructflow.pipeline import outputs_current, spec, stage_key
 
 from .faults import retry_if_transient
 
@@ -40,6 +48,28 @@ def stage_task(stage: str, params_path: str, key: str) -> dict:
     return {k: result[k] for k in ("stage", "run_key", "metrics", "outputs", "timings_s")}
 
 
+@task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
+      retry_condition_fn=retry_if_transient, log_prints=True)
+def stage_process_task(stage: str, params_path: str, key: str, threads: int) -> dict:
+    """Run one stage in a process of its own with `threads` CPU threads, so that the
+    stages of a wave run side by side (torch's seeds and thread pool are per process).
+    Its log goes to artifacts/<stage>/stage.log; a failure raises with the log's end."""
+    params = load_params(params_path)
+    s = spec(params, stage)
+    log_path = params.stage_dir(stage) / "stage.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "instructflow.cli", *shlex.split(s.cmd)[1:], "--params", params_path]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    print(f"{stage}: own process, {threads} thread(s), log {log_path}")
+    with log_path.open("w") as fh:
+        proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=params.orchestrate.stage_timeout_s)
+    if proc.returncode:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
+    record = json.loads(Path(s.result).read_text())
+    return {k: record[k] for k in ("stage", "run_key", "metrics", "outputs", "timings_s")}
+
+
 def with_retries(t, params: Params, **options):
     """Task `t` with the params' retries (exponential backoff, jittered) and timeout."""
     o = params.orchestrate
@@ -47,12 +77,18 @@ def with_retries(t, params: Params, **options):
                           retry_jitter_factor=0.5, timeout_seconds=o.stage_timeout_s, **options)
 
 
-def stage(name: str, params_path: str, params: Params | None = None, **call_options):
+def stage(name: str, params_path: str, params: Params | None = None, *, threads: int = 0, **call_options):
     """Run `stage_task` named after the stage, with the params' retries and
     timeout, forced to run when the outputs on disk do not match the key.
-    `call_options` go to the task call (e.g. return_state=True)."""
+    `call_options` go to the task call (e.g. return_state=True).
+
+    With `threads`, the stage runs in its own process (`stage_process_task`) and
+    this returns a future at once: the caller waits on it."""
     params = params or load_params(params_path)
     key = stage_key(params, name)
     current = outputs_current(params, name, key)
+    if threads:
+        t = with_retries(stage_process_task, params, name=name, task_run_name=name, refresh_cache=not current)
+        return t.submit(name, params_path, key, threads)
     t = with_retries(stage_task, params, name=name, task_run_name=name, refresh_cache=not current)
     return t(name, params_path, key, **call_options)

@@ -113,6 +113,13 @@ def test_prefect_run_survives_a_storage_fault_and_pushes_every_stage(project, en
     assert [r["stage"] for r in rec["stages"]] == ["data", "validate", "pretrain", "sft", "collect", "reward", "export",
                                                    "ppo", "ppo_ptx", "eval"]
     assert rec["wall_s"] >= rec["stage_compute_s"] > 0
+    # export, ppo and ppo_ptx read none of each other's outputs: one wave, side by side, each in its own process
+    wave = {r["stage"]: r["wave"] for r in rec["stages"]}
+    assert wave["export"] == wave["ppo"] == wave["ppo_ptx"] not in (wave["reward"], wave["eval"])
+    assert rec["stage_compute_s"] < rec["stage_compute_total_s"]
+    for name in ("export", "ppo", "ppo_ptx"):
+        assert f'"stage": "{name}"' in (project / "artifacts" / name / "stage.log").read_text()
+    assert not (project / "artifacts/eval/stage.log").exists()  # a wave of one runs in the flow's process
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(states(rec))  # every stage recorded: which data, params and code made it
     assert all(o.get("md5") for s in lock["stages"].values() for o in s.get("outs", []))
@@ -199,3 +206,17 @@ def test_bad_data_stops_the_flow_before_any_training(tmp_path, env):
     assert not (proj / "artifacts/pretrain").exists() and not (proj / "artifacts/data/sft_train.jsonl").exists()
     q = [json.loads(x) for x in (proj / "artifacts/validate/quarantine/comparisons.quarantine.jsonl").read_text().splitlines()]
     assert [r["line"] for r in q] == [8, 13]
+
+
+def test_stage_waves_group_only_stages_that_read_none_of_each_others_outputs():
+    from instructflow.config import Params
+    from instructflow.pipeline import StageSpec, stage_specs, stage_waves
+
+    names = [[s.name for s in w] for w in stage_waves(stage_specs(Params()))]
+    assert names == [["data"], ["validate"], ["pretrain"], ["sft"], ["collect"], ["reward"],
+                     ["export", "ppo", "ppo_ptx"], ["eval"]]
+    # a path inside another stage's output folder is a dependency too; order is kept
+    a = StageSpec("a", "x a", (), (), ("out/a",))
+    b = StageSpec("b", "x b", (), ("in/b.jsonl",), ("out/b",))
+    c = StageSpec("c", "x c", (), ("out/a/model/config.json",), ("out/c",))
+    assert [[s.name for s in w] for w in stage_waves([a, b, c])] == [["a", "b"], ["c"]]
