@@ -18,9 +18,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from instructflow.cli import eval_table
-from instructflow.config import load_params
+from instructflow.config import Params, load_params
 from instructflow.io import write_json
-from instructflow.pipeline import stage_specs, stage_waves
+from instructflow.pipeline import StageSpec, stage_specs, stage_waves
 from tasks.report import publish_report
 from tasks.stages import stage, with_retries
 from tasks.versioning import dvc_root, version_stage
@@ -64,7 +64,12 @@ def pipeline(params: str = "params.yaml", stages: list[str] | None = None) -> di
     return run
 
 
-def run_wave(wave: list, params: str, p) -> dict[str, tuple[dict, str, float]]:
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), where the OS tells."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_wave(wave: list[StageSpec], params: str, p: Params) -> dict[str, tuple[dict, str, float]]:
     """Run one wave's stages; returns stage -> (result record, state name, wall seconds).
 
     With orchestrate.concurrent_stages, the wave's local stages run side by side, each in
@@ -74,7 +79,7 @@ def run_wave(wave: list, params: str, p) -> dict[str, tuple[dict, str, float]]:
     futures = {}
     t_wave = time.perf_counter()
     if p.orchestrate.concurrent_stages and len(local) > 1:
-        threads = max(1, (p.project.threads or os.cpu_count() or 1) // len(local))
+        threads = max(1, (p.project.threads or usable_cores()) // len(local))
         get_run_logger().info("%s: side by side, %d thread(s) each", ", ".join(local), threads)
         futures = {name: stage(name, params, p, threads=threads) for name in local}
     outcomes = {}
