@@ -35,6 +35,11 @@ from instructflow.pipeline import outputs_current, spec, stage_key
 from .faults import retry_if_transient
 
 
+def summary(result: dict) -> dict:
+    """The part of a stage's result.json record that Prefect persists."""
+    return {k: result[k] for k in ("stage", "run_key", "metrics", "outputs", "timings_s")}
+
+
 def _cache_key(context, parameters: dict) -> str:
     return f"instructflow-{parameters['stage']}-{parameters['key']}"
 
@@ -44,8 +49,7 @@ def _cache_key(context, parameters: dict) -> str:
 def stage_task(stage: str, params_path: str, key: str) -> dict:
     """Run one stage in this process; return its result record (small JSON).
     `key` is the stage's pipeline.stage_key, computed by `stage()`: the cache key."""
-    result = run_stage(stage, Path(params_path))
-    return {k: result[k] for k in ("stage", "run_key", "metrics", "outputs", "timings_s")}
+    return summary(run_stage(stage, Path(params_path)))
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
@@ -66,8 +70,7 @@ def stage_process_task(stage: str, params_path: str, key: str, threads: int) -> 
     if proc.returncode:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
-    record = json.loads(Path(s.result).read_text())
-    return {k: record[k] for k in ("stage", "run_key", "metrics", "outputs", "timings_s")}
+    return summary(json.loads(Path(s.result).read_text()))
 
 
 def with_retries(t, params: Params, **options):

@@ -142,3 +142,33 @@ def test_length_grouped_batches_cover_every_item_once_with_less_padding():
     assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
     with pytest.raises(ValueError, match="3 sizes for 1003 items"):
         epoch_batches(n, bs, seed=1, epoch=0, sizes=[1, 2, 3], group=10)
+
+
+def test_train_loop_visits_the_length_grouped_batches(tmp_path):
+    """With group_by_length and a size_fn, train_loop takes exactly epoch_batches' grouped
+    batches; without a size_fn (pretraining) it keeps random ones."""
+    from instructflow.training import epoch_batches
+
+    lengths = [3, 30] * 40
+
+    def visits(size_fn):
+        seen: list[list[int]] = []
+
+        def collate(xs):
+            seen.append(xs)
+            return {"x": torch.ones(len(xs), 1)}
+
+        train_loop(name="t", model=torch.nn.Linear(1, 1), examples=list(range(len(lengths))), collate=collate,
+                   loss_fn=lambda m, b: (m(b["x"]).pow(2).mean(), {}),
+                   cfg=OptimConfig(batch_size=8, epochs=1, log_every=100, length_group=5), out_dir=tmp_path,
+                   accelerator=make_accelerator(ProjectConfig(device="cpu")), seed=3, size_fn=size_fn)
+        return seen
+
+    def mixed(batches):  # batches holding both lengths: padded
+        return sum(len({lengths[i] for i in b}) > 1 for b in batches)
+
+    grouped = visits(lambda i: lengths[i])
+    assert grouped == epoch_batches(len(lengths), 8, 3, 0, lengths, group=5)
+    assert mixed(grouped) <= 2  # at most where a sorted window of 40 turns from 3 to 30
+    plain = visits(None)
+    assert plain == epoch_batches(len(lengths), 8, 3, 0) and mixed(plain) >= 8
