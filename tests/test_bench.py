@@ -155,3 +155,34 @@ def test_judge_table_refuses_comparisons_it_cannot_grade():
     comps = [Comparison(id="hh-7", prompt="p", responses=["a", "b"], ranking=[0, 1])]  # imported data: no labeler, no meta
     with pytest.raises(ValueError, match=r"comparison 1 \(id 'hh-7'\).*labeler is None"):
         rm_by_category.by_category(comps, {}, {"rm": [0.0, 1.0]})
+
+
+def test_plackett_luce_loss_by_hand_and_equal_to_the_pair_loss_at_k2():
+    """bench/rm_objectives.py's full-ranking likelihood, from the collated pair tensors."""
+    import math
+
+    from instructflow.data.formats import Comparison
+    from instructflow.reward import collate_comparisons, encode_comparison, kwise_loss
+    from rm_objectives import plackett_luce_loss
+
+    class Tok:  # one token per character is enough for collation
+        pad_token_id, eos_token_id = 0, 1
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [2 + ord(ch) % 50 for ch in text]}
+
+    comps = [Comparison(id="a", prompt="p", responses=["x", "yy", "zzz"], ranking=[2, 0, 1]),  # zzz > x > yy
+             Comparison(id="b", prompt="q", responses=["u", "vv"], ranking=[1, 0])]
+    batch = collate_comparisons([encode_comparison(Tok(), c, 64) for c in comps], 0)
+    r = torch.tensor([0.5, -1.0, 2.0, 0.3, -0.4])  # x, yy, zzz; u, vv
+
+    def lse(*xs):
+        return math.log(sum(math.exp(x) for x in xs))
+    first = -((2.0 - lse(2.0, 0.5, -1.0)) + (0.5 - lse(0.5, -1.0))) / 2   # zzz of 3, then x of 2
+    second = -(-0.4 - lse(-0.4, 0.3))                                       # vv of 2
+    got = plackett_luce_loss(r, batch["owner"], batch["winners"], batch["losers"], 2)
+    assert got.item() == pytest.approx((first + second) / 2, abs=1e-6)
+    # K = 2: the full-ranking likelihood is the Bradley-Terry pair term of eq. 1
+    one = collate_comparisons([encode_comparison(Tok(), comps[1], 64)], 0)
+    pair = kwise_loss(r[3:], one["winners"], one["losers"], one["pair_weight"])
+    assert plackett_luce_loss(r[3:], one["owner"], one["winners"], one["losers"], 1).item() == pytest.approx(pair.item(), abs=1e-6)
