@@ -39,6 +39,7 @@ from instructflow.pretrain import causal_lm_loss
 from instructflow.sft import encode_demonstration, sft_batch
 
 VARIANTS = ("pairwise", "plackett_luce", "pairwise_lm", "frozen_embeddings")
+ORIGINAL = (R.rm_loss, R.load_reward_model)  # the stage's own loss and loader, restored between variants
 
 
 def plackett_luce_loss(rewards: torch.Tensor, owner: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
@@ -49,6 +50,8 @@ def plackett_luce_loss(rewards: torch.Tensor, owner: torch.Tensor, winners: torc
     n = rewards.shape[0]
     wins = torch.zeros(n, dtype=torch.long, device=rewards.device).index_add_(0, winners, torch.ones_like(winners))
     same = owner[:, None] == owner[None, :]
+    if bool(((same & (wins[:, None] == wins[None, :])).sum(1) > 1).any()):
+        raise ValueError("plackett_luce needs full rankings: a comparison has responses with equal scores (a tie)")
     at_or_below = same & (wins[None, :] <= wins[:, None])
     k = same.sum(1)
     lse = torch.logsumexp(rewards[None, :].expand(n, n).masked_fill(~at_or_below, float("-inf")), dim=1)
@@ -85,9 +88,6 @@ def patch(variant: str, params_path: Path, seed: int) -> None:
             model.model.embed_tokens.weight.requires_grad_(False)
             return model, tok
         R.load_reward_model = load
-
-
-ORIGINAL = (R.rm_loss, R.load_reward_model)
 
 
 def main() -> None:

@@ -186,3 +186,11 @@ def test_plackett_luce_loss_by_hand_and_equal_to_the_pair_loss_at_k2():
     one = collate_comparisons([encode_comparison(Tok(), comps[1], 64)], 0)
     pair = kwise_loss(r[3:], one["winners"], one["losers"], one["pair_weight"])
     assert plackett_luce_loss(r[3:], one["owner"], one["winners"], one["losers"], 1).item() == pytest.approx(pair.item(), abs=1e-6)
+
+
+def test_plackett_luce_loss_refuses_ties():
+    from rm_objectives import plackett_luce_loss
+
+    owner, winners, losers = torch.tensor([0, 0, 0]), torch.tensor([0, 0]), torch.tensor([1, 2])  # 1 and 2 tied
+    with pytest.raises(ValueError, match="full rankings"):
+        plackett_luce_loss(torch.zeros(3), owner, winners, losers, 1)
