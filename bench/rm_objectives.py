@@ -35,6 +35,7 @@ import instructflow.reward as R
 from instructflow.config import load_params
 from instructflow.data.formats import Demonstration
 from instructflow.io import read_jsonl
+from instructflow.modeling import load_tokenizer
 from instructflow.pretrain import causal_lm_loss
 from instructflow.sft import encode_demonstration, sft_batch
 
@@ -70,7 +71,7 @@ def patch(variant: str, params_path: Path, seed: int) -> None:
         R.rm_loss = loss
     elif variant == "pairwise_lm":
         p = load_params(params_path)
-        _, tok = ORIGINAL[1](p.stage_dir("sft") / "model")
+        tok = load_tokenizer(p.stage_dir("sft") / "model")
         demos = [encode_demonstration(tok, d, p.reward.max_len) for d in read_jsonl(p.stage_dir("data") / "sft_train.jsonl", Demonstration)]
         rng = random.Random(seed)
 
