@@ -194,3 +194,56 @@ def test_plackett_luce_loss_refuses_ties():
     owner, winners, losers = torch.tensor([0, 0, 0]), torch.tensor([0, 0]), torch.tensor([1, 2])  # 1 and 2 tied
     with pytest.raises(ValueError, match="full rankings"):
         plackett_luce_loss(torch.zeros(3), owner, winners, losers, 1)
+
+
+def test_logprob_variant_reads_the_stage_reward_and_each_response_log_likelihood(tmp_path):
+    """bench/rm_objectives.py's pairwise_logprob: from one shared-prompt pass, the score head's reward
+    equals the reward stage's, and the mean token log-probability equals the causal LM's own on
+    prompt + response; with weight 0 the loss is the stage's eq. 1."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from instructflow.data.formats import Comparison
+    from instructflow.modeling import reward_bias
+    from instructflow.reward import collate_comparisons, comparison_rewards, encode_comparison, rm_loss
+    from rm_objectives import logprob_aux_loss, scores_and_mean_logprobs
+    from tiny import tiny_lm
+
+    lm, tok = tiny_lm()
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1).eval()
+    rm.config.pad_token_id = tok.pad_token_id
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    comps = [Comparison(id="1", prompt="What color is the ball?", responses=["It is red.", "Blue.", "I do not know."],
+                        ranking=[0, 2, 1]),
+             Comparison(id="2", prompt="Ana has a kite.", responses=["Positive.", "Negative fox."], ranking=[1, 0])]
+    enc = [encode_comparison(tok, c, 64) for c in comps]
+    batch = collate_comparisons(enc, tok.pad_token_id)
+    with torch.no_grad():
+        reward, mean_logp = scores_and_mean_logprobs(rm, batch)
+        assert torch.allclose(reward + reward_bias(rm), comparison_rewards(rm, batch), atol=1e-5)
+        expected = []
+        for e in enc:
+            for seq in e.sequences:  # prompt + response + EOS, one row, no padding
+                logp = torch.log_softmax(lm(input_ids=torch.tensor([seq])).logits[0, :-1], -1)
+                n_prompt = len(e.prompt)
+                picked = logp[torch.arange(n_prompt - 1, len(seq) - 1), torch.tensor(seq[n_prompt:])]
+                expected.append(float(picked.mean()))
+        assert mean_logp.tolist() == pytest.approx(expected, abs=1e-5)
+        assert float(logprob_aux_loss(rm, batch, weight=0.0)[0]) == pytest.approx(float(rm_loss(rm, batch)[0]), abs=1e-6)
+
+
+def test_mismatched_demo_comparisons_pair_each_demonstration_with_another_prompt_of_its_category():
+    from instructflow.data.formats import Demonstration
+    from rm_objectives import mismatched_demo_comparisons
+
+    demos = [Demonstration(id=f"d{i}", prompt=f"p{i}", category=cat, response=f"r{i}", labeler="ada")
+             for i, cat in enumerate(["chat", "chat", "chat", "rewrite", "rewrite", "summarization"])]
+    out = mismatched_demo_comparisons(demos, seed=0)
+    by_id = {d.id: d for d in demos}
+    assert [c.id for c in out] == [f"mismatch-d{i}" for i in range(5)]  # the lone summarization demo has no partner
+    for c in out:
+        own = by_id[c.id.removeprefix("mismatch-")]
+        partner = next(d for d in demos if d.response == c.responses[1])
+        assert (c.prompt, c.responses[0], c.ranking) == (own.prompt, own.response, [0, 1])
+        assert partner.category == own.category and partner.prompt != own.prompt
