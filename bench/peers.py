@@ -21,7 +21,7 @@ What runs:
 - how PPO's cost grows with response length, batch size and model size.
 
 Outputs: bench/results.json, and the tables between the markers in
-docs/benchmarks.md. Needs the default pipeline's artifacts up to `reward`
+docs/results.md. Needs the default pipeline's artifacts up to `reward`
 (`make bench` runs those stages first when they are missing).
 """
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import random
@@ -51,18 +50,12 @@ from instructflow.evaluate import win_rates
 from instructflow.generation import generate
 from instructflow.io import content_hash, read_jsonl, write_jsonl
 from instructflow.judge import judge
-from instructflow.modeling import (
-    build_tiny_llama,
-    context_length,
-    encode_prompt,
-    format_prompt,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-)
+from instructflow.encoding import encode_prompt, format_prompt
+from instructflow.modeling import build_tiny_llama, context_length, load_causal_lm, load_reward_model, load_tokenizer
 from instructflow.reward import encode_comparison, pairwise_accuracy
-from instructflow.sft import encode_demonstration, sft_batch, validation_loss
+from instructflow.sft import encode_demonstration, validation_loss
 from instructflow.suite.labelers import Labeler
+from instructflow.registry import STAGES
 from instructflow.training import epoch_batches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +149,7 @@ def ours_params(base: Params, run_dir: Path, threads: int, seed: int, **sections
 
 
 def run_ours(stage: str, params_path: Path, run_dir: Path) -> dict:
-    rss = run_process([sys.executable, "-m", "instructflow.cli", stage.replace("_", "-"), "--params", str(params_path)],
+    rss = run_process([sys.executable, "-m", "instructflow.cli", *STAGES[stage].command, "--params", str(params_path)],
                       run_dir / "log.txt", env={"INSTRUCTFLOW_LOG": "WARNING"})
     res = json.loads((run_dir / "artifacts" / stage / "result.json").read_text())
     return {"metrics": res["metrics"], "peak_rss_mb": round(rss, 1), "model": str(run_dir / "artifacts" / stage / "model"),
@@ -580,7 +573,7 @@ def main() -> None:
     ap.add_argument("--work", default="bench/work")
     ap.add_argument("--venvs", default="bench/.venvs")
     ap.add_argument("--results", default="bench/results.json")
-    ap.add_argument("--doc", default="docs/benchmarks.md")
+    ap.add_argument("--doc", default="docs/results.md")
     args = ap.parse_args()
 
     params = load_params(Path(args.params))

@@ -96,7 +96,7 @@ async def drive(url: str, items: list[dict], clients: int, seconds: float) -> di
     requests back to back. The requests are encoded once, up front, and the client
     speaks bare HTTP/1.1 on asyncio streams: the load generator shares the machine's
     cores with the server, and a full HTTP client (httpx) took about half a core of
-    the two here, which the server then lacked (docs/benchmarks.md)."""
+    the two here, which the server then lacked (docs/decisions.md)."""
     host, port = url.removeprefix("http://").split(":")
     requests = []
     for item in items:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from instructflow.config import load_params
-from instructflow.pipeline import stage_specs
+from instructflow.registry import stage_specs
 from tasks.stages import stage, with_retries
 from tasks.versioning import dvc_root, pull_stages
 

@@ -10,17 +10,15 @@ against that server (schedules need one: see prefect.yaml).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from instructflow.cli import eval_table
 from instructflow.config import Params, load_params
 from instructflow.io import write_json
-from instructflow.pipeline import StageSpec, stage_specs, stage_waves
+from instructflow.registry import STAGES, StageSpec, resolve, stage_specs, stage_waves
 from tasks.report import publish_report
 from tasks.stages import stage, with_retries
 from tasks.versioning import dvc_root, version_stage
@@ -112,9 +110,9 @@ def main() -> None:
     t0 = time.perf_counter()
     run = pipeline(params=args.params, stages=[s for s in args.stages.split(",") if s] or None)
     p = load_params(args.params)
-    metrics = p.stage_dir("eval") / "metrics.json"
-    if metrics.exists() and any(r["stage"] == "eval" for r in run["stages"]):
-        print(eval_table(json.loads(metrics.read_text())))
+    for r in run["stages"]:
+        if STAGES[r["stage"]].table:
+            print(resolve(STAGES[r["stage"]].table)(r["metrics"]))
     print(f"\npipeline finished in {time.perf_counter() - t0:.1f} s (process, Prefect start-up included); "
           f"flow {run['wall_s']} s, stages {run['stage_compute_s']} s, overhead {run['overhead_s']} s "
           f"({100 * run['overhead_share']:.1f}%); details in {Path(p.stage_dir('pipeline')) / 'run.json'}")

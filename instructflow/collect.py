@@ -19,7 +19,6 @@ import statistics
 from .config import Params
 from .data.formats import Comparison, Prompt
 from .generation import generate
-from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_json, write_jsonl, write_result
 from .modeling import load_causal_lm
 from .suite.labelers import Labeler, pairwise_agreement
@@ -62,11 +61,10 @@ def measure_agreement(labelers: list[Labeler], comparisons: list[Comparison], se
     }
 
 
-def run_collect(params: Params) -> dict:
+def run_collect(params: Params, key: str = "") -> dict:
     if params.data.source != "builtin":
         raise ValueError("collect needs the built-in suite's simulated labelers; with data.source=files the "
                          "comparisons come from data.comparisons")
-    key = stage_key(params, "collect")
     setup_runtime(params.project)
     cfg, data_dir, out = params.collect, params.stage_dir("data"), params.stage_dir("collect")
     out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ class TinyModelConfig(_Section):
         0.12, gt=0,
         description="Std of the initial weights (LlamaConfig.initializer_range). On the built-in suite Hugging Face's 0.02 "
                     "left the width-128 model's attention near uniform and it never learnt to read its context; 0.12 "
-                    "measured best. On HH-RLHF (4,096-token vocabulary) 0.02 measured better: docs/benchmarks.md.")
+                    "measured best. On HH-RLHF (4,096-token vocabulary) 0.02 measured better: docs/decisions.md.")
 
 
 class ModelConfig(_Section):
@@ -150,7 +150,7 @@ class SFTConfig(OptimConfig):
     eval_prompts: int = Field(200, ge=0, description="Validation prompts generated and judged by the held-out labeler (base vs SFT).")
     max_new_tokens: int = Field(32, ge=1, description="Generation length limit for that judgement.")
     group_by_length: bool = Field(False, description="Batch demonstrations of similar length together: 1.5x faster, but "
-                                  "batches of one kind of answer fit worse (validation loss 0.95 -> 0.99; docs/benchmarks.md).")
+                                  "batches of one kind of answer fit worse (validation loss 0.95 -> 0.99; docs/decisions.md).")
 
 
 class CollectConfig(_Section):
@@ -168,9 +168,6 @@ class RewardConfig(OptimConfig):
     epochs: float = Field(3.0, gt=0, description="Passes over the comparisons.")
     log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Comparisons (prompts, each with K responses) per micro-batch.")
-    comparisons_train: str = Field("", description="Training comparisons JSONL; empty means the collect stage's output.")
-    comparisons_val: str = Field("", description="Validation comparisons JSONL; empty means the collect stage's output.")
-    init_from: str = Field("", description="Model to start from; empty means the SFT model.")
 
 
 class PPOConfig(_Section):
@@ -184,7 +181,7 @@ class PPOConfig(_Section):
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon (paper: 0.2).")
     value_clip_range: float = Field(0.2, gt=0, description="Clip of the value update around the rollout's value.")
     vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount (paper: none, i.e. 1).")
+    discount: float = Field(1.0, ge=0, le=1, description="Discount factor of GAE (paper: none, i.e. 1). Not the paper's gamma, which is ptx_coef.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 over each iteration's tokens.")
     kl_coef: float = Field(0.1, ge=0, description="beta of the per-token KL penalty to the SFT policy (paper: 0.02 at its reward scale); the start value when adaptive.")

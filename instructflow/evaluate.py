@@ -32,12 +32,14 @@ import torch
 
 from .config import Params
 from .data.formats import Demonstration, PretrainText, Prompt
+from .encoding import encode_pair, pack
 from .generation import generate
-from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_json, write_result
 from .judge import judge
-from .modeling import context_length, encode_prompt, encode_response, join_truncated, load_causal_lm, load_reward_model
-from .pretrain import heldout_loss, pack
+from .losses import token_logprobs
+from .modeling import context_length, load_causal_lm, load_reward_model
+from .pretrain import heldout_loss
+from .report import format_table
 from .reward import score_texts
 from .sft import sft_batch
 from .suite.labelers import Labeler
@@ -98,12 +100,11 @@ def sequence_logprobs(model, tok, prompts: list[str], responses: list[str], max_
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
-        enc = [join_truncated(encode_prompt(tok, p), encode_response(tok, r), max_len)
-               for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        enc = [encode_pair(tok, p, r, max_len) for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
         b = {k: v.to(device) for k, v in sft_batch(enc, tok.pad_token_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
         labels = b["labels"][:, 1:]                                   # position t predicts token t+1
-        tok_logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        tok_logp, _ = token_logprobs(logits, labels)
         out.append((tok_logp * (labels != -100)).sum(1).cpu())
     return torch.cat(out)
 
@@ -114,10 +115,7 @@ def _model_dirs(params: Params) -> dict[str, Path]:
     return {k: v for k, v in dirs.items() if (v / "config.json").exists()}
 
 
-def run_eval(params: Params) -> dict:
-    if params.data.source != "builtin":
-        raise ValueError("eval judges with the built-in suite's held-out labeler; data.source=files has none")
-    key = stage_key(params, "eval")
+def run_eval(params: Params, key: str = "") -> dict:
     setup_runtime(params.project)
     cfg, out, data_dir = params.eval, params.stage_dir("eval"), params.stage_dir("data")
     out.mkdir(parents=True, exist_ok=True)
@@ -262,3 +260,20 @@ def _samples(prompts: list[Prompt], answers: dict[str, list[str]], labeler: Labe
                 lines.append(f"- `{name}` [{labeler.latent(prompts[i].meta, ans[i]):.1f}]: {ans[i]!r}")
             lines.append("")
     path.write_text("\n".join(lines))
+
+
+def summary_table(metrics: dict, markdown: bool = False) -> str:
+    """The evaluation as a table, one row per model (the terminal's and the Prefect report's)."""
+    def f(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    header = ["model", "win rate vs SFT [95% CI]", "Likert", "invented", "disallowed", "align tax", "RM score", "KL to SFT"]
+    rows = []
+    for name, m in metrics["models"].items():
+        w = m.get("vs_sft")
+        win = f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" if w else "(reference)"
+        rows.append([name, win, f(m["likert"], ".2f"), f(m["invented_answer_rate"]), f(m["disallowed_output_rate"]),
+                     f(m["alignment_tax"], "+.3f"), f(m["rm_score"], "+.3f"), f(m["kl_to_sft"], ".2f")])
+    note = (f"(held-out labeler, {metrics['prompts']} prompts, T={metrics['temperature']}; RM accuracy "
+            f"{metrics['rm_val_accuracy']}, labeler agreement {metrics['labeler_agreement']})")
+    return format_table(header, rows, markdown) + "\n\n" + note

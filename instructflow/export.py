@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from .config import Params
-from .pipeline import stage_key
 from .io import StageTimer, content_hash, sha256_file, write_result
 from .modeling import context_length, load_reward_model, position_ids_from_mask, reward_bias
 from .training import setup_runtime
@@ -82,7 +81,7 @@ def ort_session(onnx_path: Path, provider: str = "auto"):
     opts.log_severity_level = 3
     # Idle intra-op threads sleep instead of spinning. The server's event loop and
     # tokenizer share the cores with them; under load the spinning took that CPU
-    # and cost the endpoint a third of its requests/s (docs/benchmarks.md).
+    # and cost the endpoint a third of its requests/s (docs/decisions.md).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = provider == "cuda" or (provider == "auto" and ctypes.util.find_library("cuda") is not None)
     if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -201,8 +200,7 @@ def verify_export(folder: Path) -> dict:
     return manifest
 
 
-def run_export(params: Params) -> dict:
-    key = stage_key(params, "export")
+def run_export(params: Params, key: str = "") -> dict:
     setup_runtime(params.project)
     cfg, out = params.export, params.stage_dir("export")
     out.mkdir(parents=True, exist_ok=True)

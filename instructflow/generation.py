@@ -2,7 +2,7 @@
 paper samples at T=1) or greedy, from left-padded prompt batches with a KV cache.
 
 `sample_tokens` is the decoding loop. Two things make it faster than
-`model.generate` on the workloads here (measured in docs/benchmarks.md):
+`model.generate` on the workloads here (measured in docs/decisions.md):
 - several samples per prompt share the prompt's computation: the prompt runs
   once and its KV cache is copied to each sample's row (HF's `generate` runs
   every prompt once per sample);
@@ -20,18 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .modeling import accepts_logits_to_keep, context_length, encode_prompt, position_ids_from_mask
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask), both (B, width): each prompt's last token sits at the right edge."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask
+from .encoding import encode_prompt, end_of_turn_id, pad
+from .modeling import accepts_logits_to_keep, context_length, position_ids_from_mask
 
 
 @torch.no_grad()
@@ -94,9 +84,9 @@ def generate(
     out: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        ids, mask = left_pad([encode_prompt(tokenizer, p)[-max_prompt:] for p in chunk], tokenizer.pad_token_id)
+        ids, mask = pad([encode_prompt(tokenizer, p)[-max_prompt:] for p in chunk], tokenizer.pad_token_id, side="left")
         tokens = sample_tokens(model, ids.to(device), mask.to(device), num_samples=num_samples,
-                               max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                               max_new_tokens=max_new_tokens, eos_id=end_of_turn_id(tokenizer),
                                pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=greedy)
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for i in range(len(chunk)):

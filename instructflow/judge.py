@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from .data.formats import Prompt
 from .suite.labelers import Labeler
-from .suite.tasks import grade
+from .suite.instructions import grade
 
 
 def judge(labeler: Labeler, prompts: list[Prompt], responses: list[str], seed: int = 0) -> dict:

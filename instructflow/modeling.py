@@ -1,6 +1,6 @@
-"""Models and tokenizers: the chat template, the built-in tiny Llama and its
-BPE tokenizer, loading any Hugging Face causal LM, residual dropout, and the
-encoding of (prompt, response) pairs shared by SFT, the RM and sampling.
+"""Models and tokenizers: the built-in tiny Llama and its BPE tokenizer,
+loading any Hugging Face causal LM and reward model, reward scores, and
+residual dropout. (Text to tokens is encoding.py.)
 """
 
 from __future__ import annotations
@@ -30,13 +30,6 @@ log = logging.getLogger(__name__)
 
 BUILTIN = "builtin:tiny-llama"
 PAD, EOS, BOS = "<|pad|>", "<|endoftext|>", "<|bos|>"
-# The one chat template. HH-RLHF's "\n\nHuman: X\n\nAssistant:" maps onto it.
-PROMPT_TEMPLATE = "Human: {prompt}\n\nAssistant:"
-
-
-def format_prompt(prompt: str) -> str:
-    return PROMPT_TEMPLATE.format(prompt=prompt)
-
 
 # --------------------------------------------------------------------------- tokenizer and model
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -122,7 +115,21 @@ def load_reward_model(path: str | Path, dtype: str = "float32"):
     parameter, so the offset lives in the saved config, not in the weights.)
     """
     tok = load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=getattr(torch, dtype))
+    # Starting from a causal LM (the reward stage starts from SFT), the scalar head is new by design:
+    # transformers' load report would flag it as MISSING in red; the report is replaced by one line here.
+    hf_log = logging.getLogger("transformers.modeling_utils")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=getattr(torch, dtype), output_loading_info=True)
+    finally:
+        hf_log.setLevel(level)
+    new = [k for k in info["missing_keys"] if not k.startswith("score.")]
+    if new:
+        log.warning("%s: these reward-model weights were not in the checkpoint and start random: %s", path, new)
+    elif info["missing_keys"]:
+        log.info("%s: a new scalar score head on the model (the reward stage trains it)", path)
     return model, tok
 
 
@@ -212,36 +219,3 @@ def add_residual_dropout(model: PreTrainedModel, p: float) -> int:
     if n == 0:
         log.warning("residual dropout: found no attention/MLP branches to hook in %s", type(model).__name__)
     return n
-
-
-# --------------------------------------------------------------------------- encoding
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(format_prompt(prompt), add_special_tokens=True)["input_ids"]
-
-
-def encode_response(tokenizer, response: str) -> list[int]:
-    return tokenizer(" " + response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-def join_truncated(prompt_ids: list[int], response_ids: list[int], max_len: int) -> tuple[list[int], int]:
-    """Concatenate prompt and response within `max_len` tokens.
-
-    Rule (documented in README): the response is kept whole when it fits in
-    max_len - 1 tokens, else cut from the right (losing its EOS); the prompt
-    is then cut from the *left*, keeping at least its last token.
-    Returns (ids, number of prompt tokens kept).
-    """
-    response_ids = response_ids[: max_len - 1]
-    keep = max(1, min(len(prompt_ids), max_len - len(response_ids)))
-    prompt_ids = prompt_ids[-keep:]
-    return prompt_ids + response_ids, len(prompt_ids)
-
-
-def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask

@@ -13,8 +13,8 @@ One iteration, in the order of this file:
   2. rewards     per token t:  r_t = -beta * (log pi_RL(y_t) - log pi_SFT(y_t)),
                  plus the RM score at the last token (read at EOS); a response cut
                  off without EOS gets the fixed `no_eos_score` instead of the RM's.
-  3. advantages  GAE:  delta_t = r_t + gamma_d * V_{t+1} - V_t,
-                 A_t = delta_t + gamma_d * lambda * A_{t+1},  returns R_t = A_t + V_t;
+  3. advantages  GAE:  delta_t = r_t + d * V_{t+1} - V_t,
+                 A_t = delta_t + d * lambda * A_{t+1},  returns R_t = A_t + V_t  (d: ppo.discount, 1 in the paper);
                  A whitened over the iteration's tokens.
   4. losses      for ppo_epochs x minibatches, with rho_t = pi(y_t) / pi_old(y_t):
                  policy  L_pg  = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps))
@@ -33,28 +33,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .config import Params, PPOConfig
 from .data.formats import Prompt, PretrainText
-from .generation import left_pad, sample_tokens
-from .pipeline import stage_key
+from .encoding import encode_prompt, end_of_turn_id, pack, pad
+from .generation import sample_tokens
 from .io import StageTimer, read_jsonl, write_result
-from .modeling import (
-    accepts_logits_to_keep,
-    context_length,
-    encode_prompt,
-    load_causal_lm,
-    load_reward_model,
-    position_ids_from_mask,
-    reward_scores,
-)
-from .pretrain import causal_lm_loss, pack
-from .training import load_checkpoint, make_accelerator, save_checkpoint, save_model_atomic, seed_everything, setup_runtime
+from .losses import causal_lm_loss, token_logprobs
+from .modeling import accepts_logits_to_keep, context_length, load_causal_lm, load_reward_model, position_ids_from_mask, reward_scores
+from .training import load_checkpoint, make_accelerator, progress, save_checkpoint, save_model_atomic, seed_everything, setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +69,7 @@ def apply_no_eos_score(scores: torch.Tensor, ended: torch.Tensor, no_eos_score: 
     return torch.where(ended, scores, torch.full_like(scores, no_eos_score))
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, discount: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over (B, R) tensors; the value after the
     last token is 0 (the episode ends there). Returns (advantages, returns)."""
     rewards, values = rewards * mask, values * mask
@@ -88,8 +77,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.size(1))):
         next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
+        delta = rewards[:, t] + discount * next_value - values[:, t]
+        running = delta + discount * lam * running
         adv[:, t] = running
     adv = adv * mask
     return adv, (adv + values) * mask
@@ -188,16 +177,11 @@ def response_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, prompt_width
 
     Position P-1+t predicts response token t, so only the last R+1 positions need the LM
     head: `logits_to_keep` skips it on the prompt. That is 5% of a training step on the
-    default model (vocabulary 1,024; bench/ppo_step.py) and most of one with a real vocabulary."""
+    default model (vocabulary 1,024; docs/decisions.md) and most of one with a real vocabulary."""
     R = ids.size(1) - prompt_width
     keep = {"logits_to_keep": R + 1} if accepts_logits_to_keep(model) else {}
     logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), **keep).logits
-    logits = logits[:, -R - 1 : -1].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
-    if not with_entropy:
-        return logp, None
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return token_logprobs(logits[:, -R - 1 : -1], ids[:, prompt_width:], temperature, with_entropy)
 
 
 def response_values(value_model, ids: torch.Tensor, attn: torch.Tensor, prompt_width: int) -> torch.Tensor:
@@ -223,12 +207,13 @@ class Rollout:
 @torch.no_grad()
 def rollout(policy, ref, value_model, rm, tok, prompts: list[str], cfg: PPOConfig, device) -> Rollout:
     max_prompt = context_length(policy) - cfg.max_new_tokens
-    p_ids, p_attn = left_pad([encode_prompt(tok, p)[-max_prompt:] for p in prompts], tok.pad_token_id)
+    p_ids, p_attn = pad([encode_prompt(tok, p)[-max_prompt:] for p in prompts], tok.pad_token_id, side="left")
     p_ids, p_attn = p_ids.to(device), p_attn.to(device)
-    resp = sample_tokens(policy, p_ids, p_attn, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_token_id,
+    eos = end_of_turn_id(tok)
+    resp = sample_tokens(policy, p_ids, p_attn, max_new_tokens=cfg.max_new_tokens, eos_id=eos,
                          pad_id=tok.pad_token_id, temperature=cfg.temperature)
     P = p_ids.size(1)
-    is_eos = resp == tok.eos_token_id
+    is_eos = resp == eos
     ended = is_eos.any(1)
     first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full_like(ended, resp.size(1) - 1, dtype=torch.long))
     mask = (torch.arange(resp.size(1), device=device)[None] <= first_eos[:, None]).float()
@@ -259,28 +244,53 @@ def minibatch(ro: Rollout, rows: torch.Tensor, *per_token: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- the loop
-def _stage_dir(params: Params, ptx: bool) -> Path:
-    return params.stage_dir("ppo_ptx" if ptx else "ppo")
+@dataclass
+class PPORun:
+    """Everything one PPO run works with. `policy` and `value` are prepared by accelerate
+    (wrapped for DDP when there are several processes); `ref` and `rm` stay frozen."""
+
+    cfg: PPOConfig
+    seed: int
+    acc: object                 # accelerate.Accelerator
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    value: torch.nn.Module
+    rm: torch.nn.Module
+    tok: object
+    opt_p: torch.optim.Optimizer
+    opt_v: torch.optim.Optimizer
+    kl_ctl: KLController
+    ema: EMA | None
+    prompts: list[Prompt]
+    ptx_coef: float             # gamma; 0 for plain PPO
+    ptx_blocks: torch.Tensor | None  # (N, seq_len) pretraining blocks when ptx_coef > 0
 
 
-def run_ppo(params: Params, ptx: bool = False) -> dict:
-    """Train a policy with PPO (ptx=False) or PPO-ptx (ptx=True, gamma = ppo.ptx_coef)."""
+def run_ppo(params: Params, key: str = "") -> dict:
+    """The `ppo` stage: PPO with gamma = 0."""
+    return train_ppo(params, key, ptx=False)
+
+
+def run_ppo_ptx(params: Params, key: str = "") -> dict:
+    """The `ppo_ptx` stage: PPO-ptx with gamma = ppo.ptx_coef."""
+    return train_ppo(params, key, ptx=True)
+
+
+def train_ppo(params: Params, key: str, ptx: bool) -> dict:
     name = "ppo_ptx" if ptx else "ppo"
-    key = stage_key(params, name)
     setup_runtime(params.project)
-    cfg, out = params.ppo, _stage_dir(params, ptx)
-    gamma_ptx = cfg.ptx_coef if ptx else 0.0
+    cfg, out = params.ppo, params.stage_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
     sft_dir, rm_dir, data_dir = params.stage_dir("sft") / "model", params.stage_dir("reward") / "model", params.stage_dir("data")
 
     acc = make_accelerator(params.project)
-    world, rank = acc.num_processes, acc.process_index
+    world = acc.num_processes
     if cfg.batch_size % world:
         raise ValueError(f"ppo.batch_size={cfg.batch_size} must be divisible by the {world} processes")
-    local_batch = cfg.batch_size // world
-    if local_batch % cfg.minibatch_size:
-        raise ValueError(f"ppo.batch_size / processes = {local_batch} must be divisible by ppo.minibatch_size={cfg.minibatch_size}")
+    if (cfg.batch_size // world) % cfg.minibatch_size:
+        raise ValueError(f"ppo.batch_size / processes = {cfg.batch_size // world} must be divisible by "
+                         f"ppo.minibatch_size={cfg.minibatch_size}")
 
     with timer.phase("load"):
         policy, tok = load_causal_lm(sft_dir, params.model.dtype)
@@ -293,7 +303,7 @@ def run_ppo(params: Params, ptx: bool = False) -> dict:
         policy.eval(), value.eval()  # dropout off during RL
         prompts = read_jsonl(data_dir / "ppo_prompts.jsonl", Prompt)
         blocks = None
-        if gamma_ptx > 0:
+        if ptx and cfg.ptx_coef > 0:
             texts = [r.text for r in read_jsonl(data_dir / "pretrain_train.jsonl", PretrainText)]
             blocks = torch.stack(pack(tok, texts, min(params.pretrain.seq_len, context_length(policy))))
 
@@ -305,6 +315,8 @@ def run_ppo(params: Params, ptx: bool = False) -> dict:
     acc.register_for_checkpointing(kl_ctl)
     if ema is not None:
         acc.register_for_checkpointing(ema)
+    run = PPORun(cfg, params.project.seed, acc, policy, ref, value, rm, tok, opt_p, opt_v, kl_ctl, ema, prompts,
+                 cfg.ptx_coef if ptx else 0.0, blocks)
 
     log_path = out / "train_log.jsonl"
     start = 0
@@ -320,11 +332,10 @@ def run_ppo(params: Params, ptx: bool = False) -> dict:
 
     history: list[dict] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.iterations, initial=start, desc=name, disable=not acc.is_local_main_process, dynamic_ncols=True)
+    bar = progress(cfg.iterations, name, start, acc.is_local_main_process)
     with timer.phase("train"):
         for it in range(start, cfg.iterations):
-            row = _iteration(it, params, cfg, acc, policy, ref, value, rm, tok, prompts, blocks, gamma_ptx,
-                             kl_ctl, ema, opt_p, opt_v, local_batch, world, rank)
+            row = ppo_iteration(run, it)
             row["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(row)
             if acc.is_main_process:
@@ -346,7 +357,7 @@ def run_ppo(params: Params, ptx: bool = False) -> dict:
         final.load_state_dict({k: v.to(final.dtype if v.is_floating_point() else v.dtype) for k, v in ema.shadow.items()})
     full_log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else history
     last = full_log[-min(5, len(full_log)):]
-    metrics = {"iterations": cfg.iterations, "rollouts": cfg.iterations * cfg.batch_size, "ptx_coef": gamma_ptx,
+    metrics = {"iterations": cfg.iterations, "rollouts": cfg.iterations * cfg.batch_size, "ptx_coef": run.ptx_coef,
                "resumed_from_iteration": start, "processes": world, "ema_decay": cfg.ema_decay,
                **{f"final_{k}": round(sum(r[k] for r in last) / len(last), 5)
                   for k in ("score", "kl", "entropy", "response_length", "eos_rate", "ptx_loss", "value_loss", "beta")},
@@ -359,64 +370,56 @@ def run_ppo(params: Params, ptx: bool = False) -> dict:
     acc.wait_for_everyone()
     log.info("%s: %s", name, metrics)
     inputs = {"sft": sft_dir, "reward_model": rm_dir, "prompts": data_dir / "ppo_prompts.jsonl"}
-    if gamma_ptx > 0:
+    if blocks is not None:
         inputs["pretrain"] = data_dir / "pretrain_train.jsonl"
     if not acc.is_main_process:
         return {"stage": name, "metrics": metrics, "timings_s": {"total": timer.total}}
     return write_result(out, name, inputs, {"model": out / "model", "value_model": out / "value_model"}, metrics, timer, run_key=key)
 
 
-def _iteration(it, params, cfg: PPOConfig, acc, policy, ref, value, rm, tok, prompts, blocks, gamma_ptx,
-               kl_ctl: KLController, ema, opt_p, opt_v, local_batch, world, rank) -> dict:
+def ppo_iteration(run: PPORun, it: int) -> dict:
+    """One PPO iteration: rollout, rewards, advantages, ppo_epochs of minibatch updates, beta."""
+    cfg, acc = run.cfg, run.acc
+    world, rank = acc.num_processes, acc.process_index
     # Every iteration reseeds from (seed, iteration): a run resumed from a checkpoint
     # draws exactly the prompts, samples and minibatches an uninterrupted one does.
-    seed_everything(params.project.seed * 100003 + it * world + rank)
-    g = torch.Generator().manual_seed(params.project.seed * 100003 + it)
-    per_epoch = len(prompts) // cfg.batch_size or 1
+    seed_everything(run.seed * 100003 + it * world + rank)
+    g = torch.Generator().manual_seed(run.seed * 100003 + it)
+    per_epoch = len(run.prompts) // cfg.batch_size or 1
     epoch, slot = divmod(it, per_epoch)
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(params.project.seed + epoch)).tolist()
+    order = torch.randperm(len(run.prompts), generator=torch.Generator().manual_seed(run.seed + epoch)).tolist()
     chosen = [order[(slot * cfg.batch_size + i) % len(order)] for i in range(cfg.batch_size)][rank::world]
-    texts = [prompts[i].prompt for i in chosen]
+    texts = [run.prompts[i].prompt for i in chosen]
 
     # 1. rollout
-    ro = rollout(acc.unwrap_model(policy), ref, value, rm, tok, texts, cfg, acc.device)
+    ro = rollout(acc.unwrap_model(run.policy), run.ref, run.value, run.rm, run.tok, texts, cfg, acc.device)
     # 2. rewards
-    rewards, kl = per_token_rewards(ro.logprobs, ro.ref_logprobs, ro.scores, ro.mask, kl_ctl.value)
+    rewards, kl = per_token_rewards(ro.logprobs, ro.ref_logprobs, ro.scores, ro.mask, run.kl_ctl.value)
     # 3. advantages
-    adv, returns = gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+    adv, returns = gae(rewards, ro.values, ro.mask, cfg.discount, cfg.lam)
     if cfg.whiten_advantages:
         adv = whiten(adv, ro.mask, acc)
 
     # 4. losses: ppo_epochs passes of minibatches
     stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "value_loss", "ptx_loss", "clipfrac", "approx_kl", "entropy")}
     for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(local_batch, generator=g)
-        for mb in perm.split(cfg.minibatch_size):
+        for mb in torch.randperm(len(texts), generator=g).split(cfg.minibatch_size):
             ids, attn, P, (mb_mask, old_logp, mb_adv, old_v, mb_ret) = minibatch(
                 ro, mb, ro.mask, ro.logprobs, adv, ro.values, returns)
-            if gamma_ptx > 0:
-                with acc.no_sync(policy):  # the ptx backward below syncs both terms' gradients
-                    logp, ent = response_logprobs(policy, ids, attn, P, cfg.temperature, True)
-                    pg, pstats = policy_loss(logp, old_logp, mb_adv, mb_mask, cfg.clip_range)
-                    acc.backward(pg)
-                idx = torch.randint(len(blocks), (cfg.ptx_batch_size,), generator=g)
-                lm = ptx_loss(policy, blocks[idx].to(acc.device), gamma_ptx)
-                acc.backward(lm)
-                stats["ptx_loss"].append(float(lm.detach()) / gamma_ptx)
-            else:
-                logp, ent = response_logprobs(policy, ids, attn, P, cfg.temperature, True)
-                pg, pstats = policy_loss(logp, old_logp, mb_adv, mb_mask, cfg.clip_range)
-                acc.backward(pg)
-            acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            opt_p.step()
-            opt_p.zero_grad(set_to_none=True)
-
-            v = response_values(value, ids, attn, P)
+            # policy: L_pg (+ L_ptx)
+            logp, ent = response_logprobs(run.policy, ids, attn, P, cfg.temperature, True)
+            pg, pstats = policy_loss(logp, old_logp, mb_adv, mb_mask, cfg.clip_range)
+            loss = pg
+            if run.ptx_blocks is not None:
+                idx = torch.randint(len(run.ptx_blocks), (cfg.ptx_batch_size,), generator=g)
+                lm = ptx_loss(run.policy, run.ptx_blocks[idx].to(acc.device), run.ptx_coef)
+                loss = pg + lm
+                stats["ptx_loss"].append(float(lm.detach()) / run.ptx_coef)
+            _step(acc, run.policy, run.opt_p, loss, cfg.max_grad_norm)
+            # value: L_vf
+            v = response_values(run.value, ids, attn, P)
             vf = cfg.vf_coef * value_loss(v, old_v, mb_ret, mb_mask, cfg.value_clip_range)
-            acc.backward(vf)
-            acc.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
-            opt_v.step()
-            opt_v.zero_grad(set_to_none=True)
+            _step(acc, run.value, run.opt_v, vf, cfg.max_grad_norm)
 
             stats["pg_loss"].append(float(pg.detach()))
             stats["value_loss"].append(float(vf.detach()) / max(cfg.vf_coef, 1e-12))
@@ -427,13 +430,21 @@ def _iteration(it, params, cfg: PPOConfig, acc, policy, ref, value, rm, tok, pro
     # 5. beta, EMA, and the iteration's numbers (averaged over processes)
     kl_per_response = kl.sum(1)
     glob = {
-        "score": ro.raw_scores.mean(), "reward": (ro.scores - kl_ctl.value * kl_per_response).mean(),
+        "score": ro.raw_scores.mean(), "reward": (ro.scores - run.kl_ctl.value * kl_per_response).mean(),
         "kl": kl_per_response.mean(), "response_length": ro.mask.sum(1).mean(), "eos_rate": ro.ended.float().mean(),
         **{k: torch.tensor(sum(v) / len(v)) if v else torch.tensor(0.0) for k, v in stats.items()},
     }
     glob = {k: float(acc.reduce(t.detach().float().to(acc.device), reduction="mean")) for k, t in glob.items()}
-    beta = kl_ctl.value
-    kl_ctl.update(glob["kl"], cfg.batch_size)
-    if ema is not None:
-        ema.update(acc.unwrap_model(policy))
+    beta = run.kl_ctl.value
+    run.kl_ctl.update(glob["kl"], cfg.batch_size)
+    if run.ema is not None:
+        run.ema.update(acc.unwrap_model(run.policy))
     return {"iteration": it + 1, **{k: round(v, 5) for k, v in glob.items()}, "beta": round(beta, 6)}
+
+
+def _step(acc, model, optimizer, loss: torch.Tensor, max_grad_norm: float) -> None:
+    """backward, clip, step, zero: one gradient step of one model."""
+    acc.backward(loss)
+    acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -14,34 +14,16 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .config import Params
 from .data.formats import Demonstration, PretrainText
-from .pipeline import stage_key
+from .encoding import format_prompt, pack
 from .io import StageTimer, read_jsonl, write_result
-from .modeling import BUILTIN, build_tiny_llama, format_prompt, load_causal_lm, train_tokenizer
+from .losses import causal_lm_loss
+from .modeling import BUILTIN, build_tiny_llama, load_causal_lm, train_tokenizer
 from .training import make_accelerator, save_model_atomic, setup_runtime, train_loop
 
 log = logging.getLogger(__name__)
-
-
-def pack(tokenizer, texts: list[str], seq_len: int) -> list[torch.Tensor]:
-    """Concatenate documents (each ended by EOS) and cut into seq_len blocks."""
-    ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(tokenizer.eos_token_id)
-    n = len(ids) // seq_len
-    return list(torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len))
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100.
-
-    logits: (B, T, V) predicts token t+1 at position t; labels: (B, T).
-    """
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
 @torch.no_grad()
@@ -60,8 +42,7 @@ def heldout_loss(model, blocks: list[torch.Tensor], batch_size: int = 32) -> flo
     return total / max(count, 1)
 
 
-def run_pretrain(params: Params) -> dict:
-    key = stage_key(params, "pretrain")
+def run_pretrain(params: Params, key: str = "") -> dict:
     setup_runtime(params.project)
     cfg, data_dir, out = params.pretrain, params.stage_dir("data"), params.stage_dir("pretrain")
     out.mkdir(parents=True, exist_ok=True)

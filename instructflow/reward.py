@@ -29,23 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import Params
 from .data.formats import Comparison, Demonstration
-from .pipeline import stage_key
+from .encoding import encode_pair, encode_prompt, encode_response, pad
 from .io import StageTimer, read_jsonl, write_result
-from .modeling import (
-    REWARD_BIAS_KEY,
-    encode_prompt,
-    encode_response,
-    join_truncated,
-    load_reward_model,
-    pad_right,
-    reward_scores,
-    shared_prompt_reward_scores,
-)
-from .generation import left_pad
+from .losses import kwise_loss
+from .modeling import REWARD_BIAS_KEY, load_reward_model, reward_scores, shared_prompt_reward_scores
 from .training import make_accelerator, save_model_atomic, setup_runtime, train_loop
 
 log = logging.getLogger(__name__)
@@ -97,8 +87,8 @@ def collate_comparisons(batch: list[EncodedComparison], pad_id: int) -> dict[str
             win.append(offset + w)
             lose.append(offset + l)
             weight.append(1.0 / (len(c.pairs) * len(batch)))
-    prompt_ids, prompt_mask = left_pad([c.prompt for c in batch], pad_id)
-    response_ids, response_mask = pad_right(responses, pad_id)
+    prompt_ids, prompt_mask = pad([c.prompt for c in batch], pad_id, side="left")
+    response_ids, response_mask = pad(responses, pad_id)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
             "response_mask": response_mask, "owner": torch.tensor(owner), "winners": torch.tensor(win),
             "losers": torch.tensor(lose), "pair_weight": torch.tensor(weight, dtype=torch.float32),
@@ -109,11 +99,6 @@ def comparison_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Reward of every response of a collated batch; (N,)."""
     return shared_prompt_reward_scores(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
                                        batch["response_mask"], batch["owner"])
-
-
-def kwise_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, pair_weight: torch.Tensor) -> torch.Tensor:
-    """-sum_p w_p log sigmoid(r[winner_p] - r[loser_p]); rewards: (N,), the rest (P,)."""
-    return -(pair_weight * F.logsigmoid(rewards[winners] - rewards[losers])).sum()
 
 
 def rm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -131,9 +116,8 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], max_
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [join_truncated(encode_prompt(tokenizer, p), encode_response(tokenizer, r), max_len)[0]
-                for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
-        ids, mask = pad_right(seqs, tokenizer.pad_token_id)
+        seqs = [encode_pair(tokenizer, p, r, max_len)[0] for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        ids, mask = pad(seqs, tokenizer.pad_token_id)
         out.append(reward_scores(model, ids.to(device), mask.to(device)).float().cpu())
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0)
@@ -188,21 +172,17 @@ def centre_on_demonstrations(model, tokenizer, demos: list[Demonstration], max_l
 
 def comparison_paths(params: Params) -> tuple[Path, Path, Path | None]:
     """(train, val, held-out labeler's val) comparisons the RM reads."""
-    cfg = params.reward
     src = params.stage_dir("collect") if params.data.source == "builtin" else params.stage_dir("data")
-    train = Path(cfg.comparisons_train) if cfg.comparisons_train else src / "comparisons_train.jsonl"
-    val = Path(cfg.comparisons_val) if cfg.comparisons_val else src / "comparisons_val.jsonl"
     held = src / "comparisons_val_heldout.jsonl"
-    return train, val, held if held.exists() and not cfg.comparisons_val else None
+    return src / "comparisons_train.jsonl", src / "comparisons_val.jsonl", held if held.exists() else None
 
 
-def run_reward(params: Params) -> dict:
-    key = stage_key(params, "reward")
+def run_reward(params: Params, key: str = "") -> dict:
     setup_runtime(params.project)
     cfg, out = params.reward, params.stage_dir("reward")
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
-    init = Path(cfg.init_from) if cfg.init_from else params.stage_dir("sft") / "model"
+    init = params.stage_dir("sft") / "model"
     model, tok = load_reward_model(init, params.model.dtype)
     model.config.pad_token_id = tok.pad_token_id
     train_path, val_path, held_path = comparison_paths(params)

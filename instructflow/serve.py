@@ -10,7 +10,7 @@ of at most `max_batch_size` items: those queued while the previous call ran,
 plus any arriving within `max_wait_ms` (default 0).
 Text is encoded exactly as in training (chat template, response + EOS); a pair
 longer than the model's context keeps the whole response when it fits and cuts
-the prompt from the LEFT (`modeling.join_truncated`), so long inputs never fail.
+the prompt from the LEFT (`encoding.join_truncated`), so long inputs never fail.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -33,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from .config import ServeConfig
 from .export import MANIFEST, ort_session, verify_export
-from .modeling import encode_prompt, encode_response, join_truncated
+from .encoding import encode_pair, pad
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class _Scorer:
     max_length = 0
 
     def encode(self, prompt: str, response: str) -> list[int]:
-        return join_truncated(encode_prompt(self.tokenizer, prompt), encode_response(self.tokenizer, response), self.max_length)[0]
+        return encode_pair(self.tokenizer, prompt, response, self.max_length)[0]
 
 
 class OnnxScorer(_Scorer):
@@ -63,13 +62,8 @@ class OnnxScorer(_Scorer):
         self.session, self.provider = ort_session(folder / "model.onnx", provider)
 
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
-        width = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        return self.session.run(["scores"], {"input_ids": ids, "attention_mask": mask})[0].astype(float).tolist()
+        ids, mask = pad(seqs, self.pad_id)
+        return self.session.run(["scores"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0].astype(float).tolist()
 
 
 class TorchScorer(_Scorer):
@@ -94,9 +88,9 @@ class TorchScorer(_Scorer):
         self.provider = f"torch-eager-{self.device.type}"
 
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
-        from .modeling import pad_right, reward_scores
+        from .modeling import reward_scores
 
-        ids, mask = pad_right(seqs, self.pad_id)
+        ids, mask = pad(seqs, self.pad_id)
         with self.torch.inference_mode():
             return reward_scores(self.model, ids.to(self.device), mask.to(self.device)).float().cpu().tolist()
 
@@ -247,7 +241,7 @@ class BodyLimitAndMetrics:
     A plain ASGI class, not Starlette's `@app.middleware("http")`: that one runs
     every request in its own task group with memory streams, and under load
     the event loop paces this server; replacing it gave 14-16% more requests/s
-    (docs/benchmarks.md).
+    (docs/decisions.md).
     A body with a Content-Length is judged by the header before it is read; a
     chunked one is read up to the limit, then replayed to the app."""
 

@@ -16,12 +16,12 @@ import torch
 
 from .config import Params
 from .data.formats import Demonstration
+from .encoding import encode_pair, pad
 from .generation import generate
-from .pipeline import stage_key
 from .io import StageTimer, read_jsonl, write_result
 from .judge import judge
-from .modeling import add_residual_dropout, encode_prompt, encode_response, join_truncated, load_causal_lm, pad_right
-from .pretrain import causal_lm_loss
+from .losses import causal_lm_loss
+from .modeling import add_residual_dropout, load_causal_lm
 from .suite.labelers import Labeler
 from .training import make_accelerator, save_model_atomic, setup_runtime, train_loop
 
@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 
 def encode_demonstration(tokenizer, d: Demonstration, max_len: int) -> tuple[list[int], int]:
     """(token ids of prompt + response + EOS, number of prompt tokens)."""
-    return join_truncated(encode_prompt(tokenizer, d.prompt), encode_response(tokenizer, d.response), max_len)
+    return encode_pair(tokenizer, d.prompt, d.response, max_len)
 
 
 def sft_batch(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; labels are -100 on prompt tokens and padding."""
-    ids, mask = pad_right([e[0] for e in examples], pad_id)
+    ids, mask = pad([e[0] for e in examples], pad_id)
     labels = ids.clone()
     for i, (_, n_prompt) in enumerate(examples):
         labels[i, :n_prompt] = -100
@@ -64,8 +64,7 @@ def validation_loss(model, examples, pad_id: int, batch_size: int = 64) -> float
     return total / max(count, 1)
 
 
-def run_sft(params: Params) -> dict:
-    key = stage_key(params, "sft")
+def run_sft(params: Params, key: str = "") -> dict:
     setup_runtime(params.project)
     cfg, data_dir, out = params.sft, params.stage_dir("data"), params.stage_dir("sft")
     base_dir = params.stage_dir("pretrain") / "model"

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,11 @@ log = logging.getLogger(__name__)
 
 
 def setup_runtime(project: ProjectConfig) -> None:
-    """Threads, seeds and the GPU's peak-memory counter; called at the start of each stage."""
+    """Threads, seeds, progress bars and the GPU's peak-memory counter; called at the start of each stage."""
+    if not sys.stderr.isatty():  # transformers' own bars (loading weights, writing shards): terminal only
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if project.threads:
         torch.set_num_threads(project.threads)
     seed_everything(project.seed)
@@ -58,6 +63,13 @@ def make_accelerator(project: ProjectConfig, grad_accum: int = 1) -> Accelerator
     gloo group instead of running each alone.)"""
     cpu = project.device == "cpu" or not has_accelerator_device()
     return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum)
+
+
+def progress(total: int, desc: str, initial: int = 0, main: bool = True):
+    """A progress bar on a terminal; none when stderr is not one (CI, Prefect workers,
+    log files), where the stages' periodic log lines say the same."""
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0,
+                disable=not (main and sys.stderr.isatty()))
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
@@ -168,8 +180,7 @@ def train_loop(
     running: dict[str, float] = {}
     n_running, items, t0 = 0, 0, time.perf_counter()
     val_metrics: dict[str, float] = {}
-    bar = tqdm(total=total_steps, initial=resumed_from, desc=name, disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress(total_steps, name, resumed_from, accelerator.is_local_main_process)
     micro = micro_done
     while micro < total_micro:
         epoch, start = divmod(micro, micro_per_epoch)
@@ -251,7 +262,7 @@ def load_checkpoint(accelerator: Accelerator, out_dir: Path, run_key: str = "") 
     """Restore out_dir/checkpoint into what `accelerator` prepared; return its
     trainer_state, or None when there is no complete checkpoint or when it
     belongs to another run (other inputs, params or code: see
-    pipeline.stage_key), which must start from scratch, not resume."""
+    registry.stage_key), which must start from scratch, not resume."""
     ckpt = out_dir / "checkpoint"
     if not (ckpt / "trainer_state.json").exists():
         return None

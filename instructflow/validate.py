@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,11 +385,8 @@ def validate_inputs(files: dict[str, tuple[str | Path, str]], cfg: ValidateConfi
         raise ValidationFailed(reports, cfg.max_failed_rows_shown)
 
 
-def run_validate(params: Params) -> dict:
+def run_validate(params: Params, key: str = "") -> dict:
     """The `validate` stage: every dataset under artifacts/data/ must meet its suite."""
-    from .pipeline import stage_key
-
-    key = stage_key(params, "validate")
     cfg, out = params.validate_, params.stage_dir("validate")
     data_dir = params.stage_dir("data")
     timer = StageTimer()

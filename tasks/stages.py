@@ -1,7 +1,7 @@
 """One Prefect task per stage, keyed on what the stage reads.
 
-The cache key is `pipeline.stage_key`: the content hashes of the stage's
-inputs, its params sections and the code version. A rerun with nothing
+The cache key is `registry.stage_key`: the content hashes of the stage's
+inputs, its params sections and the code the stage runs. A rerun with nothing
 changed finds every key and shows the stages as Cached; a changed PPO
 parameter changes the keys of ppo, ppo_ptx and eval only. The persisted
 result is the stage's small result.json record (paths, hashes, metrics),
@@ -12,7 +12,7 @@ the key produced (deleted, edited, or overwritten by a run with other
 params), the task is called with refresh_cache=True so it runs again and
 replaces the cached record.
 
-Stages of one wave (instructflow.pipeline.stage_waves) run side by side, each in
+Stages of one wave (instructflow.registry.stage_waves) run side by side, each in
 a process of its own (`stage_process_task`), sharing the cache keys.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +27,8 @@ from pathlib import Path
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from instructflow.cli import run_stage
 from instructflow.config import Params, load_params
-from instructflow.pipeline import outputs_current, spec, stage_key
+from instructflow.registry import outputs_current, run_stage, spec, stage_key
 
 from .faults import retry_if_transient
 
@@ -48,8 +46,8 @@ def _cache_key(context, parameters: dict) -> str:
       retry_condition_fn=retry_if_transient, log_prints=True)
 def stage_task(stage: str, params_path: str, key: str) -> dict:
     """Run one stage in this process; return its result record (small JSON).
-    `key` is the stage's pipeline.stage_key, computed by `stage()`: the cache key."""
-    return summary(run_stage(stage, Path(params_path)))
+    `key` is the stage's registry.stage_key, computed by `stage()`: the cache key."""
+    return summary(run_stage(stage, load_params(params_path)))
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
@@ -62,7 +60,7 @@ def stage_process_task(stage: str, params_path: str, key: str, threads: int) -> 
     s = spec(params, stage)
     log_path = params.stage_dir(stage) / "stage.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "instructflow.cli", *shlex.split(s.cmd)[1:], "--params", params_path]
+    argv = [sys.executable, "-m", "instructflow.cli", *s.stage.command, "--params", params_path]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
     print(f"{stage}: own process, {threads} thread(s), log {log_path}")
     with log_path.open("w") as fh:

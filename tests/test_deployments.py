@@ -5,10 +5,8 @@ that exchanges its inputs and outputs through a real S3 server."""
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import boto3
 import pytest

@@ -4,8 +4,8 @@ and in distribution when sampling at a temperature."""
 import pytest
 import torch
 
-from instructflow.generation import left_pad, sample_tokens
-from instructflow.modeling import encode_prompt
+from instructflow.encoding import encode_prompt, pad
+from instructflow.generation import sample_tokens
 from tiny import tiny_lm
 
 PROMPTS = ["What color is the ball?", "Hi", "Ana has a green kite. Ben has a pink hat."]  # unequal: left padding
@@ -14,7 +14,7 @@ PROMPTS = ["What color is the ball?", "Hi", "Ana has a green kite. Ben has a pin
 @pytest.fixture(scope="module")
 def lm():
     model, tok = tiny_lm(seed=3)
-    ids, mask = left_pad([encode_prompt(tok, p) for p in PROMPTS], tok.pad_token_id)
+    ids, mask = pad([encode_prompt(tok, p) for p in PROMPTS], tok.pad_token_id, side="left")
     return model.eval(), tok, ids, mask
 
 

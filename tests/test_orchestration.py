@@ -131,6 +131,13 @@ def test_second_run_is_all_cached_and_a_ppo_change_reruns_only_what_follows(proj
     _, rec = flow_run(project, env)
     assert set(states(rec).values()) == {"Cached"}, states(rec)
     assert rec["stage_compute_s"] == 0
+    # an edit to code no stage runs (the endpoint) retrains nothing, for Prefect and for DVC alike
+    serve = project / "instructflow/serve.py"
+    serve.write_text(serve.read_text().replace('"""The scoring endpoint', '"""The scoring endpoint (edited)', 1))
+    _, rec = flow_run(project, env)
+    assert set(states(rec).values()) == {"Cached"}, states(rec)
+    assert "up to date" in run([str(BIN / "dvc"), "status"], project, env).stdout
+    run([*GIT, "checkout", "instructflow/serve.py"], project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["ppo"]["lr"] = 3e-4
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -210,13 +217,16 @@ def test_bad_data_stops_the_flow_before_any_training(tmp_path, env):
 
 def test_stage_waves_group_only_stages_that_read_none_of_each_others_outputs():
     from instructflow.config import Params
-    from instructflow.pipeline import StageSpec, stage_specs, stage_waves
+    from instructflow.registry import STAGES, StageSpec, stage_specs, stage_waves
 
     names = [[s.name for s in w] for w in stage_waves(stage_specs(Params()))]
     assert names == [["data"], ["validate"], ["pretrain"], ["sft"], ["collect"], ["reward"],
                      ["export", "ppo", "ppo_ptx"], ["eval"]]
     # a path inside another stage's output folder is a dependency too; order is kept
-    a = StageSpec("a", "x a", (), (), ("out/a",))
-    b = StageSpec("b", "x b", (), ("in/b.jsonl",), ("out/b",))
-    c = StageSpec("c", "x c", (), ("out/a/model/config.json",), ("out/c",))
-    assert [[s.name for s in w] for w in stage_waves([a, b, c])] == [["a", "b"], ["c"]]
+    def spec(name, deps, outs):
+        return StageSpec(STAGES["data"], deps, outs, (f"out/{name}/result.json",), ())
+
+    a = spec("a", (), ("out/a",))
+    b = spec("b", ("in/b.jsonl",), ("out/b",))
+    c = spec("c", ("out/a/model/config.json",), ("out/c",))
+    assert stage_waves([a, b, c]) == [[a, b], [c]]

@@ -16,7 +16,7 @@ from instructflow.ppo import (
     value_loss,
     whiten,
 )
-from instructflow.pretrain import causal_lm_loss
+from instructflow.losses import causal_lm_loss
 from tiny import tiny_lm
 
 
@@ -150,8 +150,8 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
 
 
 def test_sequence_logprobs_sums_only_the_response_tokens():
+    from instructflow.encoding import encode_prompt, encode_response
     from instructflow.evaluate import sequence_logprobs
-    from instructflow.modeling import encode_prompt, encode_response
 
     model, tok = tiny_lm()
     model.eval()
@@ -168,11 +168,10 @@ def test_sequence_logprobs_sums_only_the_response_tokens():
 def _padded_rollout(tok, prompts, responses):
     """A Rollout of left-padded prompts and right-padded responses (EOS included), plus the
     unpadded rows, built the way `rollout` lays them out."""
-    from instructflow.generation import left_pad
-    from instructflow.modeling import encode_prompt, encode_response
+    from instructflow.encoding import encode_prompt, encode_response, pad
     from instructflow.ppo import Rollout
 
-    p_ids, p_attn = left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    p_ids, p_attn = pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id, side="left")
     resp = [encode_response(tok, r) for r in responses]
     R = max(map(len, resp))
     r_ids = torch.full((len(resp), R), tok.pad_token_id)

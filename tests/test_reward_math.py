@@ -5,9 +5,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from instructflow.data.formats import Comparison, Demonstration
-from instructflow.modeling import pad_right, reward_scores
+from instructflow.encoding import pad
+from instructflow.losses import kwise_loss
+from instructflow.modeling import reward_scores
 from instructflow.reward import (centre_on_demonstrations, collate_comparisons, comparison_rewards, encode_comparison,
-                                 kwise_loss, rm_loss, score_texts)
+                                 rm_loss, score_texts)
 from tiny import tiny_lm
 
 
@@ -94,7 +96,7 @@ def test_shared_prompt_rewards_and_gradients_equal_the_full_sequences(tiny_rm):
     rm.train()
     try:
         shared = comparison_rewards(rm, batch)
-        ids, mask = pad_right([s for e in enc for s in e.sequences], tok.pad_token_id)
+        ids, mask = pad([s for e in enc for s in e.sequences], tok.pad_token_id)
         full = reward_scores(rm, ids, mask)
         assert shared.shape == (9,)
         assert torch.allclose(shared, full, atol=1e-5)

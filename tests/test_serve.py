@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from conftest import free_port, wait_http
 from instructflow.export import ExportError, export_reward_model, ort_session, verify_export
-from instructflow.modeling import encode_prompt, encode_response, join_truncated, load_reward_model, pad_right, reward_scores
+from instructflow.encoding import encode_pair, pad
+from instructflow.modeling import load_reward_model, reward_scores
 from instructflow.serve import TorchScorer
 from tiny import MICRO, TEXTS
 
@@ -51,9 +52,9 @@ def exported(rm_dir, tmp_path_factory):
 def torch_scores(rm_dir, pairs):
     model, tok = load_reward_model(rm_dir)
     model.eval()
-    seqs = [join_truncated(encode_prompt(tok, p), encode_response(tok, r), model.config.max_position_embeddings)[0]
+    seqs = [encode_pair(tok, p, r, model.config.max_position_embeddings)[0]
             for p, r in pairs]
-    ids, mask = pad_right(seqs, tok.pad_token_id)
+    ids, mask = pad(seqs, tok.pad_token_id)
     with torch.no_grad():
         return reward_scores(model, ids, mask).tolist()
 

@@ -5,8 +5,9 @@ import torch
 
 from instructflow.config import OptimConfig
 from instructflow.data.formats import Demonstration
-from instructflow.modeling import add_residual_dropout, join_truncated
-from instructflow.sft import encode_demonstration, sft_batch, sft_loss
+from instructflow.encoding import join_truncated
+from instructflow.modeling import add_residual_dropout
+from instructflow.sft import encode_demonstration, sft_batch
 from instructflow.training import cosine_with_warmup, make_accelerator, train_loop
 from instructflow.config import ProjectConfig
 from tiny import tiny_lm
@@ -25,7 +26,7 @@ def test_prompt_tokens_carry_no_sft_loss():
     # the loss gradient w.r.t. the logits that predict prompt tokens is exactly zero
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits.retain_grad()
-    from instructflow.pretrain import causal_lm_loss
+    from instructflow.losses import causal_lm_loss
     causal_lm_loss(logits, batch["labels"]).backward()
     for i, (ids, n_prompt) in enumerate(ex):
         # position t predicts token t+1: positions 0..n_prompt-2 predict prompt tokens

@@ -42,7 +42,7 @@ def micro_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("micro")
     params = {**MICRO, "project": {"artifacts_dir": str(root / "artifacts"), "threads": 2}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    out = _cli("pipeline", "--params", "params.yaml", cwd=root)
+    out = _cli("run", "--params", "params.yaml", cwd=root)
     return root, out
 
 
@@ -75,7 +75,7 @@ def test_pipeline_writes_every_stage_with_a_result_record(micro_run):
     assert ev["models"]["sft"]["kl_to_sft"] == 0 and ev["alignment_tax_sft"] == 0
     for f in ("winrate.png", "ppo_curves.png", "samples.md"):
         assert (root / "artifacts/eval" / f).stat().st_size > 0
-    assert "win_rate" in out  # the summary table
+    assert "win rate vs SFT" in out  # the evaluation table
 
 
 def test_saved_models_load_with_plain_transformers(micro_run):
@@ -88,7 +88,7 @@ def test_saved_models_load_with_plain_transformers(micro_run):
     rm = AutoModelForSequenceClassification.from_pretrained(root / "artifacts/reward/model")
     assert rm.config.num_labels == 1 and isinstance(rm.config.reward_bias, float)
     # the saved bias centres the demonstrations: plain logits + config.reward_bias average to 0
-    from instructflow.modeling import encode_prompt, encode_response
+    from instructflow.encoding import encode_prompt, encode_response
     demos = read_jsonl(root / "artifacts/data/sft_train.jsonl", Demonstration)
     scores = []
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_hh_rlhf_import_and_reward_training_end_to_end(shared_data, tmp_path):
               "data": {"source": "files", "comparisons": "comparisons.jsonl"},
               "sft": {**MICRO["sft"], "max_len": 160}, "reward": {"epochs": 1, "batch_size": 8, "max_len": 160}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = _cli("pipeline", "--params", "params.yaml", cwd=tmp_path)
+    out = _cli("run", "--params", "params.yaml", cwd=tmp_path)
     assert "collect" not in out
     rm = json.loads((tmp_path / "artifacts/reward/result.json").read_text())["metrics"]
     assert 0 <= rm["val_accuracy"] <= 1 and rm["train_comparisons"] > 150

@@ -13,9 +13,8 @@ import random
 from pathlib import Path
 
 from ..config import Params
-from ..pipeline import stage_key
+from ..encoding import format_prompt
 from ..io import DataError, StageTimer, read_jsonl, write_jsonl, write_result
-from ..modeling import format_prompt
 from ..suite.build import build_builtin
 from .formats import Comparison, Demonstration, PretrainText, Prompt, split_by_prompt
 
@@ -68,8 +67,7 @@ def build_from_files(params: Params, out: Path) -> dict:
     return {"counts": counts}
 
 
-def run_data(params: Params) -> dict:
-    key = stage_key(params, "data")
+def run_data(params: Params, key: str = "") -> dict:
     out = params.stage_dir("data")
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()

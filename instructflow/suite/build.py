@@ -22,7 +22,7 @@ from ..data.formats import Demonstration, PretrainText, Prompt, split_by_prompt
 from ..io import write_jsonl
 from . import world as W
 from .labelers import Labeler
-from .tasks import grade, harmful_probability, make_prompt
+from .instructions import grade, harmful_probability, make_prompt
 
 
 # --------------------------------------------------------------------------- corpus

@@ -22,7 +22,7 @@ import math
 import random
 
 from ..config import LabelerConfig
-from .tasks import Grade, flawed_response, gold_response, grade
+from .instructions import Grade, flawed_response, gold_response, grade
 
 
 class Labeler:

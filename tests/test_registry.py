@@ -1,0 +1,73 @@
+"""The stage registry: every list of stages derives from it, and a stage's key
+covers exactly its params, inputs and code."""
+import shutil
+import subprocess
+import sys
+
+import yaml
+
+from conftest import ROOT
+from instructflow.config import Params, load_params
+from instructflow.registry import PACKAGE_DIR, STAGES, code_files, dvc_yaml_text, stage_key, stage_specs
+
+TRAINING = ("pretrain", "sft", "collect", "reward", "ppo", "ppo_ptx")
+
+
+def test_committed_dvc_yaml_is_the_generated_one():
+    text = (ROOT / "dvc.yaml").read_text()
+    assert text == dvc_yaml_text(load_params(ROOT / "params.yaml"), "params.yaml"), \
+        "dvc.yaml is stale: run `instructflow dvc-yaml` and commit it"
+
+
+def test_every_list_of_stages_comes_from_the_registry():
+    from instructflow.cli import app
+
+    commands = {c.name for c in app.registered_commands} | {
+        f"data {c.name}" for g in app.registered_groups for c in g.typer_instance.registered_commands}
+    assert {" ".join(s.command) for s in STAGES.values()} <= commands
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(dvc) == [s.name for s in stage_specs(Params())] == list(STAGES)
+    for name, entry in dvc.items():
+        assert entry["cmd"] == "instructflow " + " ".join(STAGES[name].command) + " --params params.yaml"
+
+
+def test_a_stage_runs_the_code_its_module_imports_and_nothing_else():
+    def rel(stage):
+        return {f.relative_to(PACKAGE_DIR).as_posix() for f in code_files(STAGES[stage].module)}
+
+    sft = rel("sft")
+    assert {"sft.py", "losses.py", "encoding.py", "training.py", "modeling.py", "__init__.py", "suite/__init__.py"} <= sft
+    assert not sft & {"serve.py", "export.py", "ppo.py", "cli.py", "registry.py"}
+    assert "validate.py" in rel("data")  # imported inside a function: still code the stage runs
+    for stage in TRAINING:
+        assert "serve.py" not in rel(stage) and "cli.py" not in rel(stage)
+
+
+def test_runtime_settings_change_no_key_and_a_params_section_changes_only_its_readers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = Params()
+    keys = {s: stage_key(base, s) for s in STAGES}
+    faster = Params.model_validate({"project": {"threads": 7, "device": "cpu"}})
+    assert {s: stage_key(faster, s) for s in STAGES} == keys
+    changed = Params.model_validate({"ppo": {"lr": 3e-4}})
+    assert {s for s in STAGES if stage_key(changed, s) != keys[s]} == {"ppo", "ppo_ptx"}
+
+
+def test_an_edit_to_serve_py_changes_no_stage_key_and_an_edit_to_losses_py_changes_its_users(tmp_path):
+    """In a copy of the package, in a fresh interpreter (the code hash is computed once per process)."""
+    shutil.copytree(PACKAGE_DIR, tmp_path / "instructflow", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import json; from instructflow.config import Params; from instructflow.registry import STAGES, stage_key;"
+             "print(json.dumps({s: stage_key(Params(), s) for s in STAGES}))")
+
+    def keys():
+        out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+        return yaml.safe_load(out.stdout)
+
+    before = keys()
+    serve = tmp_path / "instructflow/serve.py"
+    serve.write_text(serve.read_text().replace('"""The scoring endpoint', '"""The scoring endpoint (edited)', 1))
+    assert keys() == before
+    losses = tmp_path / "instructflow/losses.py"
+    losses.write_text(losses.read_text() + "\n# an edit\n")
+    after = keys()
+    assert {s for s in STAGES if after[s] != before[s]} == {"pretrain", "sft", "reward", "ppo", "ppo_ptx", "eval"}
