@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-compile "$(TORCH_SPEC)" "$(UV_SPEC)"
 	@# uv resolves and installs the ~200 other packages in parallel: 9 s here against pip's 70 s, same versions.
 	@# It reads its own settings (UV_INDEX_URL, UV_EXTRA_INDEX_URL, UV_FIND_LINKS), not pip's.
-	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[dev]"
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[all,dev]"
 	@# Neither pip --no-compile nor uv writes .pyc files; compileall -j 0 does, on every core. Like pip, it
 	@# skips the few files that are not Python 3.11 (torch's py312 test helpers): hence -qq and || true.
 	$(BIN)/python -m compileall -qq -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 pipeline: setup
 	$(BIN)/python -m flows.pipeline --params $(PARAMS)
 
-# The same stages through DVC (dvc.yaml is generated from instructflow/pipeline.py).
+# The same stages through DVC (dvc.yaml is generated from instructflow/registry.py).
 repro: setup
 	$(BIN)/dvc repro
 
@@ -50,21 +50,19 @@ worker: setup
 test: setup
 	$(BIN)/pytest -q
 
-# Benchmarks. The serving load test and the PPO step benchmark print their figures (copied into
-# docs/benchmarks.md by hand); the peer benchmark against TRL (its own venvs under bench/.venvs)
-# writes bench/results.json and its part of docs/benchmarks.md. All need the default pipeline's
-# models: the stages up to export run first when they are missing.
+# Benchmarks (docs/results.md). The serving load test prints its figures; the peer benchmark
+# against TRL (its own venvs under bench/.venvs) writes bench/results.json and its table in
+# docs/results.md. Both need the default pipeline's models: the stages up to export run first
+# when they are missing.
 bench: bench-models
 	$(BIN)/python bench/serve_load.py --clients 32 --seconds 30
-	$(BIN)/python bench/ppo_step.py
-	$(BIN)/python bench/shared_prompt.py
 	$(BIN)/python bench/peers.py
 
 bench-peers: bench-models
 	$(BIN)/python bench/peers.py
 
 bench-models: setup
-	test -f artifacts/export/rm/manifest.json || $(BIN)/instructflow pipeline --params $(PARAMS) --stages data,validate,pretrain,sft,collect,reward,export
+	test -f artifacts/export/rm/manifest.json || $(BIN)/instructflow run --params $(PARAMS) --stages data,validate,pretrain,sft,collect,reward,export
 
 clean:
 	rm -rf artifacts .prefect
