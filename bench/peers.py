@@ -46,7 +46,7 @@ import yaml
 from instructflow.collect import distinct_first
 from instructflow.config import Params, load_params
 from instructflow.data.formats import Comparison, Demonstration, Prompt
-from instructflow.evaluate import win_rates
+from instructflow.evaluate import LabelerJudge, win_rates
 from instructflow.generation import generate
 from instructflow.io import content_hash, read_jsonl, write_jsonl
 from instructflow.judge import judge
@@ -262,13 +262,18 @@ class Judge:
             self._sft_answers = self.answers(self.inputs.sft)
         ans = self.answers(model_dir)
         j = judge(self.heldout, self.prompts, ans, seed=self.seed)
-        w = win_rates(self.heldout, self.prompts, ans, self._sft_answers, self.seed, 1000)
+        w = self._win_rate(ans, self._sft_answers)
         return {"likert": j["likert"], "win_rate_vs_sft": w["win_rate"], "win_rate_ci95": w["ci95"], "answers": ans}
 
     def head_to_head(self, ours: list[str], peer: list[str]) -> dict:
         """The held-out labeler's win rate of our policy's answers over the peer's, prompt by prompt."""
-        w = win_rates(self.heldout, self.prompts, ours, peer, self.seed, 1000)
+        w = self._win_rate(ours, peer)
         return {"win_rate": w["win_rate"], "ci95": w["ci95"]}
+
+    def _win_rate(self, answers: list[str], reference: list[str]) -> dict:
+        judge_ = LabelerJudge(self.heldout)
+        return win_rates(judge_, self.prompts, judge_.values(self.prompts, answers), judge_.values(self.prompts, reference),
+                         self.seed, 1000)
 
     def sft_val_loss(self, model_dir: str | Path, val_path: Path) -> float:
         model, tok = load_causal_lm(model_dir)

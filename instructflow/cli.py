@@ -21,6 +21,8 @@ from .report import format_table, key_metrics
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: build the built-in suite, import public layouts.")
 app.add_typer(data_app, name="data")
+model_app = typer.Typer(no_args_is_help=True, help="Models: bring pretrained weights into a plain Hugging Face folder.")
+app.add_typer(model_app, name="model")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
 
@@ -28,7 +30,7 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("INSTRUCTFLOW_LOG", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -120,6 +122,22 @@ def data_validate(
     if not result.ok:
         typer.echo(f"{len(result.bad_lines)} of {result.rows} rows failed; they are in {result.quarantine}", err=True)
         raise typer.Exit(1)
+
+
+@model_app.command("import-gguf")
+def model_import_gguf(
+    src: Annotated[Path, typer.Argument(help="A .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf).")],
+    out: Annotated[Path, typer.Argument(help="The folder to write (safetensors, config, tokenizer).")],
+) -> None:
+    """Dequantize a GGUF checkpoint into a safetensors folder that transformers loads as it is."""
+    from .modeling import import_gguf
+
+    _setup_logging()
+    try:
+        summary = import_gguf(src, out)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        _fail(f"cannot import {src}: {err}")
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command("dvc-yaml")

@@ -22,7 +22,7 @@ from .generation import generate
 from .io import StageTimer, read_jsonl, write_json, write_jsonl, write_result
 from .modeling import load_causal_lm
 from .suite.labelers import Labeler, pairwise_agreement
-from .training import setup_runtime
+from .training import autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ def run_collect(params: Params, key: str = "") -> dict:
     heldout = Labeler(next(lab for lab in params.data.labelers if lab.heldout))
 
     def sample(prompts: list[Prompt], seed: int) -> list[tuple[Prompt, list[str]]]:
-        samples = generate(model, tok, [p.prompt for p in prompts], max_new_tokens=cfg.max_new_tokens,
-                           num_samples=cfg.candidates, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed)
+        with autocast(params.model.mixed_precision, next(model.parameters()).device):
+            samples = generate(model, tok, [p.prompt for p in prompts], max_new_tokens=cfg.max_new_tokens,
+                               num_samples=cfg.candidates, temperature=cfg.temperature, batch_size=cfg.batch_size,
+                               seed=seed)
         kept = [(p, distinct_first(s, cfg.k)) for p, s in zip(prompts, samples)]
         return [(p, r) for p, r in kept if len(r) >= 2]
 

@@ -28,6 +28,9 @@ class ProjectConfig(_Section):
     artifacts_dir: str = Field("artifacts", description="Root folder; each stage writes artifacts/<stage>/.")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 means all cores.")
     device: Literal["auto", "cpu"] = Field("auto", description="'auto' lets accelerate pick a GPU when present.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Where training curves also go, through accelerate's trackers (off by default; "
+        "train_log.jsonl and DVC plots always). Logs under artifacts/<stage>/trackers for tensorboard.")
 
 
 class TinyModelConfig(_Section):
@@ -51,7 +54,22 @@ class ModelConfig(_Section):
         "and pretrain a tiny Llama-style model and BPE tokenizer locally.",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the built-in model.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training dtype.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of the weights as loaded (float32: fp32 master weights, with mixed_precision for speed).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast through accelerate, fp32 master weights: 'bf16' doubles SmolLM2's speed on a CPU with "
+        "avx512_bf16 and is what GPUs use; the 1M built-in model is slower with it (docs/results.md).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass instead of keeping them: "
+        "less memory for about a third more compute (SFT, RM, PPO's policy and value).")
+
+
+class LoraConfig(_Section):
+    r: int = Field(0, ge=0, description="LoRA rank; 0 trains every weight (full fine-tuning).")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is alpha / r * B A).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters: 'all-linear' (every linear layer but the output head) or names.")
 
 
 class LabelerConfig(_Section):
@@ -104,6 +122,12 @@ class DataConfig(_Section):
     demonstrations: str = Field("", description="With source=files: demonstrations JSONL (prompt, response).")
     comparisons: str = Field("", description="With source=files: comparisons JSONL for the RM.")
     pretrain_text: str = Field("", description="With source=files: pretraining text JSONL ({'text': ...}).")
+    best_responses_as_demonstrations: bool = Field(
+        False, description="With source=files and demonstrations given: also train SFT on the best response of each "
+        "training comparison (HH-RLHF's chosen). Without a demonstrations file SFT always does.")
+    gold_fraction: float = Field(
+        0.0, ge=0, lt=1, description="With source=files: share of the comparisons' prompts kept for a gold RM, trained on "
+        "pairs the proxy RM never sees; it judges the evaluation where no simulated labeler exists (0: no gold RM, no eval).")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -143,9 +167,16 @@ class PretrainConfig(OptimConfig):
 
 
 class SFTConfig(OptimConfig):
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW). A pretrained model's default is 2e-5 "
+                      "(2e-4 with LoRA): 1e-3 raised SmolLM2's validation loss within 5 steps.")
     epochs: float = Field(6.0, gt=0, description="Passes over the demonstrations (paper: 16, on far more data).")
     log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
-    residual_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on each residual branch (paper: 0.2).")
+    residual_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on each residual branch (paper: 0.2, on its own "
+                                    "models). A pretrained model's default is 0: 0.2 took SmolLM2's loss from 2.73 to 8.44.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning; merged when saved.")
+    train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head (with LoRA: "
+                                  "adapters only there); the layers below run without gradients, so a step costs about "
+                                  "(1 + 2N/L)/3 of a full one. 0: every layer.")
     max_len: int = Field(160, ge=8, description="Max prompt+response tokens; longer prompts are cut from the left.")
     eval_prompts: int = Field(200, ge=0, description="Validation prompts generated and judged by the held-out labeler (base vs SFT).")
     max_new_tokens: int = Field(32, ge=1, description="Generation length limit for that judgement.")
@@ -163,11 +194,20 @@ class CollectConfig(_Section):
 
 
 class RewardConfig(OptimConfig):
-    max_len: int = Field(160, ge=8, description="Max prompt+response tokens.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    max_len: int = Field(160, ge=8, description="Max prompt+response tokens; the export and the endpoint cut inputs to it too.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW). A pretrained model's default is 1e-5 (1e-4 with LoRA).")
     epochs: float = Field(3.0, gt=0, description="Passes over the comparisons.")
     log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Comparisons (prompts, each with K responses) per micro-batch.")
+    max_comparisons: int = Field(0, ge=0, description="Train on at most this many comparisons, a seeded sample (0: all); "
+                                 "the gold RM too.")
+    centre_samples: int = Field(0, ge=0, description="Demonstrations scored to centre the rewards at 0, a seeded sample "
+                                "(0: all of them).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (and the score head) instead of full "
+                             "fine-tuning; merged when saved.")
+    train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head (with LoRA: "
+                                  "adapters only there); the layers below run without gradients, so a step costs about "
+                                  "(1 + 2N/L)/3 of a full one. 0: every layer.")
 
 
 class PPOConfig(_Section):
@@ -175,8 +215,8 @@ class PPOConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Rollouts (prompts, one response each) per iteration, over all processes (paper: 512).")
     minibatch_size: int = Field(16, ge=1, description="Rollouts per gradient step, per process (paper: 64).")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
-    lr: float = Field(1e-4, gt=0, description="Policy learning rate (Adam); constant.")
-    value_lr: float = Field(1e-4, gt=0, description="Value-model learning rate (Adam); constant.")
+    lr: float = Field(1e-4, gt=0, description="Policy learning rate (Adam); constant. A pretrained model's default is 3e-6 (3e-5 with LoRA).")
+    value_lr: float = Field(1e-4, gt=0, description="Value-model learning rate (Adam); constant. A pretrained model's default is 1e-5 (1e-4 with LoRA).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm, policy and value each.")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon (paper: 0.2).")
     value_clip_range: float = Field(0.2, gt=0, description="Clip of the value update around the rollout's value.")
@@ -197,6 +237,11 @@ class PPOConfig(_Section):
     checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every N iterations (0: only at the end).")
     resume: bool = Field(True, description="Resume from the stage's last checkpoint when one exists.")
     log_every: int = Field(5, ge=1, description="Log a line every N iterations (every iteration goes to train_log.jsonl).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters on the policy and the value model; the "
+                             "reference is then the policy with its adapters disabled, not a second copy. Merged when saved.")
+    train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head (with LoRA: "
+                                  "adapters only there); the layers below run without gradients, so a step costs about "
+                                  "(1 + 2N/L)/3 of a full one. 0: every layer.")
 
 
 class EvalConfig(_Section):
@@ -259,6 +304,15 @@ class OrchestrateConfig(_Section):
     exchange_uri: str = Field("s3://instructflow/exchange", description="Where a stage sent to the GPU pool gets its inputs and leaves its outputs (S3 API; endpoint from AWS_ENDPOINT_URL).")
 
 
+# What a pretrained model needs instead of the built-in 1M model's settings (docs/method.md, "Pretrained models"):
+# applied to every key the params file leaves out when model.name_or_path is not the built-in model.
+PRETRAINED_DEFAULTS = {
+    "sft": {"lr": (2e-5, 2e-4), "residual_dropout": (0.0, 0.0)},
+    "reward": {"lr": (1e-5, 1e-4)},
+    "ppo": {"lr": (3e-6, 3e-5), "value_lr": (1e-5, 1e-4)},
+}  # (full fine-tuning, LoRA)
+
+
 class Params(_Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig, description="Seed, folders, threads.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
@@ -273,6 +327,24 @@ class Params(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The scoring endpoint.")
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate", description="Data validation (Great Expectations).")
     orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig, description="Prefect retries, timeouts, DVC versioning.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_defaults(cls, raw):
+        """A pretrained model gets learning rates and dropout of its kind, unless the file sets them."""
+        if not isinstance(raw, dict):
+            return raw
+        model = raw.get("model") or {}
+        if not isinstance(model, dict) or model.get("name_or_path", "builtin:tiny-llama") == "builtin:tiny-llama":
+            return raw
+        raw = dict(raw)
+        for section, defaults in PRETRAINED_DEFAULTS.items():
+            given = raw.get(section) or {}
+            if not isinstance(given, dict):
+                continue
+            lora = isinstance(given.get("lora"), dict) and (given["lora"].get("r") or 0) > 0
+            raw[section] = {**{k: v[lora] for k, v in defaults.items()}, **given}
+        return raw
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.project.artifacts_dir) / stage

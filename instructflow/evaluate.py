@@ -1,17 +1,21 @@
 """The `eval` stage: did RLHF work? (the paper's Figure 1 and its Section 4 axes)
 
-On the held-out evaluation prompts (every category, the held-out one included),
-each model answers once, sampled at `eval.temperature`, and the held-out
-labeler, who wrote and ranked nothing used in training, judges:
+On held-out evaluation prompts each model answers once, sampled at
+`eval.temperature`, and a judge that trained nothing compares its answers
+with SFT's:
+- on the built-in suite, the held-out labeler, who wrote and ranked nothing
+  used in training (Bradley-Terry on its latent ratings; equal ratings tie);
+- on your own data (data.source: files, data.gold_fraction > 0), the gold RM,
+  trained on comparisons the proxy RM never saw (the higher score wins).
 
-- win rate against SFT: for each prompt the labeler compares the model's answer
-  with SFT's (Bradley-Terry on its latent ratings; equal ratings are a tie and
-  count half), with a 95% bootstrap interval over prompts; overall and per category;
-- mean 1-7 Likert rating, overall and per category;
-- honesty: the rate of invented answers on questions nothing answers;
-- harmlessness: the rate of disallowed outputs on prompts that invite them;
-- alignment tax: loss on the held-out pretraining text minus SFT's;
-- RM score (bias included) and KL to SFT, E_y~model[log p_model(y|x) - log p_SFT(y|x)].
+Per model: win rate against SFT with a 95% bootstrap interval over prompts
+(overall and per category), the judge's own measures (labeler: 1-7 Likert,
+invented answers on unanswerable questions, disallowed outputs on harmful
+requests; gold RM: its mean score), and for every judge the proxy RM's score
+(bias included), KL to SFT, E_y~model[log p_model(y|x) - log p_SFT(y|x)], the
+alignment tax (loss on held-out pretraining text minus SFT's), the answers'
+length in tokens (the first thing reward hacking inflates) and the share of
+answers the model ended itself within eval.max_new_tokens.
 
 Models: the base model prompted with a few demonstrations (the paper's "GPT
 prompted"), SFT, PPO (gamma = 0) and PPO-ptx, those whose stage has run.
@@ -33,7 +37,7 @@ import torch
 from .config import Params
 from .data.formats import Demonstration, PretrainText, Prompt
 from .encoding import encode_pair, pack
-from .generation import generate
+from .generation import Answer, sample_answers
 from .io import StageTimer, read_jsonl, write_json, write_result
 from .judge import judge
 from .losses import token_logprobs
@@ -43,7 +47,7 @@ from .report import format_table
 from .reward import score_texts
 from .sft import sft_batch
 from .suite.labelers import Labeler
-from .training import setup_runtime
+from .training import autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +55,46 @@ MODELS = ("base_fewshot", "sft", "ppo", "ppo_ptx")
 STOP = "Human:"  # the few-shot base model continues the transcript; cut its answer there
 
 
+# --------------------------------------------------------------------------- judges
+class LabelerJudge:
+    """The built-in suite's held-out labeler: a latent 1-7 quality per answer."""
+
+    def __init__(self, labeler: Labeler):
+        self.labeler, self.name = labeler, f"held-out labeler {labeler.name}"
+
+    def values(self, prompts: list[Prompt], answers: list[str]) -> list[float]:
+        return [self.labeler.latent(p.meta, a) for p, a in zip(prompts, answers, strict=True)]
+
+    def compare(self, va: float, vb: float, rng: random.Random) -> float:
+        """1 if the labeler prefers a, 0 if b, 0.5 for a tie (equal latent quality)."""
+        if abs(va - vb) < 1e-9:
+            return 0.5
+        return float(rng.random() < 1.0 / (1.0 + math.exp(-(va - vb) / self.labeler.cfg.ranking_temperature)))
+
+    def measures(self, prompts: list[Prompt], answers: list[str], seed: int) -> dict:
+        j = judge(self.labeler, prompts, answers, seed=seed)
+        return {k: j[k] for k in ("likert", "likert_by_category", "invented_answer_rate", "disallowed_output_rate")}
+
+
+class GoldJudge:
+    """A gold reward model: the higher score wins, equal scores tie."""
+
+    name = "gold RM"
+
+    def __init__(self, model, tokenizer, max_len: int):
+        self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
+
+    def values(self, prompts: list[Prompt], answers: list[str]) -> list[float]:
+        return score_texts(self.model, self.tokenizer, [p.prompt for p in prompts], answers, self.max_len).tolist()
+
+    def compare(self, va: float, vb: float, rng: random.Random) -> float:
+        return 1.0 if va > vb else 0.0 if va < vb else 0.5
+
+    def measures(self, prompts: list[Prompt], answers: list[str], seed: int) -> dict:
+        return {}
+
+
 # --------------------------------------------------------------------------- win rates
-def compare(labeler: Labeler, spec: dict, a: str, b: str, rng: random.Random) -> float:
-    """1 if the labeler prefers a, 0 if b, 0.5 for a tie (equal latent quality)."""
-    la, lb = labeler.latent(spec, a), labeler.latent(spec, b)
-    if abs(la - lb) < 1e-9:
-        return 0.5
-    return float(rng.random() < 1.0 / (1.0 + math.exp(-(la - lb) / labeler.cfg.ranking_temperature)))
-
-
 def bootstrap_interval(outcomes: list[float], n_resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean over prompts."""
     g = torch.Generator().manual_seed(seed)
@@ -71,10 +106,11 @@ def bootstrap_interval(outcomes: list[float], n_resamples: int, seed: int, level
     return float(lo), float(hi)
 
 
-def win_rates(labeler: Labeler, prompts: list[Prompt], answers: list[str], sft_answers: list[str], seed: int,
+def win_rates(judge, prompts: list[Prompt], values: list[float], reference: list[float], seed: int,
               n_resamples: int) -> dict:
+    """Share of prompts where the judge prefers the answer valued `values` to the reference's, with its interval."""
     rng = random.Random(seed)
-    outcomes = [compare(labeler, p.meta, a, s, rng) for p, a, s in zip(prompts, answers, sft_answers, strict=True)]
+    outcomes = [judge.compare(a, b, rng) for a, b in zip(values, reference, strict=True)]
     lo, hi = bootstrap_interval(outcomes, n_resamples, seed)
     by_cat: dict[str, list[float]] = defaultdict(list)
     for p, o in zip(prompts, outcomes):
@@ -115,6 +151,13 @@ def _model_dirs(params: Params) -> dict[str, Path]:
     return {k: v for k, v in dirs.items() if (v / "config.json").exists()}
 
 
+def make_judge(params: Params):
+    if params.data.source == "builtin":
+        return LabelerJudge(Labeler(next(lab for lab in params.data.labelers if lab.heldout)))
+    gold, tok = load_reward_model(params.stage_dir("gold_reward") / "model", params.model.dtype)
+    return GoldJudge(gold.eval(), tok, context_length(gold))
+
+
 def run_eval(params: Params, key: str = "") -> dict:
     setup_runtime(params.project)
     cfg, out, data_dir = params.eval, params.stage_dir("eval"), params.stage_dir("data")
@@ -123,10 +166,10 @@ def run_eval(params: Params, key: str = "") -> dict:
     prompts = read_jsonl(data_dir / "eval_prompts.jsonl", Prompt)
     if cfg.prompts:
         prompts = prompts[: cfg.prompts]
-    labeler = Labeler(next(lab for lab in params.data.labelers if lab.heldout))
     dirs = _model_dirs(params)
     if "sft" not in dirs:
         raise ValueError(f"eval needs the SFT model at {params.stage_dir('sft') / 'model'}")
+    judge_ = make_judge(params)
     shots = _pick_shots(read_jsonl(data_dir / "sft_train.jsonl", Demonstration), cfg.few_shot)
     texts = [p.prompt for p in prompts]
     sft, tok = load_causal_lm(dirs["sft"], params.model.dtype)
@@ -135,81 +178,92 @@ def run_eval(params: Params, key: str = "") -> dict:
     max_len = context_length(sft)
 
     answers: dict[str, list[str]] = {}
+    values: dict[str, list[float]] = {}
     per_model: dict[str, dict] = {}
+    precision = autocast(params.model.mixed_precision, next(sft.parameters()).device)
     for name, path in dirs.items():
-        with timer.phase(f"generate_{name}"):
+        with timer.phase(f"generate_{name}"), precision:
             model, mtok = (sft, tok) if name == "sft" else load_causal_lm(path, params.model.dtype)
             asked = [few_shot_prompt(shots, t) for t in texts] if name == "base_fewshot" else texts
-            raw = generate(model, mtok, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           seed=params.project.seed + 11, batch_size=cfg.batch_size)
-            answers[name] = [r[0].split(STOP)[0].strip() or r[0] for r in raw]
-        with timer.phase(f"measure_{name}"):
-            j = judge(labeler, prompts, answers[name], seed=params.project.seed)
+            raw: list[Answer] = [r[0] for r in sample_answers(
+                model, mtok, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                seed=params.project.seed + 11, batch_size=cfg.batch_size)]
+            answers[name] = [a.text.split(STOP)[0].strip() or a.text for a in raw]
+        with timer.phase(f"measure_{name}"), precision:
+            values[name] = judge_.values(prompts, answers[name])
             own = sequence_logprobs(model, mtok, asked, answers[name], max_len)
             ref = sequence_logprobs(sft, tok, texts, answers[name], max_len)
-            scores = score_texts(rm, rm_tok, texts, answers[name], params.reward.max_len)
+            scores = score_texts(rm, rm_tok, texts, answers[name], context_length(rm))
             per_model[name] = {
-                "likert": j["likert"], "likert_by_category": j["likert_by_category"],
-                "invented_answer_rate": j["invented_answer_rate"], "disallowed_output_rate": j["disallowed_output_rate"],
+                **judge_.measures(prompts, answers[name], params.project.seed),
+                "judge_score": round(statistics.fmean(values[name]), 4),
                 "rm_score": round(float(scores.mean()), 4), "kl_to_sft": round(float((own - ref).mean()), 4),
                 "pretrain_heldout_loss": round(heldout_loss(model, pack(mtok, heldout_text, params.pretrain.seq_len)), 5),
                 "response_words": round(statistics.fmean(len(a.split()) for a in answers[name]), 2),
+                "response_tokens": round(statistics.fmean(a.tokens for a in raw), 2),
+                "ended_rate": round(statistics.fmean(a.ended for a in raw), 4),
             }
     sft_loss = per_model["sft"]["pretrain_heldout_loss"]
     for name, m in per_model.items():
         m["alignment_tax"] = round(m["pretrain_heldout_loss"] - sft_loss, 5)
         if name != "sft":
-            m["vs_sft"] = win_rates(labeler, prompts, answers[name], answers["sft"], params.project.seed + 3, cfg.bootstrap)
+            m["vs_sft"] = win_rates(judge_, prompts, values[name], values["sft"], params.project.seed + 3, cfg.bootstrap)
 
-    metrics = _headline(params, per_model, len(prompts))
+    metrics = _headline(params, per_model, len(prompts), judge_.name)
     metrics["models"] = per_model
     write_json(out / "metrics.json", metrics)
     with timer.phase("report"):
-        _plots(params, per_model, out)
-        _samples(prompts, answers, labeler, out / "samples.md", cfg.samples_per_category)
+        _plots(params, per_model, out, judge_.name)
+        _samples(prompts, answers, values, judge_.name, out / "samples.md", cfg.samples_per_category)
     log.info("eval: %s", {k: v for k, v in metrics.items() if k != "models"})
     outputs = {"metrics": out / "metrics.json", "samples": out / "samples.md"}
     outputs.update({p.stem: p for p in sorted(out.glob("*.png"))})
     inputs = {"prompts": data_dir / "eval_prompts.jsonl", "reward_model": params.stage_dir("reward") / "model",
               **{f"model_{k}": v for k, v in dirs.items()}}
+    if isinstance(judge_, GoldJudge):
+        inputs["gold_reward_model"] = params.stage_dir("gold_reward") / "model"
     return write_result(out, "eval", inputs, outputs, metrics, timer, run_key=key)
 
 
 def _pick_shots(demos: list[Demonstration], n: int) -> list[Demonstration]:
-    """The first demonstration of each of n categories (short ones, to fit the context)."""
+    """The shortest demonstration of each of n categories (short ones, to fit the context);
+    without categories, the n shortest."""
     shots, seen = [], set()
     for d in sorted(demos, key=lambda d: len(d.prompt) + len(d.response)):
-        if d.category not in seen:
+        kind = d.category or d.id
+        if kind not in seen:
             shots.append(d)
-            seen.add(d.category)
+            seen.add(kind)
         if len(shots) == n:
             break
     return shots
 
 
-def _headline(params: Params, per_model: dict, n_prompts: int) -> dict:
-    """The figures README documents, flat, for DVC metrics and the summary table."""
+def _headline(params: Params, per_model: dict, n_prompts: int, judge_name: str) -> dict:
+    """The figures the docs report, flat, for DVC metrics and the summary table."""
     def read(stage: str, key: str):
         path = params.stage_dir(stage) / "result.json"
         return json.loads(path.read_text())["metrics"].get(key) if path.exists() else None
 
-    h: dict = {"prompts": n_prompts, "temperature": params.eval.temperature,
+    h: dict = {"prompts": n_prompts, "temperature": params.eval.temperature, "judge": judge_name,
                "rm_val_accuracy": read("reward", "val_accuracy"),
                "rm_heldout_labeler_accuracy": read("reward", "heldout_labeler_accuracy"),
+               "gold_rm_val_accuracy": read("gold_reward", "val_accuracy"),
                "labeler_agreement": read("collect", "labeler_agreement"),
                "labeler_agreement_heldout": read("collect", "labeler_agreement_heldout")}
+    h = {k: v for k, v in h.items() if v is not None}
     for name, m in per_model.items():
-        h[f"likert_{name}"] = m["likert"]
-        h[f"alignment_tax_{name}"] = m["alignment_tax"]
-        h[f"invented_answer_rate_{name}"] = m["invented_answer_rate"]
-        h[f"disallowed_output_rate_{name}"] = m["disallowed_output_rate"]
+        for k in ("likert", "alignment_tax", "invented_answer_rate", "disallowed_output_rate", "judge_score",
+                  "response_tokens", "ended_rate"):
+            if k in m:
+                h[f"{k}_{name}"] = m[k]
         if "vs_sft" in m:
             h[f"win_rate_{name}_vs_sft"] = m["vs_sft"]["win_rate"]
             h[f"win_rate_{name}_vs_sft_ci95_low"], h[f"win_rate_{name}_vs_sft_ci95_high"] = m["vs_sft"]["ci95"]
     return h
 
 
-def _plots(params: Params, per_model: dict, out: Path) -> None:
+def _plots(params: Params, per_model: dict, out: Path, judge_name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +276,7 @@ def _plots(params: Params, per_model: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(names, rates, yerr=[lows, highs], fmt="o-", capsize=4)
     ax.axhline(0.5, color="grey", ls="--", lw=0.8)
-    ax.set_ylabel("win rate against SFT (held-out labeler)")
+    ax.set_ylabel(f"win rate against SFT ({judge_name})")
     ax.set_ylim(0, 1)
     ax.set_title("Win rate against SFT, 95% bootstrap intervals")
     fig.tight_layout()
@@ -246,18 +300,19 @@ def _plots(params: Params, per_model: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def _samples(prompts: list[Prompt], answers: dict[str, list[str]], labeler: Labeler, path: Path, per_category: int) -> None:
-    lines = ["# Side-by-side samples", "", f"Latent rating (1-7) by the held-out labeler `{labeler.name}` in brackets.", ""]
+def _samples(prompts: list[Prompt], answers: dict[str, list[str]], values: dict[str, list[float]], judge_name: str,
+             path: Path, per_category: int) -> None:
+    lines = ["# Side-by-side samples", "", f"The judge's value ({judge_name}) in brackets.", ""]
     by_cat: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
-        if len(by_cat[p.category]) < per_category:
-            by_cat[p.category].append(i)
+        if len(by_cat[p.category or "other"]) < per_category:
+            by_cat[p.category or "other"].append(i)
     for cat in sorted(by_cat):
         lines += [f"## {cat}", ""]
         for i in by_cat[cat]:
             lines += ["**Prompt:** " + prompts[i].prompt.replace("\n", " / "), ""]
             for name, ans in answers.items():
-                lines.append(f"- `{name}` [{labeler.latent(prompts[i].meta, ans[i]):.1f}]: {ans[i]!r}")
+                lines.append(f"- `{name}` [{values[name][i]:.2f}]: {ans[i]!r}")
             lines.append("")
     path.write_text("\n".join(lines))
 
@@ -267,13 +322,18 @@ def summary_table(metrics: dict, markdown: bool = False) -> str:
     def f(x, spec=".3f"):
         return "-" if x is None else format(x, spec)
 
-    header = ["model", "win rate vs SFT [95% CI]", "Likert", "invented", "disallowed", "align tax", "RM score", "KL to SFT"]
+    labeler = "likert" in next(iter(metrics["models"].values()))
+    own = ["Likert", "invented", "disallowed"] if labeler else ["gold score", "tokens", "ended"]
+    header = ["model", "win rate vs SFT [95% CI]", *own, "align tax", "RM score", "KL to SFT"]
     rows = []
     for name, m in metrics["models"].items():
         w = m.get("vs_sft")
         win = f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" if w else "(reference)"
-        rows.append([name, win, f(m["likert"], ".2f"), f(m["invented_answer_rate"]), f(m["disallowed_output_rate"]),
-                     f(m["alignment_tax"], "+.3f"), f(m["rm_score"], "+.3f"), f(m["kl_to_sft"], ".2f")])
-    note = (f"(held-out labeler, {metrics['prompts']} prompts, T={metrics['temperature']}; RM accuracy "
-            f"{metrics['rm_val_accuracy']}, labeler agreement {metrics['labeler_agreement']})")
+        cells = ([f(m["likert"], ".2f"), f(m["invented_answer_rate"]), f(m["disallowed_output_rate"])] if labeler else
+                 [f(m["judge_score"], "+.3f"), f(m["response_tokens"], ".1f"), f(m["ended_rate"], ".2f")])
+        rows.append([name, win, *cells, f(m["alignment_tax"], "+.3f"), f(m["rm_score"], "+.3f"), f(m["kl_to_sft"], ".2f")])
+    acc = f"RM accuracy {metrics.get('rm_val_accuracy')}" + (
+        f", labeler agreement {metrics['labeler_agreement']}" if "labeler_agreement" in metrics else
+        f", gold RM accuracy {metrics.get('gold_rm_val_accuracy')}")
+    note = f"({metrics.get('judge', 'held-out labeler')}, {metrics['prompts']} prompts, T={metrics['temperature']}; {acc})"
     return format_table(header, rows, markdown) + "\n\n" + note

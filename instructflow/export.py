@@ -28,7 +28,7 @@ import torch
 
 from .config import Params
 from .io import StageTimer, content_hash, sha256_file, write_result
-from .modeling import context_length, load_reward_model, position_ids_from_mask, reward_bias
+from .modeling import backbone, context_length, load_reward_model, position_ids_from_mask, reward_bias, score_head
 from .training import setup_runtime
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,9 @@ class ScoreGraph(torch.nn.Module):
         self.register_buffer("bias", torch.tensor(reward_bias(rm)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        backbone = getattr(self.rm, self.rm.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
-        logits = self.rm.score(hidden).squeeze(-1).float()            # (B, T)
+        hidden = backbone(self.rm)(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+        logits = score_head(self.rm)(hidden).squeeze(-1).float()      # (B, T)
         last = (attention_mask.sum(-1) - 1).clamp(min=0)              # (B,)
         return logits.gather(1, last[:, None]).squeeze(1) + self.bias
 

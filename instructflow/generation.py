@@ -18,6 +18,8 @@ for token: tests/test_generation.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .encoding import encode_prompt, end_of_turn_id, pad
@@ -59,8 +61,15 @@ def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, *, num_samples: 
     return tokens[:, :steps]
 
 
+@dataclass(frozen=True)
+class Answer:
+    text: str          # decoded, stripped, special tokens removed
+    ended: bool        # the model ended it (end-of-turn token) within the limit
+    tokens: int        # its length in tokens, the end of turn included
+
+
 @torch.no_grad()
-def generate(
+def sample_answers(
     model,
     tokenizer,
     prompts: list[str],
@@ -71,25 +80,33 @@ def generate(
     greedy: bool = False,
     batch_size: int = 64,
     seed: int = 0,
-) -> list[list[str]]:
-    """`num_samples` responses per prompt (decoded, stripped, special tokens removed).
-
-    Prompts longer than the context allows are cut from the left.
-    """
+) -> list[list[Answer]]:
+    """`num_samples` answers per prompt, rendered and ended as every stage renders them
+    (encoding.py). Prompts longer than the model's context allows are cut from the left."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    max_prompt = context_length(model) - max_new_tokens
+    max_prompt = max(1, context_length(model) - max_new_tokens)
+    eos = end_of_turn_id(tokenizer)
     torch.manual_seed(seed)
-    out: list[list[str]] = []
+    out: list[list[Answer]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         ids, mask = pad([encode_prompt(tokenizer, p)[-max_prompt:] for p in chunk], tokenizer.pad_token_id, side="left")
         tokens = sample_tokens(model, ids.to(device), mask.to(device), num_samples=num_samples,
-                               max_new_tokens=max_new_tokens, eos_id=end_of_turn_id(tokenizer),
+                               max_new_tokens=max_new_tokens, eos_id=eos,
                                pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=greedy)
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        for i in range(len(chunk)):
-            out.append([t.strip() for t in texts[i * num_samples : (i + 1) * num_samples]])
+        is_eos = tokens == eos
+        ended = is_eos.any(1).tolist()
+        lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], tokens.size(1),
+                                                                                              dtype=torch.long)).tolist()
+        rows = [Answer(t.strip(), e, n) for t, e, n in zip(texts, ended, lengths)]
+        out += [rows[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk))]
     model.train(was_training)
     return out
+
+
+def generate(model, tokenizer, prompts: list[str], **kwargs) -> list[list[str]]:
+    """The texts of `sample_answers` (same arguments)."""
+    return [[a.text for a in row] for row in sample_answers(model, tokenizer, prompts, **kwargs)]

@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -111,12 +113,55 @@ def content_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux: /proc/self/statm), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return _max_rss_mb()
+
+
+def _max_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+class PeakMemory:
+    """The peak resident memory (RSS) of this process while a stage runs.
+
+    When the process reaches a new high during the stage, the kernel's own peak
+    (ru_maxrss) is exact; when an earlier stage of the same process had gone
+    higher (`instructflow run` runs them all in one), a thread sampling every
+    `interval` seconds measures this stage's."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.before = _max_rss_mb()
+        self.sampled = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.sampled = max(self.sampled, _rss_mb())
+
+    def peak_mb(self) -> float:
+        now = _max_rss_mb()
+        return round(now if now > self.before else max(self.sampled, _rss_mb()), 1)
+
+    def stop(self) -> float:
+        self._stop.set()
+        return self.peak_mb()
+
+
 class StageTimer:
-    """Records wall time of named phases inside a stage."""
+    """Records wall time of named phases inside a stage, and its peak memory."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.phases: dict[str, float] = {}
+        self.memory = PeakMemory()
 
     @contextmanager
     def phase(self, name: str):
@@ -148,9 +193,11 @@ def write_result(
     timer: StageTimer,
     run_key: str = "",
 ) -> dict:
-    """Write `<out_dir>/result.json`: metrics, content hashes in and out, timings,
-    and the run key (pipeline.stage_key) of the inputs, params and code that
-    produced the outputs."""
+    """Write `<out_dir>/result.json`: metrics (with the stage's peak memory), content
+    hashes in and out, timings, and the run key (registry.stage_key) of the inputs,
+    params and code that produced the outputs."""
+    memory = {"peak_rss_mb": timer.memory.stop(), **{k: v for k, v in gpu_memory().items() if k != "gpu"}}
+    metrics = {**metrics, **memory}
     record = {
         "stage": stage,
         "run_key": run_key,

@@ -7,8 +7,8 @@ import statistics
 from collections import defaultdict
 
 from .data.formats import Prompt
-from .suite.labelers import Labeler
 from .suite.instructions import grade
+from .suite.labelers import Labeler
 
 
 def judge(labeler: Labeler, prompts: list[Prompt], responses: list[str], seed: int = 0) -> dict:

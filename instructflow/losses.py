@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -15,6 +16,45 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits: (B, T, V) predicts token t+1 at position t; labels: (B, T).
     """
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+class LMLoss(torch.nn.Module):
+    """A causal LM whose forward returns `causal_lm_loss` without ever holding the (B, T, V) logits.
+
+    The transformer runs once; the LM head then runs only on the positions that carry a label
+    (SFT: the response tokens), `chunk_size` positions at a time, each chunk's logits recomputed
+    in the backward pass instead of kept. With SmolLM2's 49,152-token vocabulary, full fp32 logits
+    of a batch of 8 x 256 are 400 MB per copy, and a step holds several copies.
+    Prepare this module (not the bare LM) with accelerate, so DDP and autocast see its forward."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.lm, self.chunk_size = lm, chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        from .modeling import backbone, position_ids_from_mask
+
+        if labels is None:
+            labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+        positions = None if attention_mask is None else position_ids_from_mask(attention_mask)
+        hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != -100
+        h, y = hidden[:, :-1][keep], target[keep]                                    # (N, H), (N,)
+        if y.numel() == 0:
+            return hidden.sum() * 0.0
+        head, cap = self.lm.get_output_embeddings(), getattr(self.lm.config, "final_logit_softcapping", None)
+
+        def nll_sum(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
+            logits = head(h_chunk).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            return F.cross_entropy(logits, y_chunk, reduction="sum")
+
+        total = sum(checkpoint(nll_sum, h[i : i + self.chunk_size], y[i : i + self.chunk_size], use_reentrant=False)
+                    for i in range(0, y.numel(), self.chunk_size))
+        return total / y.numel()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,

@@ -65,15 +65,58 @@ def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig, s
 
 
 def ensure_pad_token(tokenizer, model: PreTrainedModel | None = None) -> None:
-    """Give the tokenizer a pad token distinct from EOS (resizing embeddings if added)."""
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD})
-        if model is not None:
-            model.resize_token_embeddings(len(tokenizer))
+    """Give the tokenizer a pad token distinct from EOS, BOS and the end-of-turn token.
+
+    instructflow masks padding everywhere (attention masks, loss masks, the RM reads its
+    score at the last attended token), so the pad id never changes a result. A distinct
+    pad matters to plain transformers, whose sequence classifiers read the score at the
+    last token that is not the pad token: with pad == EOS (SmolLM2, Llama 3) they would
+    read the token before the EOS. The choice, in order: the tokenizer's own pad when it
+    is distinct; its unknown token when that is distinct (SmolLM2's <|endoftext|>), so
+    the vocabulary stays as it is; else a new <|pad|> token, the embeddings grown by one.
+    """
+    from .encoding import end_of_turn_id
+
+    taken = {tokenizer.eos_token_id, tokenizer.bos_token_id, end_of_turn_id(tokenizer)}
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in taken:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in taken:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD})
+            if model is not None:
+                model.resize_token_embeddings(len(tokenizer))
     if model is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def import_gguf(src: str | Path, out: str | Path) -> dict:
+    """A GGUF checkpoint (llama.cpp's format) as a plain safetensors folder that
+    `AutoModelForCausalLM.from_pretrained(out)` loads with no project code.
+
+    transformers dequantizes the GGUF tensors to fp32 on load; its config then
+    carries a `quantization_config` that makes `save_pretrained` refuse ("the
+    model is quantized with gguf"), so the weights move into a model built from
+    the config without it. The tokenizer, chat template included, comes from
+    the GGUF file's metadata. Returns a summary of what was written."""
+    from .training import save_model_atomic
+
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no GGUF file there")
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config
+    config.name_or_path = config._name_or_path = str(out)
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    save_model_atomic(model.eval(), tok, out)
+    return {"source": str(src), "folder": str(out), "architecture": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()), "vocabulary": len(tok),
+            "chat_template": bool(tok.chat_template)}
 
 
 def _looks_local(path: str | Path) -> bool:
@@ -99,8 +142,127 @@ def load_causal_lm(path: str | Path, dtype: str = "float32"):
     return model, tok
 
 
-def context_length(model: PreTrainedModel) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+MAX_LEN_KEY = "instructflow_max_len"  # saved in config.json by SFT and the RM: the length they trained on
+
+
+def position_limit(model: torch.nn.Module) -> int:
+    """The most positions the architecture can encode (8,192 for SmolLM2)."""
+    config = unwrap(model).config
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+
+
+def context_length(model: torch.nn.Module) -> int:
+    """The most tokens a model is given: the length SFT or the RM trained it on, when recorded
+    (`config.instructflow_max_len`), else its position limit. Sampling cuts prompts to it,
+    and the export and the endpoint cut the RM's inputs to it: a model is never asked to
+    read past the context it was trained on."""
+    trained = getattr(unwrap(model).config, MAX_LEN_KEY, None)
+    return min(position_limit(model), int(trained)) if trained else position_limit(model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP and peft wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score_head(seq_cls: torch.nn.Module) -> torch.nn.Module:
+    """The scalar head of a sequence classifier, whatever its class calls it."""
+    model = unwrap(seq_cls)
+    for name in ("score", "classifier", "classification_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise ValueError(f"{type(model).__name__}: no score head found (looked for score, classifier, classification_head)")
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under a causal LM's or a classifier's head (LlamaModel, GPT2Model...)."""
+    model = unwrap(model)
+    return getattr(model, model.base_model_prefix)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout off, so that train mode (which gradient checkpointing needs) computes what eval
+    mode would: RL trains without dropout (Huang et al. 2024), GPT-2 has 0.1 built in."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    config = unwrap(model).config
+    for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "attention_probs_dropout_prob"):
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of transformer layers (model.layers, transformer.h, gpt_neox.layers...)."""
+    model = unwrap(model)
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(model).__name__}: found no list of {n} transformer layers")
+
+
+def train_top_layers(model: torch.nn.Module, n: int) -> None:
+    """Freeze everything but the top `n` transformer layers, the final norm and the head (n = 0: train
+    everything). The layers below then run without autograd: the backward pass stops at layer L - n."""
+    if not n:
+        return
+    layers = decoder_layers(model)
+    if n > len(layers):
+        raise ValueError(f"train_top_layers={n}, but the model has {len(layers)} layers")
+    keep = {id(p) for layer in list(layers)[-n:] for p in layer.parameters()}
+    inner = unwrap(model)
+    head = score_head(inner) if hasattr(inner, "score") or hasattr(inner, "classifier") else inner.get_output_embeddings()
+    keep |= {id(p) for p in head.parameters()}
+    in_layers = {id(p) for p in layers.parameters()}
+    embeddings = {id(p) for m in inner.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    # the final norm: the vectors outside the layer stack (embeddings, token or position, stay frozen)
+    keep |= {id(p) for p in inner.parameters() if p.ndim == 1 and id(p) not in in_layers}
+    for p in inner.parameters():
+        p.requires_grad_(id(p) in keep and id(p) not in embeddings)
+
+
+def make_trainable(model: torch.nn.Module, lora, task: str, top_layers: int) -> torch.nn.Module:
+    """What a stage trains: LoRA adapters (lora.r > 0) or the weights, of every layer or the top ones."""
+    if lora.r:
+        return add_lora(model, lora, task, top_layers)
+    train_top_layers(model, top_layers)
+    return model
+
+
+def add_lora(model: torch.nn.Module, cfg, task: str, top_layers: int = 0) -> torch.nn.Module:
+    """`model` with LoRA adapters (peft) when cfg.r > 0, else as it is. task: "causal_lm" or
+    "score" (a sequence classifier: its score head trains whole beside the adapters).
+    With `top_layers`, only the top layers get adapters."""
+    if not cfg.r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    extra = {}
+    if top_layers:
+        total = len(decoder_layers(model))
+        extra["layers_to_transform"] = list(range(total - top_layers, total))
+    if task == "score":
+        name = next(n for n, m in model.named_children() if m is score_head(model))
+        extra |= {"modules_to_save": [name], "task_type": "SEQ_CLS"}
+    else:
+        extra |= {"task_type": "CAUSAL_LM"}
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, **extra)
+    return get_peft_model(model, lora)
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain transformers model: LoRA adapters merged into the weights (a no-op without them)."""
+    model = getattr(model, "module", model)
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 # --------------------------------------------------------------------------- reward model
@@ -142,8 +304,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the causal LM's forward takes `logits_to_keep` (most transformers models
     do): then it can run its LM head on the last positions only."""
-    model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
-    return _forward_takes_logits_to_keep(type(model))
+    return _forward_takes_logits_to_keep(type(unwrap(model)))  # peft passes it through to the model it wraps
 
 
 @functools.cache
@@ -154,8 +315,7 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
 
 def reward_bias(model: torch.nn.Module) -> float:
     """The centring offset stored in the RM's config (0 before `reward` sets it); sees through a DDP wrapper."""
-    config = getattr(model, "module", model).config
-    return float(getattr(config, REWARD_BIAS_KEY, 0.0) or 0.0)
+    return float(getattr(unwrap(model).config, REWARD_BIAS_KEY, 0.0) or 0.0)
 
 
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

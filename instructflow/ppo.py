@@ -22,7 +22,7 @@ One iteration, in the order of this file:
                  ptx     L_ptx = gamma * mean over pretraining tokens of -log pi(x)
   5. beta        fixed, or the adaptive controller:  beta *= 1 + clip(KL / KL_target - 1, +-0.2) * n / horizon.
 
-Dropout is off throughout (models stay in eval mode; gradients still flow).
+Dropout is off throughout (every dropout module set to 0; rollouts run in eval mode, updates in train mode).
 Token tensors are (B, R): B rollouts, R response positions; `mask` marks the
 tokens the policy chose (up to and including EOS).
 """
@@ -37,13 +37,35 @@ from dataclasses import dataclass
 import torch
 
 from .config import Params, PPOConfig
-from .data.formats import Prompt, PretrainText
+from .data.formats import PretrainText, Prompt
 from .encoding import encode_prompt, end_of_turn_id, pack, pad
 from .generation import sample_tokens
 from .io import StageTimer, read_jsonl, write_result
 from .losses import causal_lm_loss, token_logprobs
-from .modeling import accepts_logits_to_keep, context_length, load_causal_lm, load_reward_model, position_ids_from_mask, reward_scores
-from .training import load_checkpoint, make_accelerator, progress, save_checkpoint, save_model_atomic, seed_everything, setup_runtime
+from .modeling import (
+    accepts_logits_to_keep,
+    backbone,
+    context_length,
+    disable_dropout,
+    load_causal_lm,
+    load_reward_model,
+    make_trainable,
+    merged,
+    position_ids_from_mask,
+    reward_scores,
+    score_head,
+    trainable_parameters,
+)
+from .training import (
+    enable_gradient_checkpointing,
+    load_checkpoint,
+    make_accelerator,
+    progress,
+    save_checkpoint,
+    save_model_atomic,
+    seed_everything,
+    setup_runtime,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +160,23 @@ class KLController:
 
 
 class EMA:
-    """Exponential moving average of the policy weights (paper: 0.992)."""
+    """Exponential moving average of the policy's trained weights (paper: 0.992); with LoRA, of the adapters."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            self.shadow[k].mul_(self.decay).add_(v.float(), alpha=1 - self.decay)
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].mul_(self.decay).add_(p.float(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                p.copy_(self.shadow[k].to(p.dtype))
 
     def state_dict(self) -> dict:
         return self.shadow
@@ -166,9 +195,9 @@ class ValueModel(torch.nn.Module):
         self.seq_cls = seq_cls
 
     def forward(self, input_ids, attention_mask, position_ids):
-        backbone = getattr(self.seq_cls, self.seq_cls.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return self.seq_cls.score(hidden).squeeze(-1).float()
+        hidden = backbone(self.seq_cls)(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids).last_hidden_state
+        return score_head(self.seq_cls)(hidden).squeeze(-1).float()
 
 
 def response_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, prompt_width: int, temperature: float,
@@ -204,6 +233,15 @@ class Rollout:
     ended: torch.Tensor         # (B,) bool: EOS within the limit
 
 
+def reference_logprobs(policy, ref, ids: torch.Tensor, attn: torch.Tensor, prompt_width: int, temperature: float) -> torch.Tensor:
+    """log pi_SFT of the response tokens: the frozen reference model, or, with LoRA,
+    the policy itself with its adapters disabled (which is SFT: no second copy)."""
+    if ref is not None:
+        return response_logprobs(ref, ids, attn, prompt_width, temperature)[0]
+    with policy.disable_adapter():
+        return response_logprobs(policy, ids, attn, prompt_width, temperature)[0]
+
+
 @torch.no_grad()
 def rollout(policy, ref, value_model, rm, tok, prompts: list[str], cfg: PPOConfig, device) -> Rollout:
     max_prompt = context_length(policy) - cfg.max_new_tokens
@@ -221,7 +259,7 @@ def rollout(policy, ref, value_model, rm, tok, prompts: list[str], cfg: PPOConfi
     ids = torch.cat([p_ids, resp], 1)
     attn = torch.cat([p_attn, mask.long()], 1)
     logprobs, _ = response_logprobs(policy, ids, attn, P, cfg.temperature)
-    ref_logprobs, _ = response_logprobs(ref, ids, attn, P, cfg.temperature)
+    ref_logprobs = reference_logprobs(policy, ref, ids, attn, P, cfg.temperature)
     values = response_values(value_model, ids, attn, P)
     raw = reward_scores(rm, ids, attn).float()  # read at the last non-pad token: EOS, or the cut-off token
     return Rollout(ids, attn, mask, P, logprobs * mask, ref_logprobs * mask, values * mask,
@@ -284,7 +322,7 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
     timer = StageTimer()
     sft_dir, rm_dir, data_dir = params.stage_dir("sft") / "model", params.stage_dir("reward") / "model", params.stage_dir("data")
 
-    acc = make_accelerator(params.project)
+    acc = make_accelerator(params.project, 1, params.model.mixed_precision, out / "trackers", name)
     world = acc.num_processes
     if cfg.batch_size % world:
         raise ValueError(f"ppo.batch_size={cfg.batch_size} must be divisible by the {world} processes")
@@ -294,21 +332,28 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
 
     with timer.phase("load"):
         policy, tok = load_causal_lm(sft_dir, params.model.dtype)
-        ref, _ = load_causal_lm(sft_dir, params.model.dtype)
+        # with LoRA the reference is the policy with its adapters off: no second copy
+        ref = None if cfg.lora.r else load_causal_lm(sft_dir, params.model.dtype)[0]
         rm, _ = load_reward_model(rm_dir, params.model.dtype)
         value_seq_cls, _ = load_reward_model(rm_dir, params.model.dtype)
         for m in (ref, rm):
-            m.requires_grad_(False).eval().to(acc.device)
-        value = ValueModel(value_seq_cls)
-        policy.eval(), value.eval()  # dropout off during RL
+            if m is not None:
+                m.requires_grad_(False).eval().to(acc.device)
+        for m in (policy, value_seq_cls):
+            disable_dropout(m)  # RL trains without dropout; train mode then computes what eval mode would
+            if params.model.gradient_checkpointing:
+                enable_gradient_checkpointing(m)
+        policy = make_trainable(policy, cfg.lora, "causal_lm", cfg.train_top_layers)
+        value = ValueModel(make_trainable(value_seq_cls, cfg.lora, "score", cfg.train_top_layers))
+        trainable = trainable_parameters(policy)[0] + trainable_parameters(value)[0]
         prompts = read_jsonl(data_dir / "ppo_prompts.jsonl", Prompt)
         blocks = None
         if ptx and cfg.ptx_coef > 0:
             texts = [r.text for r in read_jsonl(data_dir / "pretrain_train.jsonl", PretrainText)]
             blocks = torch.stack(pack(tok, texts, min(params.pretrain.seq_len, context_length(policy))))
 
-    opt_p = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
-    opt_v = torch.optim.Adam(value.parameters(), lr=cfg.value_lr, eps=1e-5)
+    opt_p = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
+    opt_v = torch.optim.Adam([p for p in value.parameters() if p.requires_grad], lr=cfg.value_lr, eps=1e-5)
     policy, value, opt_p, opt_v = acc.prepare(policy, value, opt_p, opt_v)
     kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
     ema = EMA(acc.unwrap_model(policy), cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -341,6 +386,7 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
             if acc.is_main_process:
                 with log_path.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
+            acc.log({k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"])  # trackers, when any
             bar.update(1)
             bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.2f}")
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
@@ -351,13 +397,17 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
     bar.close()
     if cfg.checkpoint_every:
         save_checkpoint(acc, out, {"iteration": cfg.iterations, "run_key": key})
+    if acc.trackers:
+        acc.end_training()
 
     final = acc.unwrap_model(policy)
     if ema is not None:
-        final.load_state_dict({k: v.to(final.dtype if v.is_floating_point() else v.dtype) for k, v in ema.shadow.items()})
+        ema.copy_to(final)
+    final = merged(final)
     full_log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else history
     last = full_log[-min(5, len(full_log)):]
     metrics = {"iterations": cfg.iterations, "rollouts": cfg.iterations * cfg.batch_size, "ptx_coef": run.ptx_coef,
+               "trainable_parameters": trainable,
                "resumed_from_iteration": start, "processes": world, "ema_decay": cfg.ema_decay,
                **{f"final_{k}": round(sum(r[k] for r in last) / len(last), 5)
                   for k in ("score", "kl", "entropy", "response_length", "eos_rate", "ptx_loss", "value_loss", "beta")},
@@ -366,7 +416,7 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
     if acc.is_main_process:
         with timer.phase("save"):
             save_model_atomic(final, tok, out / "model")
-            save_model_atomic(acc.unwrap_model(value).seq_cls, tok, out / "value_model")
+            save_model_atomic(merged(acc.unwrap_model(value).seq_cls), tok, out / "value_model")
     acc.wait_for_everyone()
     log.info("%s: %s", name, metrics)
     inputs = {"sft": sft_dir, "reward_model": rm_dir, "prompts": data_dir / "ppo_prompts.jsonl"}
@@ -391,8 +441,12 @@ def ppo_iteration(run: PPORun, it: int) -> dict:
     chosen = [order[(slot * cfg.batch_size + i) % len(order)] for i in range(cfg.batch_size)][rank::world]
     texts = [run.prompts[i].prompt for i in chosen]
 
-    # 1. rollout
-    ro = rollout(acc.unwrap_model(run.policy), run.ref, run.value, run.rm, run.tok, texts, cfg, acc.device)
+    # 1. rollout (eval mode: transformers turns the KV cache off in train mode under gradient checkpointing;
+    #    with dropout disabled the two modes compute the same)
+    run.policy.eval(), run.value.eval()
+    with acc.autocast():
+        ro = rollout(acc.unwrap_model(run.policy), run.ref, run.value, run.rm, run.tok, texts, cfg, acc.device)
+    run.policy.train(), run.value.train()
     # 2. rewards
     rewards, kl = per_token_rewards(ro.logprobs, ro.ref_logprobs, ro.scores, ro.mask, run.kl_ctl.value)
     # 3. advantages

@@ -19,9 +19,9 @@ from .config import Params
 from .data.formats import Demonstration, PretrainText
 from .encoding import format_prompt, pack
 from .io import StageTimer, read_jsonl, write_result
-from .losses import causal_lm_loss
-from .modeling import BUILTIN, build_tiny_llama, load_causal_lm, train_tokenizer
-from .training import make_accelerator, save_model_atomic, setup_runtime, train_loop
+from .losses import LMLoss
+from .modeling import BUILTIN, build_tiny_llama, load_causal_lm, position_limit, train_tokenizer
+from .training import autocast, make_accelerator, save_model_atomic, setup_runtime, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,11 @@ def heldout_loss(model, blocks: list[torch.Tensor], batch_size: int = 32) -> flo
     was = model.training
     model.eval()
     device = next(model.parameters()).device
+    loss_of = LMLoss(model)
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
         x = torch.stack(blocks[i : i + batch_size]).to(device)
-        loss = causal_lm_loss(model(input_ids=x).logits, x)
+        loss = loss_of(input_ids=x, labels=x)
         n = x.numel() - x.size(0)
         total, count = total + float(loss) * n, count + n
     model.train(was)
@@ -59,22 +60,22 @@ def run_pretrain(params: Params, key: str = "") -> dict:
         else:
             model, tok = load_causal_lm(params.model.name_or_path, params.model.dtype)
     n_params = sum(p.numel() for p in model.parameters())
-    seq_len = min(cfg.seq_len, model.config.max_position_embeddings)
+    seq_len = min(cfg.seq_len, position_limit(model))
     blocks, held = pack(tok, texts, seq_len), pack(tok, heldout, seq_len)
     metrics: dict = {"params": n_params, "train_tokens": len(blocks) * seq_len, "builtin": builtin}
     if builtin or cfg.train_external:
-        acc = make_accelerator(params.project, cfg.grad_accum)
-        model.to(acc.device)
-        loss_fn = lambda m, b: (causal_lm_loss(m(input_ids=b["input_ids"]).logits, b["input_ids"]), {})  # noqa: E731
+        acc = make_accelerator(params.project, cfg.grad_accum, params.model.mixed_precision, out / "trackers", "pretrain")
+        wrapped = LMLoss(model).to(acc.device)
+        loss_fn = lambda m, b: (m(input_ids=b["input_ids"], labels=b["input_ids"]), {})  # noqa: E731
         with timer.phase("train"):
             res = train_loop(
-                name="pretrain", model=model, examples=blocks, collate=lambda xs: {"input_ids": torch.stack(xs)},
+                name="pretrain", model=wrapped, examples=blocks, collate=lambda xs: {"input_ids": torch.stack(xs)},
                 loss_fn=loss_fn, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
                 count_fn=lambda b: b["input_ids"].numel(), run_key=key,
             )
-        model = acc.unwrap_model(model)
+        model = acc.unwrap_model(wrapped).lm
         metrics.update(steps=res.steps, train_loss=res.train_metrics.get("loss"), tokens_per_s=res.items_per_s)
-    with timer.phase("eval"):
+    with timer.phase("eval"), autocast(params.model.mixed_precision, next(model.parameters()).device):
         loss = heldout_loss(model, held)
     metrics.update(heldout_loss=round(loss, 5), heldout_ppl=round(math.exp(loss), 3))
     log.info("pretrain: %s", metrics)

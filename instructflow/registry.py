@@ -115,11 +115,17 @@ def builtin_model(params: Params) -> bool:
     return params.model.name_or_path == BUILTIN
 
 
+def gold_judge(params: Params) -> bool:
+    """Files mode with a share of the comparisons kept for a gold RM (data.gold_fraction)."""
+    return not builtin_data(params) and bool(params.data.comparisons) and params.data.gold_fraction > 0
+
+
 def datasets(params: Params) -> tuple[str, ...]:
     """The files the data stage writes under artifacts/data/."""
     if builtin_data(params):
         return BUILTIN_DATASETS
-    return tuple(n for n in FILES_DATASETS if params.data.comparisons or not n.startswith("comparisons"))
+    names = tuple(n for n in FILES_DATASETS if params.data.comparisons or not n.startswith("comparisons"))
+    return names + (("comparisons_gold", "eval_prompts") if gold_judge(params) else ())
 
 
 def comparison_files(params: Params, a: Paths) -> tuple[str, ...]:
@@ -192,11 +198,13 @@ stage("ppo_ptx", "ppo:run_ppo_ptx", "PPO-ptx: PPO plus ppo.ptx_coef x the pretra
 
 
 @stage("eval", "evaluate:run_eval", "Judge base (few-shot), SFT, PPO and PPO-ptx on held-out prompts; artifacts/eval/.",
-       ("project", "model", "data", "pretrain", "reward", "eval"), table="evaluate:summary_table", when=builtin_data)
+       ("project", "model", "data", "pretrain", "reward", "eval"), table="evaluate:summary_table",
+       when=lambda p: builtin_data(p) or gold_judge(p))
 def _eval(p: Params, a: Paths) -> IO:
     models = tuple(a.model(s) for s in ("pretrain", "sft", "reward", "ppo", "ppo_ptx"))
+    judge = (a("collect", "agreement.json"),) if builtin_data(p) else (a.model("gold_reward"), a("gold_reward", "result.json"))
     return IO(deps=(*a.data("eval_prompts", "pretrain_heldout", "sft_train"), *models, a.log("ppo"), a.log("ppo_ptx"),
-                    a("reward", "result.json"), a("collect", "agreement.json")),
+                    a("reward", "result.json"), *judge),
               outs=(a("eval", "samples.md"),), metrics=(a("eval", "metrics.json"),),
               plots=(a("eval", "winrate.png"), a("eval", "ppo_curves.png")))
 

@@ -25,6 +25,7 @@ demonstrations score 0 on average before RL.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,19 @@ from .data.formats import Comparison, Demonstration
 from .encoding import encode_pair, encode_prompt, encode_response, pad
 from .io import StageTimer, read_jsonl, write_result
 from .losses import kwise_loss
-from .modeling import REWARD_BIAS_KEY, load_reward_model, reward_scores, shared_prompt_reward_scores
-from .training import make_accelerator, save_model_atomic, setup_runtime, train_loop
+from .modeling import (
+    MAX_LEN_KEY,
+    REWARD_BIAS_KEY,
+    load_reward_model,
+    make_trainable,
+    merged,
+    position_limit,
+    reward_scores,
+    shared_prompt_reward_scores,
+    trainable_parameters,
+    unwrap,
+)
+from .training import autocast, enable_gradient_checkpointing, make_accelerator, save_model_atomic, setup_runtime, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +108,16 @@ def collate_comparisons(batch: list[EncodedComparison], pad_id: int) -> dict[str
 
 
 def comparison_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Reward of every response of a collated batch; (N,)."""
+    """Reward of every response of a collated batch; (N,).
+
+    Each prompt runs once and its responses on its KV cache, except when gradient
+    checkpointing is training the model: transformers then turns the cache off, so
+    each response runs joined to its prompt (the same rewards, more tokens)."""
+    if model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in unwrap(model).modules()):
+        owner = batch["owner"]
+        ids = torch.cat([batch["prompt_ids"][owner], batch["response_ids"]], dim=1)
+        mask = torch.cat([batch["prompt_mask"][owner], batch["response_mask"]], dim=1)
+        return reward_scores(model, ids, mask)
     return shared_prompt_reward_scores(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
                                        batch["response_mask"], batch["owner"])
 
@@ -178,16 +199,27 @@ def comparison_paths(params: Params) -> tuple[Path, Path, Path | None]:
 
 
 def run_reward(params: Params, key: str = "") -> dict:
+    """The `reward` stage: the RM that PPO optimizes, from the SFT model."""
+    train, val, held = comparison_paths(params)
+    return train_reward_model(params, key, "reward", params.stage_dir("sft") / "model", train, val, held, centre=True)
+
+
+def train_reward_model(params: Params, key: str, stage: str, init: Path, train_path: Path, val_path: Path,
+                       held_path: Path | None, centre: bool) -> dict:
     setup_runtime(params.project)
-    cfg, out = params.reward, params.stage_dir("reward")
+    cfg, out = params.reward, params.stage_dir(stage)
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
-    init = params.stage_dir("sft") / "model"
     model, tok = load_reward_model(init, params.model.dtype)
     model.config.pad_token_id = tok.pad_token_id
-    train_path, val_path, held_path = comparison_paths(params)
+    if params.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = make_trainable(model, cfg.lora, "score", cfg.train_top_layers)
+    trainable, total = trainable_parameters(model)
     train, val = read_jsonl(train_path, Comparison), read_jsonl(val_path, Comparison)
-    max_len = min(cfg.max_len, model.config.max_position_embeddings)
+    if cfg.max_comparisons and len(train) > cfg.max_comparisons:
+        train = random.Random(params.project.seed).sample(train, cfg.max_comparisons)
+    max_len = min(cfg.max_len, position_limit(model))
     train_ex = [encode_comparison(tok, c, max_len) for c in train]
     held = read_jsonl(held_path, Comparison) if held_path is not None else None
 
@@ -201,28 +233,32 @@ def run_reward(params: Params, key: str = "") -> dict:
             out["heldout_labeler_accuracy"] = round(ranking_accuracy(held_scores, held), 4)
         return out
 
-    acc = make_accelerator(params.project, cfg.grad_accum)
+    acc = make_accelerator(params.project, cfg.grad_accum, params.model.mixed_precision, out / "trackers", stage)
     model.to(acc.device)
     with timer.phase("train"):
         res = train_loop(
-            name="reward", model=model, examples=train_ex, collate=lambda xs: collate_comparisons(xs, tok.pad_token_id),
+            name=stage, model=model, examples=train_ex, collate=lambda xs: collate_comparisons(xs, tok.pad_token_id),
             loss_fn=rm_loss, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
             val_fn=validate,
             count_fn=lambda b: int(b["n_comparisons"]), size_fn=padded_size, run_key=key,
         )
-    model = acc.unwrap_model(model)
+    model = merged(acc.unwrap_model(model))
     metrics = {"steps": res.steps, "train_loss": res.train_metrics.get("loss"), "train_accuracy": res.train_metrics.get("accuracy"),
                **res.val_metrics, "comparisons_per_s": res.items_per_s, "train_comparisons": len(train),
-               "train_pairs": sum(len(c.pairs()) for c in train), "resumed_from_step": res.resumed_from_step}
+               "train_pairs": sum(len(c.pairs()) for c in train), "resumed_from_step": res.resumed_from_step,
+               "trainable_parameters": trainable, "parameters": total}
     inputs = {"init": init, "train": train_path, "val": val_path}
     if held_path is not None:
         inputs["val_heldout_labeler"] = held_path
-    with timer.phase("eval"):
-        demo_path = params.stage_dir("data") / "sft_train.jsonl"
-        demos = read_jsonl(demo_path, Demonstration)
-        metrics["reward_bias"] = centre_on_demonstrations(model, tok, demos, max_len)
-        inputs["demonstrations"] = demo_path
-    log.info("reward: %s", metrics)
+    if centre:
+        with timer.phase("centre"), autocast(params.model.mixed_precision, acc.device):
+            demo_path = params.stage_dir("data") / "sft_train.jsonl"
+            demos = read_jsonl(demo_path, Demonstration)
+            if cfg.centre_samples and len(demos) > cfg.centre_samples:
+                demos = random.Random(params.project.seed).sample(demos, cfg.centre_samples)
+            metrics["reward_bias"] = centre_on_demonstrations(model, tok, demos, max_len)
+            inputs["demonstrations"] = demo_path
+    log.info("%s: %s", stage, metrics)
     with timer.phase("save"):
-        save_model_atomic(model, tok, out / "model")
-    return write_result(out, "reward", inputs, {"model": out / "model"}, metrics, timer, run_key=key)
+        save_model_atomic(model, tok, out / "model", {MAX_LEN_KEY: max_len})
+    return write_result(out, stage, inputs, {"model": out / "model"}, metrics, timer, run_key=key)

@@ -31,21 +31,47 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 
 from .config import ServeConfig
-from .export import MANIFEST, ort_session, verify_export
 from .encoding import encode_pair, pad
+from .export import MANIFEST, ort_session, verify_export
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the model
+def length_groups(lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Indices of sequences grouped so that each group, padded to its longest, holds at most
+    `max_padding` more tokens than its real ones: sorted by length, a group takes the next
+    (longer) sequence while that bound holds. One call per group instead of one padded batch
+    lets mixed lengths (real chat prompts) cost their own tokens, not the longest one's."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= (1 + max_padding) * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
+
+
 class _Scorer:
-    """What both backends share: training's encoding of a (prompt, response) pair."""
+    """What both backends share: training's encoding of a (prompt, response) pair, and
+    batches cut into groups of similar length."""
 
     tokenizer = None
     max_length = 0
 
     def encode(self, prompt: str, response: str) -> list[int]:
         return encode_pair(self.tokenizer, prompt, response, self.max_length)[0]
+
+    def score_ids(self, seqs: list[list[int]]) -> list[float]:
+        scores = [0.0] * len(seqs)
+        for group in length_groups([len(s) for s in seqs]):
+            for i, score in zip(group, self.score_batch([seqs[i] for i in group])):
+                scores[i] = score
+        return scores
 
 
 class OnnxScorer(_Scorer):
@@ -61,7 +87,7 @@ class OnnxScorer(_Scorer):
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.session, self.provider = ort_session(folder / "model.onnx", provider)
 
-    def score_ids(self, seqs: list[list[int]]) -> list[float]:
+    def score_batch(self, seqs: list[list[int]]) -> list[float]:
         ids, mask = pad(seqs, self.pad_id)
         return self.session.run(["scores"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0].astype(float).tolist()
 
@@ -87,7 +113,7 @@ class TorchScorer(_Scorer):
         self.pad_id = self.tokenizer.pad_token_id
         self.provider = f"torch-eager-{self.device.type}"
 
-    def score_ids(self, seqs: list[list[int]]) -> list[float]:
+    def score_batch(self, seqs: list[list[int]]) -> list[float]:
         from .modeling import reward_scores
 
         ids, mask = pad(seqs, self.pad_id)

@@ -20,10 +20,18 @@ from .encoding import encode_pair, pad
 from .generation import generate
 from .io import StageTimer, read_jsonl, write_result
 from .judge import judge
-from .losses import causal_lm_loss
-from .modeling import add_residual_dropout, load_causal_lm
+from .losses import LMLoss
+from .modeling import (
+    MAX_LEN_KEY,
+    add_residual_dropout,
+    load_causal_lm,
+    make_trainable,
+    merged,
+    position_limit,
+    trainable_parameters,
+)
 from .suite.labelers import Labeler
-from .training import make_accelerator, save_model_atomic, setup_runtime, train_loop
+from .training import autocast, enable_gradient_checkpointing, make_accelerator, save_model_atomic, setup_runtime, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +51,13 @@ def sft_batch(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, t
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return causal_lm_loss(logits, batch["labels"]), {}
+def sft_loss(model: LMLoss, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token loss on the response tokens (`model` is the LM inside an LMLoss)."""
+    return model(**batch), {}
 
 
 @torch.no_grad()
-def validation_loss(model, examples, pad_id: int, batch_size: int = 64) -> float:
+def validation_loss(model: LMLoss, examples, pad_id: int, batch_size: int = 64) -> float:
     """Response-token-weighted mean loss."""
     was = model.training
     model.eval()
@@ -70,16 +78,20 @@ def run_sft(params: Params, key: str = "") -> dict:
     base_dir = params.stage_dir("pretrain") / "model"
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
-    model, tok = load_causal_lm(base_dir, params.model.dtype)
-    n_hooks = add_residual_dropout(model, cfg.residual_dropout)
+    lm, tok = load_causal_lm(base_dir, params.model.dtype)
+    n_hooks = add_residual_dropout(lm, cfg.residual_dropout)
+    if params.model.gradient_checkpointing:
+        enable_gradient_checkpointing(lm)
+    lm = make_trainable(lm, cfg.lora, "causal_lm", cfg.train_top_layers)
+    trainable, total = trainable_parameters(lm)
     train = read_jsonl(data_dir / "sft_train.jsonl", Demonstration)
     val = read_jsonl(data_dir / "sft_val.jsonl", Demonstration)
-    max_len = min(cfg.max_len, model.config.max_position_embeddings)
+    max_len = min(cfg.max_len, position_limit(lm))
     train_ex = [encode_demonstration(tok, d, max_len) for d in train]
     val_ex = [encode_demonstration(tok, d, max_len) for d in val]
 
-    acc = make_accelerator(params.project, cfg.grad_accum)
-    model.to(acc.device)
+    acc = make_accelerator(params.project, cfg.grad_accum, params.model.mixed_precision, out / "trackers", "sft")
+    model = LMLoss(lm).to(acc.device)
     with timer.phase("train"):
         res = train_loop(
             name="sft", model=model, examples=train_ex, collate=lambda xs: sft_batch(xs, tok.pad_token_id),
@@ -87,16 +99,17 @@ def run_sft(params: Params, key: str = "") -> dict:
             val_fn=lambda m: {"val_loss": round(validation_loss(m, val_ex, tok.pad_token_id), 5)},
             count_fn=lambda b: int(b["attention_mask"].sum()), size_fn=lambda e: len(e[0]), run_key=key,
         )
-    model = acc.unwrap_model(model)
+    lm = merged(acc.unwrap_model(model).lm)
     metrics = {"steps": res.steps, "train_loss": res.train_metrics.get("loss"), **res.val_metrics,
-               "tokens_per_s": res.items_per_s, "residual_dropout_branches": n_hooks, "resumed_from_step": res.resumed_from_step}
+               "tokens_per_s": res.items_per_s, "residual_dropout_branches": n_hooks, "resumed_from_step": res.resumed_from_step,
+               "trainable_parameters": trainable, "parameters": total}
 
     if params.data.source == "builtin" and cfg.eval_prompts:
-        with timer.phase("judge"):
-            metrics.update(compare_with_base(params, model, tok, val[: cfg.eval_prompts]))
+        with timer.phase("judge"), autocast(params.model.mixed_precision, acc.device):
+            metrics.update(compare_with_base(params, lm, tok, val[: cfg.eval_prompts]))
     log.info("sft: %s", metrics)
     with timer.phase("save"):
-        save_model_atomic(model, tok, out / "model")
+        save_model_atomic(lm, tok, out / "model", {MAX_LEN_KEY: max_len})
     inputs = {"base_model": base_dir, "train": data_dir / "sft_train.jsonl", "val": data_dir / "sft_val.jsonl"}
     return write_result(out, "sft", inputs, {"model": out / "model"}, metrics, timer, run_key=key)
 

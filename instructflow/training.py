@@ -10,6 +10,7 @@ run skips exactly the micro-batches it had consumed and sees the same order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -57,12 +58,40 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def make_accelerator(project: ProjectConfig, grad_accum: int = 1) -> Accelerator:
+def make_accelerator(project: ProjectConfig, grad_accum: int = 1, mixed_precision: str = "no",
+                     tracking_dir: Path | None = None, run_name: str = "") -> Accelerator:
     """CPU when asked or when there is no GPU. (Saying cpu=True on a GPU-less host
     matters: launched as several processes, accelerate then joins them in one
-    gloo group instead of running each alone.)"""
+    gloo group instead of running each alone.) `mixed_precision` "bf16" autocasts
+    the prepared models' forward passes, fp32 master weights kept. With
+    `project.trackers` and a `tracking_dir`, the curves also go to those trackers."""
     cpu = project.device == "cpu" or not has_accelerator_device()
-    return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum)
+    trackers = list(project.trackers) if tracking_dir is not None else []
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one state per process: a stage run after another in the same process
+    # (`instructflow run`, tests) may ask for another precision; the process group is kept
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state()
+    acc = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
+                      log_with=trackers or None, project_dir=str(tracking_dir) if trackers else None)
+    if trackers:
+        acc.init_trackers(run_name or "instructflow")
+    return acc
+
+
+def autocast(mixed_precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast of `model.mixed_precision` for models accelerate did not prepare (inference)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass (transformers does it in train mode only,
+    and turns the KV cache off there: sample and score in eval mode)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def progress(total: int, desc: str, initial: int = 0, main: bool = True):
@@ -214,6 +243,7 @@ def train_loop(
                 if accelerator.is_main_process:
                     with log_path.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)  # trackers, when any
                 log.info("%s step %d/%d %s", name, step, total_steps,
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
                 running, n_running = {}, 0
@@ -232,6 +262,8 @@ def train_loop(
         model.train()
     if cfg.checkpoint_every:
         save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": micro // cfg.grad_accum, "run_key": run_key})
+    if accelerator.trackers:
+        accelerator.end_training()
     last = history[-1] if history else {}
     return LoopResult(
         steps=total_steps, seconds=round(seconds, 3), resumed_from_step=resumed_from,

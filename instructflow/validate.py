@@ -349,9 +349,10 @@ DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rm_prompts_train": ("prompts", ()),
     "rm_prompts_val": ("prompts", ("rm_prompts_train",)),
     "comparisons_train": ("comparisons", ()),
-    "comparisons_val": ("comparisons", ("comparisons_train",)),
+    "comparisons_gold": ("comparisons", ("comparisons_train",)),
+    "comparisons_val": ("comparisons", ("comparisons_train", "comparisons_gold")),
     "ppo_prompts": ("prompts", ()),
-    "eval_prompts": ("prompts", ("sft_train", "rm_prompts_train", "comparisons_train", "ppo_prompts")),
+    "eval_prompts": ("prompts", ("sft_train", "rm_prompts_train", "comparisons_train", "comparisons_gold", "ppo_prompts")),
 }
 
 

@@ -80,3 +80,30 @@ def test_a_lone_job_waits_at_most_max_wait(max_wait_s):
 
     elapsed = asyncio.run(one())
     assert max_wait_s <= elapsed < max_wait_s + 1.0  # waits for company, then runs alone
+
+
+def test_length_groups_bound_the_padding_and_cover_every_sequence():
+    from instructflow.serve import length_groups
+
+    lengths = [30, 5, 6, 300, 7, 31, 290, 5]
+    groups = length_groups(lengths, max_padding=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 1.25 * sum(lengths[i] for i in g)
+    assert sorted(map(sorted, groups)) == [[0, 5], [1, 2, 4, 7], [3, 6]]
+
+
+def test_grouped_scoring_returns_each_score_in_its_place():
+    from instructflow.serve import _Scorer
+
+    class Lengths(_Scorer):
+        calls = []
+
+        def score_batch(self, seqs):
+            self.calls.append(len(seqs))
+            return [float(len(s)) for s in seqs]
+
+    seqs = [[1] * n for n in (40, 3, 41, 4, 3)]
+    scorer = Lengths()
+    assert scorer.score_ids(seqs) == [40.0, 3.0, 41.0, 4.0, 3.0]
+    assert sorted(scorer.calls) == [2, 3]  # two calls: the short ones, the long ones

@@ -25,6 +25,11 @@ def _best(c: Comparison) -> str:
     return c.responses[max(range(c.k), key=lambda i: c.scores[i])]
 
 
+def _unique_prompts(records: list) -> list[Prompt]:
+    unique = {r.prompt: r for r in records}
+    return [Prompt(id=r.id, prompt=r.prompt, category=r.category) for r in unique.values()]
+
+
 def build_from_files(params: Params, out: Path) -> dict:
     d, seed = params.data, params.project.seed
     if not (d.demonstrations or d.comparisons):
@@ -38,22 +43,30 @@ def build_from_files(params: Params, out: Path) -> dict:
     comparisons = read_jsonl(d.comparisons, Comparison) if d.comparisons else []
     if d.comparisons and not comparisons:
         raise DataError(f"{d.comparisons}: no comparison records (data.comparisons in params.yaml)")
+    tr: list[Comparison] = []
     if comparisons:
-        tr, va = split_by_prompt(comparisons, d.val_fraction, seed)
+        # split by prompt: validation (also the evaluation's prompts), the gold RM's share, the proxy RM's
+        rest, va = split_by_prompt(comparisons, d.val_fraction, seed)
+        tr, gold = split_by_prompt(rest, d.gold_fraction, seed + 1) if d.gold_fraction else (rest, [])
         counts["comparisons_train"] = write_jsonl(out / "comparisons_train.jsonl", tr)
         counts["comparisons_val"] = write_jsonl(out / "comparisons_val.jsonl", va)
+        if d.gold_fraction:
+            counts["comparisons_gold"] = write_jsonl(out / "comparisons_gold.jsonl", gold)
+            counts["eval_prompts"] = write_jsonl(out / "eval_prompts.jsonl", _unique_prompts(va))
+    best = [Demonstration(id=c.id, prompt=c.prompt, response=_best(c), meta=c.meta) for c in tr]
     if d.demonstrations:
         demos = read_jsonl(d.demonstrations, Demonstration)
         if not demos:
             raise DataError(f"{d.demonstrations}: no demonstration records (data.demonstrations in params.yaml)")
+        if d.best_responses_as_demonstrations:
+            demos += best
     else:  # demonstrations from the training comparisons' best responses only
-        demos = [Demonstration(id=c.id, prompt=c.prompt, response=_best(c), meta=c.meta) for c in tr]
+        demos = best
     tr_d, va_d = split_by_prompt(demos, d.val_fraction, seed)
     counts["sft_train"] = write_jsonl(out / "sft_train.jsonl", tr_d)
     counts["sft_val"] = write_jsonl(out / "sft_val.jsonl", va_d)
-    # RL prompts: the training prompts, once each (PPO needs no labels)
-    unique = {x.prompt: x for x in tr_d}
-    counts["ppo_prompts"] = write_jsonl(out / "ppo_prompts.jsonl", [Prompt(id=x.id, prompt=x.prompt) for x in unique.values()])
+    # RL prompts, once each (PPO needs no labels): those the RM trained on, else the demonstrations'
+    counts["ppo_prompts"] = write_jsonl(out / "ppo_prompts.jsonl", _unique_prompts(tr or tr_d))
     if d.pretrain_text:
         texts = read_jsonl(d.pretrain_text, PretrainText)
     else:

@@ -21,8 +21,8 @@ from ..config import DataConfig
 from ..data.formats import Demonstration, PretrainText, Prompt, split_by_prompt
 from ..io import write_jsonl
 from . import world as W
-from .labelers import Labeler
 from .instructions import grade, harmful_probability, make_prompt
+from .labelers import Labeler
 
 
 # --------------------------------------------------------------------------- corpus
