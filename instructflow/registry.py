@@ -177,6 +177,13 @@ def _reward(p: Params, a: Paths) -> IO:
               plots=(a.log("reward"),))
 
 
+@stage("gold_reward", "reward:run_gold_reward", "A second RM, on comparisons the proxy RM never sees: the evaluation's judge.",
+       ("project", "model", "data", "reward"), headline=("val_accuracy",), when=gold_judge)
+def _gold_reward(p: Params, a: Paths) -> IO:
+    return IO(deps=(a.model("pretrain"), *a.data("comparisons_gold", "comparisons_val")), outs=(a.model("gold_reward"),),
+              plots=(a.log("gold_reward"),))
+
+
 @stage("export", "export:run_export", "Export the RM to ONNX with a parity check against torch; artifacts/export/rm/.",
        ("project", "export"), headline=("parity_max_abs_diff",))
 def _export(p: Params, a: Paths) -> IO:

@@ -204,6 +204,14 @@ def run_reward(params: Params, key: str = "") -> dict:
     return train_reward_model(params, key, "reward", params.stage_dir("sft") / "model", train, val, held, centre=True)
 
 
+def run_gold_reward(params: Params, key: str = "") -> dict:
+    """The `gold_reward` stage: a second RM, from the base model, on comparisons the proxy RM
+    never sees (data.gold_fraction). It trains nothing; it judges the evaluation."""
+    data = params.stage_dir("data")
+    return train_reward_model(params, key, "gold_reward", params.stage_dir("pretrain") / "model",
+                              data / "comparisons_gold.jsonl", data / "comparisons_val.jsonl", None, centre=False)
+
+
 def train_reward_model(params: Params, key: str, stage: str, init: Path, train_path: Path, val_path: Path,
                        held_path: Path | None, centre: bool) -> dict:
     setup_runtime(params.project)

@@ -26,7 +26,8 @@ def test_every_list_of_stages_comes_from_the_registry():
         f"data {c.name}" for g in app.registered_groups for c in g.typer_instance.registered_commands}
     assert {" ".join(s.command) for s in STAGES.values()} <= commands
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(dvc) == [s.name for s in stage_specs(Params())] == list(STAGES)
+    assert list(dvc) == [s.name for s in stage_specs(Params())]
+    assert set(dvc) <= set(STAGES)
     for name, entry in dvc.items():
         assert entry["cmd"] == "instructflow " + " ".join(STAGES[name].command) + " --params params.yaml"
 
@@ -46,18 +47,19 @@ def test_a_stage_runs_the_code_its_module_imports_and_nothing_else():
 def test_runtime_settings_change_no_key_and_a_params_section_changes_only_its_readers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = Params()
-    keys = {s: stage_key(base, s) for s in STAGES}
+    names = [s.name for s in stage_specs(base)]
+    keys = {s: stage_key(base, s) for s in names}
     faster = Params.model_validate({"project": {"threads": 7, "device": "cpu"}})
-    assert {s: stage_key(faster, s) for s in STAGES} == keys
+    assert {s: stage_key(faster, s) for s in names} == keys
     changed = Params.model_validate({"ppo": {"lr": 3e-4}})
-    assert {s for s in STAGES if stage_key(changed, s) != keys[s]} == {"ppo", "ppo_ptx"}
+    assert {s for s in names if stage_key(changed, s) != keys[s]} == {"ppo", "ppo_ptx"}
 
 
 def test_an_edit_to_serve_py_changes_no_stage_key_and_an_edit_to_losses_py_changes_its_users(tmp_path):
     """In a copy of the package, in a fresh interpreter (the code hash is computed once per process)."""
     shutil.copytree(PACKAGE_DIR, tmp_path / "instructflow", ignore=shutil.ignore_patterns("__pycache__"))
-    probe = ("import json; from instructflow.config import Params; from instructflow.registry import STAGES, stage_key;"
-             "print(json.dumps({s: stage_key(Params(), s) for s in STAGES}))")
+    probe = ("import json; from instructflow.config import Params; from instructflow.registry import stage_key, stage_specs;"
+             "print(json.dumps({s.name: stage_key(Params(), s.name) for s in stage_specs(Params())}))")
 
     def keys():
         out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
@@ -70,4 +72,17 @@ def test_an_edit_to_serve_py_changes_no_stage_key_and_an_edit_to_losses_py_chang
     losses = tmp_path / "instructflow/losses.py"
     losses.write_text(losses.read_text() + "\n# an edit\n")
     after = keys()
-    assert {s for s in STAGES if after[s] != before[s]} == {"pretrain", "sft", "reward", "ppo", "ppo_ptx", "eval"}
+    assert {s for s in after if after[s] != before[s]} == {"pretrain", "sft", "reward", "ppo", "ppo_ptx", "eval"}
+
+
+def test_a_gold_rm_stage_runs_beside_the_proxy_rm_when_files_keep_a_gold_share():
+    from instructflow.config import parse_params
+    from instructflow.registry import stage_waves
+
+    files = {"data": {"source": "files", "comparisons": "c.jsonl"}}
+    assert "gold_reward" not in [s.name for s in stage_specs(parse_params(files))]
+    gold = parse_params({"data": {**files["data"], "gold_fraction": 0.5}})
+    waves = [[s.name for s in w] for w in stage_waves(stage_specs(gold))]
+    assert ["reward", "gold_reward"] in waves and waves[-1] == ["eval"]
+    gold_spec = next(s for s in stage_specs(gold) if s.name == "gold_reward")
+    assert "artifacts/data/comparisons_gold.jsonl" in gold_spec.deps and "artifacts/sft/model" not in gold_spec.deps
