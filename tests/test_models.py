@@ -152,3 +152,16 @@ def test_pretrained_models_get_their_own_learning_rates_and_no_residual_dropout(
                          "reward": {"lr": 3e-5}})
     assert (builtin.sft.lr, builtin.sft.residual_dropout) == (1e-3, 0.2)
     assert (real.sft.lr, real.sft.residual_dropout, real.reward.lr, real.ppo.lr) == (2e-5, 0.0, 3e-5, 3e-5)
+
+
+def test_training_curves_also_reach_accelerate_trackers(tmp_path):
+    model, _ = tiny_lm()
+    acc = make_accelerator(ProjectConfig(device="cpu", trackers=["tensorboard"]), tracking_dir=tmp_path / "trackers",
+                           run_name="sft")
+    examples = [torch.randint(3, 200, (12,)) for _ in range(8)]
+    train_loop(name="sft", model=LMLoss(model), examples=examples, collate=lambda xs: {"input_ids": torch.stack(xs)},
+               loss_fn=lambda m, b: (m(input_ids=b["input_ids"]), {}), cfg=OptimConfig(batch_size=2, epochs=1, log_every=1),
+               out_dir=tmp_path, accelerator=acc, seed=0)
+    events = list((tmp_path / "trackers").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+    assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 4  # the JSONL log is kept
