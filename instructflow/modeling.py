@@ -240,16 +240,23 @@ def add_lora(model: torch.nn.Module, cfg, task: str, top_layers: int = 0) -> tor
         return model
     from peft import LoraConfig, get_peft_model
 
-    extra = {}
+    extra: dict = {"target_modules": cfg.target_modules}
     if top_layers:
-        total = len(decoder_layers(model))
-        extra["layers_to_transform"] = list(range(total - top_layers, total))
+        # peft takes layer indices only with module names, and the name of the layer list
+        layers = decoder_layers(model)
+        extra["layers_to_transform"] = list(range(len(layers) - top_layers, len(layers)))
+        extra["layers_pattern"] = next(n.rsplit(".", 1)[-1] for n, m in unwrap(model).named_modules() if m is layers)
+        if cfg.target_modules == "all-linear":
+            from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+            extra["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n, m in layers.named_modules()
+                                              if isinstance(m, (torch.nn.Linear, Conv1D))})
     if task == "score":
         name = next(n for n, m in model.named_children() if m is score_head(model))
         extra |= {"modules_to_save": [name], "task_type": "SEQ_CLS"}
     else:
         extra |= {"task_type": "CAUSAL_LM"}
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, **extra)
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **extra)
     return get_peft_model(model, lora)
 
 
@@ -280,19 +287,22 @@ def load_reward_model(path: str | Path, dtype: str = "float32"):
     # Starting from a causal LM (the reward stage starts from SFT), the scalar head is new by design:
     # transformers' load report would flag it as MISSING in red; the report is replaced by one line here.
     hf_log = logging.getLogger("transformers.modeling_utils")
-    level = hf_log.level
-    hf_log.setLevel(logging.ERROR)
+    hf_log.addFilter(_no_load_report)  # a filter, not a level: transformers checks that level for other reports
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=1, dtype=getattr(torch, dtype), output_loading_info=True)
     finally:
-        hf_log.setLevel(level)
+        hf_log.removeFilter(_no_load_report)
     new = [k for k in info["missing_keys"] if not k.startswith("score.")]
     if new:
         log.warning("%s: these reward-model weights were not in the checkpoint and start random: %s", path, new)
     elif info["missing_keys"]:
         log.info("%s: a new scalar score head on the model (the reward stage trains it)", path)
     return model, tok
+
+
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -165,3 +165,18 @@ def test_training_curves_also_reach_accelerate_trackers(tmp_path):
     events = list((tmp_path / "trackers").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 4  # the JSONL log is kept
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_on_the_top_layers_only(arch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=300))
+    else:
+        model, _ = tiny_lm()
+    peft_model = add_lora(model, LoraConfig(r=4), "causal_lm", top_layers=1)
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    top = "layers.1." if arch == "llama" else "h.2."
+    assert trained and all("lora_" in n and top in n for n in trained)
+    assert len({n.split("lora_")[0] for n in trained}) >= 3  # attention and MLP projections, not just one
