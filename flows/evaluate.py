@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from instructflow.config import load_params
-from instructflow.registry import stage_specs
+from instructflow.registry import STAGES, stage_specs
 from tasks.stages import stage, with_retries
 from tasks.versioning import dvc_root, pull_stages
 
@@ -17,7 +17,7 @@ def evaluate(params: str = "params.yaml", pull: bool = False) -> dict:
     p = load_params(params)
     names = [s.name for s in stage_specs(p)]
     if "eval" not in names:
-        raise ValueError(f"{params}: data.source={p.data.source} has no evaluation stage (it needs the built-in labelers)")
+        raise ValueError(f"{params}: this configuration has no evaluation stage: it needs {STAGES['eval'].requires}")
     root = dvc_root(params)
     if pull:
         if root is None:

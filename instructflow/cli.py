@@ -34,14 +34,32 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# What a configuration, a file or a model can get wrong: one clear line, no traceback
+# (INSTRUCTFLOW_LOG=DEBUG logs it too).
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
+
+
 def _fail(msg: str) -> None:
+    logging.getLogger("instructflow").debug("the error in full", exc_info=True)
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
-def _load(params_path: Path):
+def _load(params_path: Path, overrides: list[str] | None = None):
+    """The params file, with `key.path=value` overrides (values read as YAML)."""
+    import yaml
+
+    given = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--set {item!r}: expected KEY=VALUE, e.g. --set sft.lora.r=16")
+        try:
+            given[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            _fail(f"--set {item!r}: the value is not valid YAML: {err}")
     try:
-        return load_params(params_path)
+        return load_params(params_path, given)
     except ConfigError as err:
         _fail(str(err))
 
@@ -52,7 +70,7 @@ def _run(name: str, params_path: Path) -> dict:
     params = _load(params_path)
     try:
         result = run_stage(name, params)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         _fail(f"stage {name}: {err}")
     typer.echo(json.dumps({"stage": name, "metrics": result["metrics"], "seconds": result["timings_s"]["total"]}, indent=2))
     if STAGES[name].table:
@@ -200,11 +218,13 @@ def run(
     params: ParamsOpt = Path("params.yaml"),
     stages: Annotated[str, typer.Option(help="Comma-separated stages to run, in order (default: every stage "
                                               "this configuration has).")] = "",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one setting, KEY=VALUE (repeatable): "
+                                                   "--set sft.lora.r=16 --set project.artifacts_dir=artifacts/lora")] = None,
 ) -> None:
     """Run the stages in order in this process, without orchestration, and print a summary
     (`make pipeline` runs the same stages through Prefect: flows/pipeline.py)."""
     _setup_logging()
-    p = _load(params)
+    p = _load(params, set_)
     runs = [s.name for s in stage_specs(p)]  # with data.source=files there is no collect or eval
     chosen = [s.strip() for s in stages.split(",") if s.strip()] or runs
     unknown = [s for s in chosen if s not in STAGES]
@@ -214,7 +234,7 @@ def run(
     for name in [s for s in chosen if s in runs]:
         try:
             result = run_stage(name, p)
-        except (ConfigError, DataError, FileNotFoundError) as err:
+        except USER_ERRORS as err:
             _fail(f"stage {name}: {err}")
         rows.append([name, f"{result['timings_s']['total']:.1f}", key_metrics(result["metrics"], STAGES[name].headline)])
         if STAGES[name].table:

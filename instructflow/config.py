@@ -269,6 +269,8 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(32, ge=1, description="Most (prompt, response) items scored in one ONNX Runtime call.")
     max_wait_ms: float = Field(0.0, ge=0, description="How long the batcher waits for more requests before running a partial batch; "
                                "0: none, a batch takes the requests that queued while the previous one ran.")
+    max_padding: float = Field(0.25, ge=0, description="A batch is scored in groups of similar length, each padded by at "
+                               "most this share of its real tokens (a large value: one call per batch, padded to its longest).")
     max_items: int = Field(64, ge=1, description="Most items in one /v1/score request (413 above).")
     max_chars: int = Field(8000, ge=1, description="Most characters in one prompt or response field (413 above).")
     max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body accepted (413 above).")
@@ -385,5 +387,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: cannot set '{dotted}': '{p}' is not a section")
         node[leaf] = value
     return parse_params(raw, str(path))

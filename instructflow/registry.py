@@ -67,6 +67,7 @@ class Stage:
     headline: tuple[str, ...] = ()             # metrics shown in run summaries
     table: str = ""                            # "module:function" rendering its metrics as a table
     when: Callable[[Params], bool] = lambda p: True  # whether it runs with this configuration
+    requires: str = ""                         # what `when` asks of the configuration, in words
 
     @property
     def module(self) -> str:
@@ -77,11 +78,12 @@ STAGES: dict[str, Stage] = {}
 
 
 def stage(name: str, fn: str, help: str, sections: tuple[str, ...], *, command: tuple[str, ...] = (),
-          headline: tuple[str, ...] = (), table: str = "", when: Callable[[Params], bool] | None = None):
+          headline: tuple[str, ...] = (), table: str = "", when: Callable[[Params], bool] | None = None,
+          requires: str = ""):
     """Declare a stage; the decorated function gives its IO. Declaration order is run order."""
     def register(io: Callable[[Params, Paths], IO]) -> Callable[[Params, Paths], IO]:
         STAGES[name] = Stage(name, fn, help, sections, io, command or (name.replace("_", "-"),), headline, table,
-                             when or (lambda p: True))
+                             when or (lambda p: True), requires)
         return io
     return register
 
@@ -164,7 +166,7 @@ def _sft(p: Params, a: Paths) -> IO:
 
 @stage("collect", "collect:run_collect", "Sample K responses per prompt from SFT and have labelers rank them.",
        ("project", "model", "data", "collect"), headline=("labeler_agreement", "labeler_agreement_heldout"),
-       when=builtin_data)
+       when=builtin_data, requires="data.source: builtin (its simulated labelers rank the samples)")
 def _collect(p: Params, a: Paths) -> IO:
     return IO(deps=(a.model("sft"), *a.data("rm_prompts_train", "rm_prompts_val")),
               outs=(*comparison_files(p, a), a("collect", "agreement.json")))
@@ -178,7 +180,8 @@ def _reward(p: Params, a: Paths) -> IO:
 
 
 @stage("gold_reward", "reward:run_gold_reward", "A second RM, on comparisons the proxy RM never sees: the evaluation's judge.",
-       ("project", "model", "data", "reward"), headline=("val_accuracy",), when=gold_judge)
+       ("project", "model", "data", "reward"), headline=("val_accuracy",), when=gold_judge,
+       requires="data.source: files with data.comparisons and data.gold_fraction > 0")
 def _gold_reward(p: Params, a: Paths) -> IO:
     return IO(deps=(a.model("pretrain"), *a.data("comparisons_gold", "comparisons_val")), outs=(a.model("gold_reward"),),
               plots=(a.log("gold_reward"),))
@@ -206,7 +209,9 @@ stage("ppo_ptx", "ppo:run_ppo_ptx", "PPO-ptx: PPO plus ppo.ptx_coef x the pretra
 
 @stage("eval", "evaluate:run_eval", "Judge base (few-shot), SFT, PPO and PPO-ptx on held-out prompts; artifacts/eval/.",
        ("project", "model", "data", "pretrain", "reward", "eval"), table="evaluate:summary_table",
-       when=lambda p: builtin_data(p) or gold_judge(p))
+       when=lambda p: builtin_data(p) or gold_judge(p),
+       requires="a judge that trained nothing: data.source: builtin (the held-out labeler), or data.gold_fraction > 0 "
+                "with data.comparisons (a gold RM)")
 def _eval(p: Params, a: Paths) -> IO:
     models = tuple(a.model(s) for s in ("pretrain", "sft", "reward", "ppo", "ppo_ptx"))
     judge = (a("collect", "agreement.json"),) if builtin_data(p) else (a.model("gold_reward"), a("gold_reward", "result.json"))
@@ -252,7 +257,7 @@ def spec(params: Params, name: str) -> StageSpec:
         if s.name == name:
             return s
     if name in STAGES:
-        raise ConfigError(f"stage '{name}' does not run with data.source={params.data.source}")
+        raise ConfigError(f"stage '{name}' does not run with this configuration: it needs {STAGES[name].requires}")
     raise ConfigError(f"unknown stage '{name}'; the stages are {', '.join(STAGES)}")
 
 

@@ -42,3 +42,17 @@ def test_overrides_use_dotted_keys(tmp_path):
     p.write_text("sft: {epochs: 2}\n")
     params = load_params(p, {"sft.lr": 0.5, "collect.k": 4})
     assert (params.sft.epochs, params.sft.lr, params.collect.k) == (2, 0.5, 4)
+
+
+def test_cli_overrides_are_validated_like_the_file(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from instructflow.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("sft: {epochs: 2}\n")
+    for args, message in ((["--set", "sft.epochz=3"], "unknown key 'sft.epochz'"),
+                          (["--set", "sft.epochs.x=3"], "'epochs' is not a section"),
+                          (["--set", "sft"], "expected KEY=VALUE")):
+        result = CliRunner().invoke(app, ["run", "--params", "params.yaml", "--stages", "data", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
