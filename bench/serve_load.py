@@ -6,6 +6,8 @@ requests drawn from the evaluation prompts. Reports requests/s and p50/p99
 latency per backend and the throughput ratio.
 
     python bench/serve_load.py --export artifacts/export --rm artifacts/reward/model --clients 32 --seconds 30
+    python bench/serve_load.py --export artifacts/smollm2-hh/export --comparisons artifacts/smollm2-hh/data/comparisons_val.jsonl \
+        --clients 1,8 --backends onnx --engine-batches ""
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: str, backend: str, work: Path) -> tuple[subprocess.Popen, str]:
+def start(model: str, backend: str, work: Path, max_padding: float = 0.25) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    (work / "params.yaml").write_text(yaml.safe_dump({"serve": {"port": port, "backend": backend}}))
+    (work / "params.yaml").write_text(yaml.safe_dump({"serve": {"port": port, "backend": backend, "max_padding": max_padding}}))
     env = {**os.environ, "INSTRUCTFLOW_LOG": "WARNING"}
     env.pop("INSTRUCTFLOW_API_KEYS", None)
     proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", model, "--params", "params.yaml"],
@@ -153,30 +155,48 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", default="artifacts/export")
     ap.add_argument("--rm", default="artifacts/reward/model")
-    ap.add_argument("--prompts", default="artifacts/data/eval_prompts.jsonl")
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--prompts", default="artifacts/data/eval_prompts.jsonl",
+                    help="Prompts JSONL; each request scores one with the response 'I do not know.'")
+    ap.add_argument("--comparisons", default="", help="Comparisons JSONL instead: each request scores one of their "
+                    "(prompt, response) pairs, real lengths (e.g. artifacts/smollm2-hh/data/comparisons_val.jsonl).")
+    ap.add_argument("--clients", default="32", help="Concurrent clients; comma-separated for several runs (e.g. 1,8).")
+    ap.add_argument("--backends", default="onnx,torch")
     ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--max-padding", type=float, default=0.25, help="serve.max_padding (1000: one padded call per batch).")
     ap.add_argument("--engine-batches", default="32", help="Comma-separated batch sizes for the engine-only figures.")
     ap.add_argument("--out", default="bench/results/serve_load.json")
     args = ap.parse_args()
-    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()]
-    items = [{"prompt": p, "response": "I do not know."} for p in prompts]
-    result = {"clients": args.clients, "seconds": args.seconds, "machine": machine(),
-              "date": time.strftime("%Y-%m-%d")}
-    for backend, model in (("onnx", args.export), ("torch", args.rm)):
+    if args.comparisons:
+        rows = [json.loads(line) for line in Path(args.comparisons).read_text().splitlines()]
+        items = [{"prompt": c["prompt"], "response": r} for c in rows for r in c["responses"]]
+    else:
+        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()]
+        items = [{"prompt": p, "response": "I do not know."} for p in prompts]
+    clients = [int(c) for c in args.clients.split(",")]
+    backends = args.backends.split(",")
+    result = {"clients": clients, "seconds": args.seconds, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+              "items": len(items), "max_padding": args.max_padding}
+    for backend in backends:
+        model = args.export if backend == "onnx" else args.rm
         with tempfile.TemporaryDirectory() as work:
-            proc, url = start(str(Path(model).resolve()), backend, Path(work))
+            proc, url = start(str(Path(model).resolve()), backend, Path(work), args.max_padding)
             try:
-                drive_result = run_loop(drive(url, items, args.clients, args.seconds))
-                drive_result["provider"] = httpx.get(url + "/readyz").json()["provider"]
-                result[backend] = drive_result
+                provider = httpx.get(url + "/readyz").json()["provider"]
+                for n in clients:
+                    drive_result = run_loop(drive(url, items, n, args.seconds))
+                    drive_result["provider"] = provider
+                    result[f"{backend}_{n}"] = drive_result
+                    print(backend, n, "clients", drive_result, flush=True)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
-        print(backend, result[backend], flush=True)
-    result["throughput_ratio_onnx_vs_torch"] = round(result["onnx"]["requests_per_s"] / result["torch"]["requests_per_s"], 2)
-    batches = [int(b) for b in args.engine_batches.split(",")]
-    result["engine_only"] = engine_only(Path(args.export), Path(args.rm), items, batches)
+    if set(backends) == {"onnx", "torch"}:
+        for n in clients:
+            result[f"throughput_ratio_onnx_vs_torch_{n}"] = round(
+                result[f"onnx_{n}"]["requests_per_s"] / result[f"torch_{n}"]["requests_per_s"], 2)
+    if args.engine_batches:
+        batches = [int(b) for b in args.engine_batches.split(",")]
+        result["engine_only"] = engine_only(Path(args.export), Path(args.rm), items, batches)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

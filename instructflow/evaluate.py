@@ -40,7 +40,7 @@ from .encoding import encode_pair, pack
 from .generation import Answer, sample_answers
 from .io import StageTimer, read_jsonl, write_json, write_result
 from .judge import judge
-from .losses import token_logprobs
+from .losses import LMLoss
 from .modeling import context_length, load_causal_lm, load_reward_model
 from .pretrain import heldout_loss
 from .report import format_table
@@ -131,18 +131,20 @@ def few_shot_prompt(shots: list[Demonstration], prompt: str) -> str:
 def sequence_logprobs(model, tok, prompts: list[str], responses: list[str], max_len: int, batch_size: int = 64) -> torch.Tensor:
     """log p(response + EOS | prompt) under `model`, one number per pair; (N,).
 
-    Same encoding and prompt masking as SFT (`sft_batch`): only response tokens count."""
+    Same encoding and prompt masking as SFT (`sft_batch`): only response tokens count, and
+    only their logits are computed (LMLoss). Batches hold pairs of similar length."""
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = [encode_pair(tok, p, r, max_len) for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
-        b = {k: v.to(device) for k, v in sft_batch(enc, tok.pad_token_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-        labels = b["labels"][:, 1:]                                   # position t predicts token t+1
-        tok_logp, _ = token_logprobs(logits, labels)
-        out.append((tok_logp * (labels != -100)).sum(1).cpu())
-    return torch.cat(out)
+    loss_of = LMLoss(model)
+    enc = [encode_pair(tok, p, r, max_len) for p, r in zip(prompts, responses, strict=True)]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
+    out = torch.zeros(len(enc), dtype=torch.float64)
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        b = {k: v.to(device) for k, v in sft_batch([enc[j] for j in rows], tok.pad_token_id).items()}
+        nll, row = loss_of.token_nll(**b)
+        out[rows] = -torch.zeros(len(rows), dtype=torch.float64).index_add(0, row.cpu(), nll.double().cpu())
+    return out.float()
 
 
 def _model_dirs(params: Params) -> dict[str, Path]:

@@ -33,28 +33,35 @@ class LMLoss(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        nll, _ = self.token_nll(input_ids, attention_mask, labels)
+        return nll.mean() if nll.numel() else nll.sum()
+
+    def token_nll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-log p of every labelled token, (N,), and the batch row each belongs to, (N,)."""
         from .modeling import backbone, position_ids_from_mask
 
         if labels is None:
             labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
         positions = None if attention_mask is None else position_ids_from_mask(attention_mask)
         hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-        target = labels[:, 1:]
+        target = labels[:, 1:]                                                       # position t predicts token t+1
         keep = target != -100
         h, y = hidden[:, :-1][keep], target[keep]                                    # (N, H), (N,)
+        rows = keep.nonzero()[:, 0]
         if y.numel() == 0:
-            return hidden.sum() * 0.0
+            return hidden.sum() * 0.0 + h.new_zeros(0), rows
         head, cap = self.lm.get_output_embeddings(), getattr(self.lm.config, "final_logit_softcapping", None)
 
-        def nll_sum(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
+        def nll(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
             logits = head(h_chunk).float()
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            return F.cross_entropy(logits, y_chunk, reduction="sum")
+            return F.cross_entropy(logits, y_chunk, reduction="none")
 
-        total = sum(checkpoint(nll_sum, h[i : i + self.chunk_size], y[i : i + self.chunk_size], use_reentrant=False)
-                    for i in range(0, y.numel(), self.chunk_size))
-        return total / y.numel()
+        chunks = [checkpoint(nll, h[i : i + self.chunk_size], y[i : i + self.chunk_size], use_reentrant=False)
+                  for i in range(0, y.numel(), self.chunk_size)]
+        return torch.cat(chunks), rows
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,

@@ -131,33 +131,39 @@ def rm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[s
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts: list[str], responses: list[str], max_len: int, batch_size: int = 64) -> torch.Tensor:
-    """Reward (bias included) of each (prompt, response); (N,)."""
+    """Reward (bias included) of each (prompt, response); (N,). Batches hold pairs of similar
+    length (sorted, then put back in order), so that little of each is padding."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        seqs = [encode_pair(tokenizer, p, r, max_len)[0] for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
-        ids, mask = pad(seqs, tokenizer.pad_token_id)
-        out.append(reward_scores(model, ids.to(device), mask.to(device)).float().cpu())
+    seqs = [encode_pair(tokenizer, p, r, max_len)[0] for p, r in zip(prompts, responses, strict=True)]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.zeros(len(seqs))
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        ids, mask = pad([seqs[j] for j in rows], tokenizer.pad_token_id)
+        out[rows] = reward_scores(model, ids.to(device), mask.to(device)).float().cpu()
     model.train(was)
-    return torch.cat(out) if out else torch.zeros(0)
+    return out
 
 
 @torch.no_grad()
 def comparison_scores(model, tokenizer, comparisons: list[Comparison], max_len: int, batch_size: int = 32) -> list[list[float]]:
-    """Reward (bias included) of each response of each comparison, encoded as in training."""
+    """Reward (bias included) of each response of each comparison, encoded as in training;
+    batches of similar length, as `score_texts`."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    out: list[list[float]] = []
-    for i in range(0, len(comparisons), batch_size):
-        chunk = comparisons[i : i + batch_size]
-        batch = collate_comparisons([encode_comparison(tokenizer, c, max_len) for c in chunk], tokenizer.pad_token_id)
+    encoded = [encode_comparison(tokenizer, c, max_len) for c in comparisons]
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].prompt), padded_size(encoded[i])))
+    out: list[list[float]] = [[] for _ in comparisons]
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        batch = collate_comparisons([encoded[j] for j in rows], tokenizer.pad_token_id)
         flat = comparison_rewards(model, {k: v.to(device) for k, v in batch.items()}).float().cpu().tolist()
-        for c in chunk:
-            out.append(flat[: c.k])
-            flat = flat[c.k :]
+        for j in rows:
+            k = len(encoded[j].responses)
+            out[j], flat = flat[:k], flat[k:]
     model.train(was)
     return out
 

@@ -62,13 +62,14 @@ class _Scorer:
 
     tokenizer = None
     max_length = 0
+    max_padding = 0.25
 
     def encode(self, prompt: str, response: str) -> list[int]:
         return encode_pair(self.tokenizer, prompt, response, self.max_length)[0]
 
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
         scores = [0.0] * len(seqs)
-        for group in length_groups([len(s) for s in seqs]):
+        for group in length_groups([len(s) for s in seqs], self.max_padding):
             for i, score in zip(group, self.score_batch([seqs[i] for i in group])):
                 scores[i] = score
         return scores
@@ -334,6 +335,7 @@ def create_app(model_dir: Path, cfg: ServeConfig):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scorer = (TorchScorer if cfg.backend == "torch" else OnnxScorer)(model_dir, cfg.provider)
+        scorer.max_padding = cfg.max_padding
         batcher = MicroBatcher(scorer.score_ids, cfg.max_batch_size, cfg.max_wait_ms / 1000, batch_sizes.observe)
         batcher.start()
         state.update(scorer=scorer, batcher=batcher)
