@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -26,6 +26,79 @@ class DataError(ValueError):
     """Bad input data; the message names the file, line and field."""
 
 
+class LineError(ValueError):
+    """One line of a JSONL file that cannot be read as a record; the message is the reason."""
+
+
+BOM = b"\xef\xbb\xbf"  # what many editors and spreadsheet exports put before the first line
+
+
+def _refuse_constant(name: str):
+    raise LineError(f"{name} is not a number (JSON has no NaN or infinities)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise LineError(f"field '{dup}' appears twice")
+    return obj
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The first string (or key) in `value` holding a lone UTF-16 surrogate, by field path."""
+    if isinstance(value, str):
+        for ch in value:
+            if "\ud800" <= ch <= "\udfff":
+                return f"field '{where or '(record)'}' holds a lone surrogate \\u{ord(ch):04x}, which is not text"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _lone_surrogate(k, where) or _lone_surrogate(v, f"{where}.{k}" if where else k)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _lone_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def parse_json_text(text: str) -> Any:
+    """json.loads for data nobody here wrote: NaN, infinities, duplicate keys, lone
+    surrogates and runaway nesting are refused with a LineError naming what is wrong."""
+    try:
+        obj = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise LineError(f"not valid JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:
+        raise LineError("not valid JSON: nested too deeply") from None
+    problem = _lone_surrogate(obj)
+    if problem:
+        raise LineError(problem)
+    return obj
+
+
+def parse_json_line(raw: bytes, lineno: int) -> Any:
+    """One JSONL line as bytes -> its JSON value, or LineError with the reason.
+    A UTF-8 byte-order mark before the first line is accepted."""
+    if lineno == 1 and raw.startswith(BOM):
+        raw = raw[len(BOM):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LineError(f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    return parse_json_text(text)
+
+
+def field_error(err: ValidationError) -> str:
+    """pydantic's first error as "field 'x': what is wrong"."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(record)"
+    return f"field '{field}': {first['msg']}"
+
+
 def iter_jsonl(path: str | Path, model: type[M]) -> Iterator[M]:
     """Yield validated records; raise DataError naming file, line and field."""
     path = Path(path)
@@ -33,22 +106,15 @@ def iter_jsonl(path: str | Path, model: type[M]) -> Iterator[M]:
         raise DataError(f"{path}: file not found")
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
+            if not raw.strip() or (lineno == 1 and not raw.removeprefix(BOM).strip()):
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {err.msg} (column {err.colno})") from None
-            try:
-                yield model.model_validate(obj)
+                record = model.model_validate(parse_json_line(raw, lineno))
+            except LineError as err:
+                raise DataError(f"{path}:{lineno}: {err}") from None
             except ValidationError as err:
-                first = err.errors()[0]
-                field = ".".join(str(p) for p in first["loc"]) or "(record)"
-                raise DataError(f"{path}:{lineno}: field '{field}': {first['msg']}") from None
+                raise DataError(f"{path}:{lineno}: {field_error(err)}") from None
+            yield record
 
 
 def read_jsonl(path: str | Path, model: type[M]) -> list[M]:

@@ -25,10 +25,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Annotated
+
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from .config import ServeConfig
 from .encoding import encode_pair, pad
@@ -201,9 +204,29 @@ class MicroBatcher:
 
 
 # --------------------------------------------------------------------------- API schema
+def _unicode_text(v: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"); no tokenizer can encode one."""
+    for i, ch in enumerate(v):
+        if "\ud800" <= ch <= "\udfff":
+            raise ValueError(f"character {i} is a lone surrogate \\u{ord(ch):04x}, not text")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+
+
+def _printable(value):
+    """A 422's details, safe to write as JSON: no input echoed, lone surrogates escaped."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+
+
 class Item(BaseModel):
-    prompt: str = Field(description="The prompt, as a user wrote it (the chat template is applied here).")
-    response: str = Field(description="The response to score.")
+    prompt: Text = Field(description="The prompt, as a user wrote it (the chat template is applied here).")
+    response: Text = Field(description="The response to score.")
 
 
 class ScoreRequest(BaseModel):
@@ -216,9 +239,9 @@ class ScoreResponse(BaseModel):
 
 
 class CompareRequest(BaseModel):
-    prompt: str
-    response_a: str
-    response_b: str
+    prompt: Text
+    response_a: Text
+    response_b: Text
 
 
 class CompareResponse(BaseModel):
@@ -270,10 +293,14 @@ class BodyLimitAndMetrics:
     the event loop paces this server; replacing it gave 14-16% more requests/s
     (docs/decisions.md).
     A body with a Content-Length is judged by the header before it is read; a
-    chunked one is read up to the limit, then replayed to the app."""
+    chunked one is read up to the limit, then replayed to the app. A refused body
+    is read and dropped before the 413 goes out (at most `drain_seconds` or 16 x
+    the limit), as nginx's lingering close: a client still sending then reads the
+    answer instead of a reset connection."""
 
-    def __init__(self, app, max_body_bytes: int, record):
+    def __init__(self, app, max_body_bytes: int, record, drain_seconds: float = 10.0):
         self.app, self.max_body_bytes, self.record = app, max_body_bytes, record
+        self.drain_seconds, self.drain_bytes = drain_seconds, 16 * max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -290,12 +317,13 @@ class BodyLimitAndMetrics:
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 too_big = f"request body of {int(length)} bytes exceeds max_body_bytes={self.max_body_bytes}"
+                await self._drain(receive)
             elif length is None and scope["method"] == "POST":
                 receive, too_big = await self._read_chunked(receive)
             else:
                 too_big = None
             if too_big:
-                await JSONResponse({"detail": too_big}, 413)(scope, receive, send_and_note)
+                await JSONResponse({"detail": too_big}, 413, headers={"connection": "close"})(scope, receive, send_and_note)
             else:
                 await self.app(scope, receive, send_and_note)
         finally:
@@ -309,6 +337,8 @@ class BodyLimitAndMetrics:
             messages.append(message)
             size += len(message.get("body", b""))
             if size > self.max_body_bytes:
+                if message.get("more_body", False):
+                    await self._drain(receive)
                 return receive, f"request body exceeds max_body_bytes={self.max_body_bytes}"
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
@@ -317,6 +347,18 @@ class BodyLimitAndMetrics:
             return messages.pop(0) if messages else await receive()
 
         return replay, None
+
+    async def _drain(self, receive) -> None:
+        """Read and drop the rest of a refused body, within the time and size caps."""
+        deadline, size = time.monotonic() + self.drain_seconds, 0
+        while size < self.drain_bytes and (left := deadline - time.monotonic()) > 0:
+            try:
+                message = await asyncio.wait_for(receive(), left)
+            except asyncio.TimeoutError:
+                return
+            size += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
 
 
 def create_app(model_dir: Path, cfg: ServeConfig):
@@ -359,6 +401,12 @@ def create_app(model_dir: Path, cfg: ServeConfig):
     @app.exception_handler(LimitError)
     async def _limit(request, err: LimitError):
         return JSONResponse({"detail": err.message}, 413)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, err: RequestValidationError):
+        # FastAPI's own handler echoes the input, which may hold NaN or a lone surrogate: not JSON, a 500
+        return JSONResponse({"detail": [{"loc": _printable(e.get("loc", ())), "msg": _printable(e.get("msg", "")),
+                                         "type": _printable(e.get("type", ""))} for e in err.errors()]}, 422)
 
     def authorize(request: Request) -> None:
         if not keys:

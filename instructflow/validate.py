@@ -15,7 +15,6 @@ are copied, with their reasons, to a quarantine file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 from .config import Params, ValidateConfig
 from .data.formats import MAX_K, MIN_K
-from .io import DataError, StageTimer, write_json, write_jsonl, write_result
+from .io import BOM, DataError, LineError, StageTimer, parse_json_line, write_json, write_jsonl, write_result
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,16 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "pretrain": {"text": (str,)},
 }
 OPTIONAL = {"category": (str,), "meta": (dict,), "labeler": (str,), "ranking": (list,), "scores": (list,)}
+ITEMS = {"responses": ((str,), "a string"), "ranking": ((int,), "an integer"), "scores": ((int, float), "a number")}
 ALLOWED = {
     "prompts": {"id", "prompt", "category", "meta"},
     "demonstrations": {"id", "prompt", "response", "category", "meta", "labeler"},
     "comparisons": {"id", "prompt", "responses", "ranking", "scores", "category", "meta", "labeler"},
     "pretrain": {"text"},
 }
+
+
+STRUCTURE = "record_structure"  # a line that cannot be read, parsed or typed: checked before the suite
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Failure:
             return f"{path}: fails '{self.description}' [{self.expectation}]: it has no records"
         more = f" (+{len(self.lines) - shown} more)" if len(self.lines) > shown else ""
         lines = ", ".join(map(str, self.lines[:shown]))
+        if self.expectation == STRUCTURE:
+            return f"{path}: {self.description}: lines {lines}{more}"
         return f"{path}: {len(self.lines)} row(s) fail '{self.description}' [{self.expectation} on '{self.column}']: lines {lines}{more}"
 
 
@@ -106,40 +111,55 @@ class ValidationFailed(DataError):
 # ---------------------------------------------------------------- reading rows
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """One dict per non-blank line, never raising on content: problems become
-    the `_utf8`, `_json` and `_object` flags the suite checks."""
+    """One dict per non-blank line, never raising on content. A line that cannot
+    be read or parsed gets `_problem`: its one reason."""
     rows = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
+            if not raw.strip() or (lineno == 1 and not raw.removeprefix(BOM).strip()):
                 continue
-            row: dict[str, Any] = {"_line": lineno, "_raw": raw, "_utf8": True, "_json": True, "_object": True}
+            row: dict[str, Any] = {"_line": lineno, "_raw": raw, "_obj": {}, "_problem": None}
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                row["_utf8"], text = False, raw.decode("utf-8", errors="replace")
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError:
-                row["_json"], obj = False, {}
-            if not isinstance(obj, dict):
-                row["_object"], obj = False, {}
-            row["_obj"] = obj
+                row["_obj"] = parse_json_line(raw, lineno)
+            except LineError as err:
+                row["_problem"] = str(err)
             rows.append(row)
     return rows
+
+
+TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", float: "a number"}
+
+
+def _json_type(v: Any) -> str:
+    return "null" if v is None else "a boolean" if isinstance(v, bool) else TYPE_NAMES[type(v)]
 
 
 def _is_type(v: Any, types: tuple[type, ...]) -> bool:
     return isinstance(v, types) and not isinstance(v, bool)
 
 
-def _schema_ok(obj: dict, kind: str) -> bool:
-    required, allowed = SCHEMA[kind], ALLOWED[kind]
-    if set(obj) - allowed:
-        return False
-    if any(k not in obj or not _is_type(obj[k], t) for k, t in required.items()):
-        return False
-    return all(_is_type(obj[k], t) for k, t in OPTIONAL.items() if k in obj and k in allowed and obj[k] is not None)
+def structure_problem(obj: Any, kind: str) -> str | None:
+    """Why a parsed line is not a record of `kind` (the first reason, naming the
+    field), or None. Content (lengths, rankings, duplicates) is the suite's."""
+    if not isinstance(obj, dict):
+        return f"the line is {_json_type(obj)}, not a JSON object"
+    allowed = ALLOWED[kind]
+    for k in obj:
+        if k not in allowed:
+            return f"field '{k}' is not a {kind} field (those are: {', '.join(sorted(allowed))})"
+    for k, types in SCHEMA[kind].items():
+        if k not in obj:
+            return f"field '{k}' is missing"
+        if not _is_type(obj[k], types):
+            return f"field '{k}' must be {TYPE_NAMES[types[0]]}, not {_json_type(obj[k])}"
+    for k, types in OPTIONAL.items():
+        if k in allowed and obj.get(k) is not None and not _is_type(obj[k], types):
+            return f"field '{k}' must be {TYPE_NAMES[types[0]]}, not {_json_type(obj[k])}"
+    for k, (types, name) in ITEMS.items():
+        for i, v in enumerate(obj.get(k) or [] if k in allowed else []):
+            if not _is_type(v, types):
+                return f"field '{k}[{i}]' must be {name}, not {_json_type(v)}"
+    return None
 
 
 def _text(v: Any) -> str | None:
@@ -147,23 +167,16 @@ def _text(v: Any) -> str | None:
 
 
 def _comparison_columns(obj: dict) -> dict[str, Any]:
-    responses = obj.get("responses") if isinstance(obj.get("responses"), list) else []
-    texts = [r for r in responses if isinstance(r, str)]
-    k = len(responses)
-    ranking, scores = obj.get("ranking"), obj.get("scores")
-    has_ranking, has_scores = ranking is not None, scores is not None
-    ranking_ok = (not has_ranking) or (isinstance(ranking, list) and all(_is_type(i, (int,)) for i in ranking)
-                                       and sorted(ranking) == list(range(k)))
-    scores_ok = (not has_scores) or (isinstance(scores, list) and len(scores) == k
-                                     and all(_is_type(s, (int, float)) for s in scores))
+    """Derived columns of a comparison whose fields have the right types (structure_problem)."""
+    texts, ranking, scores = obj["responses"], obj.get("ranking"), obj.get("scores")
+    k = len(texts)
     return {
         "k": k,
-        "responses_are_text": len(texts) == k,
-        "one_order": has_ranking != has_scores,
-        "ranking_ok": ranking_ok and scores_ok,
-        "responses_distinct": len({t.strip() for t in texts}) == len(texts),
-        "shortest_response": min((len(t.strip()) for t in texts), default=0),
-        "longest_response": max((len(t) for t in texts), default=0),
+        "one_order": (ranking is None) != (scores is None),
+        "ranking_ok": (ranking is None or sorted(ranking) == list(range(k))) and (scores is None or len(scores) == k),
+        "responses_distinct": len({t.strip() for t in texts}) == k,
+        "shortest_response": min((len(t.strip()) for t in texts), default=None),  # none: k fails, alone
+        "longest_response": max((len(t) for t in texts), default=None),
         "responses_joined": "\n".join(texts),
     }
 
@@ -175,8 +188,7 @@ def to_frame(rows: list[dict], kind: str, seen_prompts: dict[str, str] | None = 
     recs, seen_ids = [], set()
     for r in rows:
         obj = r["_obj"]
-        rec: dict[str, Any] = {"_line": r["_line"], "readable": r["_utf8"] and r["_json"] and r["_object"],
-                               "utf8": r["_utf8"], "schema_ok": _schema_ok(obj, kind)}
+        rec: dict[str, Any] = {"_line": r["_line"]}
         if kind != "pretrain":
             rec["id"] = _text(obj.get("id"))
             rec["id_repeated"] = rec["id"] is not None and rec["id"] in seen_ids  # the first use is kept
@@ -201,30 +213,23 @@ def expectations(kind: str, cfg: ValidateConfig) -> list[tuple[Any, str]]:
     import great_expectations as gx
 
     E = gx.expectations
-    out: list[tuple[Any, str]] = [
-        (E.ExpectColumnValuesToBeInSet(column="utf8", value_set=[True]), "line is valid UTF-8"),
-        (E.ExpectColumnValuesToBeInSet(column="readable", value_set=[True]), "line is one JSON object"),
-        (E.ExpectColumnValuesToBeInSet(column="schema_ok", value_set=[True]),
-         f"record has the {kind} fields with the right types and no unknown fields"),
-    ]
+    out: list[tuple[Any, str]] = []
     texts = {"prompts": [("prompt", cfg.max_prompt_chars)],
              "demonstrations": [("prompt", cfg.max_prompt_chars), ("response", cfg.max_response_chars)],
              "comparisons": [("prompt", cfg.max_prompt_chars)],
              "pretrain": [("text", cfg.max_text_chars)]}[kind]
     if kind != "pretrain":
-        out += [(E.ExpectColumnValuesToNotBeNull(column="id"), "id is present"),
+        out += [(E.ExpectColumnValuesToMatchRegex(column="id", regex=r"\S"), "id is not empty or whitespace"),
                 (E.ExpectColumnValuesToBeInSet(column="id_repeated", value_set=[False]), "id is unique in the file")]
     for col, limit in texts:
         out += [
-            (E.ExpectColumnValuesToNotBeNull(column=col), f"{col} is present"),
             (E.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S"), f"{col} is not empty or whitespace"),
-            (E.ExpectColumnValueLengthsToBeBetween(column=col, min_value=1, max_value=limit), f"{col} is at most {limit} characters"),
+            (E.ExpectColumnValueLengthsToBeBetween(column=col, max_value=limit), f"{col} is at most {limit} characters"),
             (E.ExpectColumnValuesToNotMatchRegex(column=col, regex=CONTROL), f"{col} has no control characters or U+FFFD"),
         ]
     if kind == "comparisons":
         out += [
             (E.ExpectColumnValuesToBeBetween(column="k", min_value=MIN_K, max_value=MAX_K), f"between {MIN_K} and {MAX_K} responses"),
-            (E.ExpectColumnValuesToBeInSet(column="responses_are_text", value_set=[True]), "every response is a string"),
             (E.ExpectColumnValuesToBeBetween(column="shortest_response", min_value=1), "no response is empty or whitespace"),
             (E.ExpectColumnValuesToBeBetween(column="longest_response", max_value=cfg.max_response_chars),
              f"every response is at most {cfg.max_response_chars} characters"),
@@ -316,8 +321,17 @@ def validate_rows(path: Path, rows: list[dict], kind: str, cfg: ValidateConfig |
     if not rows:
         report.failures.append(Failure("expect_table_row_count_to_be_between", "(table)", "file has at least one record", []))
         return report
-    df = to_frame(rows, kind, seen_prompts)
-    report.failures = run_suite(df, kind, cfg)
+    problems: dict[str, list[int]] = {}
+    sound = []
+    for r in rows:
+        problem = r["_problem"] or structure_problem(r["_obj"], kind)
+        if problem:
+            problems.setdefault(problem, []).append(r["_line"])
+        else:
+            sound.append(r)
+    report.failures = [Failure(STRUCTURE, "(line)", reason, lines) for reason, lines in problems.items()]
+    if sound:
+        report.failures += run_suite(to_frame(sound, kind, seen_prompts), kind, cfg)
     if report.failures and quarantine_dir is not None:
         report.quarantine = write_quarantine(path, rows, report, quarantine_dir)
     return report
@@ -358,7 +372,7 @@ DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def _field_values(rows: list[dict], kind: str) -> list[str]:
     key = "text" if kind == "pretrain" else "prompt"
-    return [r["_obj"].get(key) for r in rows if isinstance(r["_obj"].get(key), str)]
+    return [r["_obj"][key] for r in rows if isinstance(r["_obj"], dict) and isinstance(r["_obj"].get(key), str)]
 
 
 def validate_dataset_dir(data_dir: Path, cfg: ValidateConfig, quarantine_dir: Path) -> list[FileReport]:

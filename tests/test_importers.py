@@ -1,11 +1,13 @@
+import gzip
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
 
 from instructflow.cli import app
 from instructflow.data.importers import import_alpaca, import_hh_rlhf, import_trl_preference, split_hh_dialog
-from instructflow.io import DataError
+from instructflow.io import BOM, DataError
 from instructflow.encoding import format_prompt
 
 
@@ -31,11 +33,57 @@ def test_hh_rows_without_shared_prefix_are_reported_not_mis_split(tmp_path):
     assert [(s["line"], "share" in s["reason"]) for s in report.skipped] == [(2, True), (3, False)]
 
 
-def test_hh_missing_field_names_line(tmp_path):
-    src = tmp_path / "hh.jsonl"
-    src.write_text(json.dumps({"chosen": "x"}))
-    with pytest.raises(DataError, match=r"hh\.jsonl:1: field 'rejected' is missing"):
-        import_hh_rlhf(src)
+GOOD_HH = json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}).encode()
+GOOD_ALPACA = json.dumps({"instruction": "Add", "input": "1+1", "output": "2"}).encode()
+GOOD_TRL = json.dumps({"prompt": "Q?", "chosen": "A", "rejected": "B"}).encode()
+
+# (case, importer, a good row, the bad row, words in its reason)
+IMPORT_CASES = [
+    ("hh_missing_field", import_hh_rlhf, GOOD_HH, json.dumps({"chosen": "x"}).encode(), "field 'rejected' is missing"),
+    ("hh_not_text", import_hh_rlhf, GOOD_HH, json.dumps({"chosen": 3, "rejected": "x"}).encode(), "field 'chosen' has the wrong type"),
+    ("hh_not_json", import_hh_rlhf, GOOD_HH, b'{"chosen": "x", ', "not valid JSON"),
+    ("hh_not_utf8", import_hh_rlhf, GOOD_HH, b'{"chosen": "caf\xe9", "rejected": "x"}', "not valid UTF-8"),
+    ("hh_nan", import_hh_rlhf, GOOD_HH, b'{"chosen": "x", "rejected": "y", "score": NaN}', "NaN is not a number"),
+    ("hh_lone_surrogate", import_hh_rlhf, GOOD_HH, b'{"chosen": "\\ud83d", "rejected": "y"}', "lone surrogate"),
+    ("hh_empty_prompt", import_hh_rlhf, GOOD_HH, json.dumps({"chosen": "\n\nAssistant: a", "rejected": "\n\nAssistant: b"}).encode(),
+     "field 'prompt'"),
+    ("alpaca_no_output", import_alpaca, GOOD_ALPACA, json.dumps({"instruction": "Add"}).encode(), "'output' (or 'instances') is missing"),
+    ("alpaca_instances_not_a_list", import_alpaca, GOOD_ALPACA, json.dumps({"instruction": "Add", "instances": "x"}).encode(),
+     "field 'instances' has the wrong type"),
+    ("alpaca_instance_not_an_object", import_alpaca, GOOD_ALPACA, json.dumps({"instruction": "Add", "instances": [3]}).encode(),
+     "instance 0: expected a JSON object"),
+    ("alpaca_input_not_text", import_alpaca, GOOD_ALPACA, json.dumps({"instruction": "Add", "input": [1], "output": "2"}).encode(),
+     "field 'input' has the wrong type"),
+    ("alpaca_blank_id", import_alpaca, GOOD_ALPACA, json.dumps({"id": " ", "instruction": "Add", "output": "2"}).encode(), "field 'id'"),
+    ("trl_bad_message", import_trl_preference, GOOD_TRL, json.dumps({"prompt": [3], "chosen": "a", "rejected": "b"}).encode(),
+     "a message is not an object"),
+    ("trl_number", import_trl_preference, GOOD_TRL, json.dumps({"prompt": "Q", "chosen": 1, "rejected": "b"}).encode(),
+     "field 'chosen' has the wrong type"),
+    ("trl_a_list_line", import_trl_preference, GOOD_TRL, b"[1, 2]", "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("case,importer,good,bad,words", IMPORT_CASES, ids=[c[0] for c in IMPORT_CASES])
+def test_a_bad_source_row_is_skipped_with_its_reason(tmp_path, case, importer, good, bad, words):
+    src = tmp_path / f"{case}.jsonl"
+    src.write_bytes(BOM + good + b"\n" + bad + b"\n" + good + b"\n")  # a byte-order mark before line 1 is fine
+    records, report = importer(src)
+    assert len(records) == 2 and report.read == 3
+    assert [s["line"] for s in report.skipped] == [2] and words in report.skipped[0]["reason"], report.skipped
+    src.write_bytes(bad + b"\n")
+    with pytest.raises(DataError, match=rf"{case}\.jsonl: no record could be converted \(1 read\): line 1: .*{re.escape(words)}"):
+        importer(src)
+
+
+def test_an_unreadable_source_file_is_one_clear_error(tmp_path):
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(gzip.compress(GOOD_HH * 200)[:60])
+    with pytest.raises(DataError, match="cut.jsonl.gz: cannot be read"):
+        import_hh_rlhf(gz)
+    bad_json = tmp_path / "list.json"
+    bad_json.write_text('[{"instruction": "x", "output": NaN}]')
+    with pytest.raises(DataError, match="list.json: NaN is not a number"):
+        import_alpaca(bad_json)
 
 
 def test_real_hh_rlhf_sample(shared_data):

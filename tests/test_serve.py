@@ -63,9 +63,18 @@ def _start(model: str, tmp_path, env_extra: dict, limits: dict = LIMITS):
     port = free_port()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"serve": {**limits, "port": port, "cache_dir": str(tmp_path / "cache")}}))
     env = {**os.environ, **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", model, "--params", "params.yaml"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "server.log"  # a file, not a pipe: thousands of access-log lines would fill a pipe and stall the server
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", model, "--params", "params.yaml"],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log_path
     return proc, f"http://127.0.0.1:{port}"
+
+
+def _output(proc, timeout: float) -> str:
+    """What the server wrote, once it has exited."""
+    proc.wait(timeout=timeout)
+    return proc.log_path.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +87,7 @@ def server(exported, tmp_path_factory):
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out = _output(proc, 30)
         assert KEY not in out  # keys are never logged
 
 
@@ -219,7 +228,7 @@ def test_a_tampered_model_is_refused(exported, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (bad / "model.onnx").write_bytes(bytes(data))
     proc, _ = _start(str(bad), tmp_path, {})
-    out, _ = proc.communicate(timeout=120)
+    out = _output(proc, 120)
     assert proc.returncode == 2 and "model.onnx has sha256" in out and "refusing" in out
 
 
@@ -244,12 +253,12 @@ def test_model_served_from_s3_and_tampering_there_is_refused(exported, s3_server
         assert httpx.post(url + "/v1/score", json={"items": [{"prompt": "Hi", "response": "Hello"}]}).status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        _output(proc, 30)
 
     client.put_object(Bucket="models", Key="rm/v1/tokenizer.json", Body=b'{"tampered": true}')
     (tmp_path / "bad").mkdir()
     proc, _ = _start("s3://models/rm/v1", tmp_path / "bad", s3_server)
-    out, _ = proc.communicate(timeout=120)
+    out = _output(proc, 120)
     assert proc.returncode == 2 and "tokenizer.json has sha256" in out
     assert not (tmp_path / "bad" / "cache" / "models" / "rm" / "v1").exists()
 
@@ -276,6 +285,71 @@ def test_openapi_fuzz_finds_no_server_error(server, tmp_path):
     assert "Tested: 5" in run.stdout and "No issues found" in run.stdout, tail  # all five operations were exercised
 
 
+def _hostile_bodies():
+    """Request bodies nobody should send: strings with lone surrogates, control characters
+    and astral or huge unicode; NaN and infinities; wrong types; deep nesting; bytes that
+    are not UTF-8 or not JSON; each under one of several content types."""
+    from hypothesis import strategies as st
+
+    text = st.one_of(
+        st.text(max_size=40),
+        st.text(st.characters(categories=["Cs", "Cc", "Cf", "Co", "Cn"]), max_size=20),  # surrogates, controls, unassigned
+        st.text(st.characters(min_codepoint=0x10000), max_size=30),
+        st.integers(1, 2600).map(lambda n: "\U0001f600" * n),   # around max_chars=2000
+    )
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True), text)
+    anything = st.recursive(scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+                            max_leaves=8)
+    item = st.fixed_dictionaries({"prompt": text, "response": text}) | st.dictionaries(st.sampled_from(["prompt", "response", "x"]), anything)
+    score = st.fixed_dictionaries({"items": st.lists(item, max_size=10) | anything})
+    compare = st.fixed_dictionaries({"prompt": text, "response_a": text, "response_b": text | anything})
+    as_json = st.tuples(st.one_of(score, compare, anything), st.booleans()).map(
+        lambda v: json.dumps(v[0], ensure_ascii=v[1]).encode("utf-8", "surrogatepass"))  # raw surrogates: not UTF-8
+    nested = st.tuples(st.integers(1, 30000), st.sampled_from(["[", '{"items":', '{"a":['])).map(lambda v: (v[1] * v[0]).encode())
+    body = st.one_of(as_json, as_json, as_json, nested, st.binary(max_size=200))
+    ctype = st.sampled_from(["application/json", "application/json; charset=latin-1", "application/vnd.x+json", "text/plain",
+                             "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "", "application/json"])
+    return st.tuples(st.sampled_from(["/v1/score", "/v1/compare"]), body, ctype)
+
+
+def test_no_hostile_body_gets_a_server_error(server):
+    """At least 5,000 generated requests over real HTTP; none is answered 5xx."""
+    from hypothesis import HealthCheck, given, settings
+
+    sent, statuses = [], set()
+    with httpx.Client(base_url=server, timeout=30) as client:
+
+        @settings(max_examples=5000, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(_hostile_bodies())
+        def check(case):
+            path, body, ctype = case
+            headers = {**AUTH, **({"content-type": ctype} if ctype else {})}
+            r = client.post(path, content=body, headers=headers)
+            sent.append(1)
+            statuses.add(r.status_code)
+            assert r.status_code < 500, (path, body[:300], ctype, r.status_code, r.text[:300])
+            r.json()  # every answer, refusals included, is JSON
+
+        check()
+    assert len(sent) >= 5000
+    assert {200, 413, 422} <= statuses, statuses  # the generator reaches accepted, oversized and invalid bodies
+
+
+def test_an_oversized_body_is_answered_413_even_while_the_client_is_still_sending(server):
+    """urllib sends the whole body before it reads: the server must read (and drop) it
+    first, or the client sees a reset connection instead of the answer."""
+    import urllib.error
+    import urllib.request
+
+    body = b'{"items": [' + b" " * 3_400_000 + b"]}"  # 3.4 MB against max_body_bytes=40000
+    for _ in range(5):
+        req = urllib.request.Request(server + "/v1/score", data=body, headers={**AUTH, "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 413 and "max_body_bytes" in json.loads(err.value.read())["detail"]
+
+
 def test_graceful_shutdown_finishes_requests_in_flight(exported, rm_dir, tmp_path):
     """SIGTERM while a request waits in the batcher: the request still gets its
     scores, new connections are refused, and the process exits cleanly."""
@@ -296,7 +370,7 @@ def test_graceful_shutdown_finishes_requests_in_flight(exported, rm_dir, tmp_pat
             reply = pending.result()
         assert reply.status_code == 200 and time.perf_counter() - sent >= 1.5
         assert reply.json()["scores"] == pytest.approx(torch_scores(rm_dir, pairs), abs=1e-4)
-        out, _ = proc.communicate(timeout=30)
+        out = _output(proc, 30)
         # uvicorn re-raises the signal it caught once shutdown is complete, so a clean stop reads as -SIGTERM
         assert proc.returncode in (0, -signal.SIGTERM), out
         assert "Waiting for application shutdown" in out and "Application shutdown complete" in out

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 MIN_K, MAX_K = 2, 9
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN scores never reach training
 
 
 def _non_blank(v: str, what: str) -> str:
@@ -35,10 +35,10 @@ class Prompt(_Record):
     category: str | None = None
     meta: dict[str, Any] | None = None
 
-    @field_validator("prompt")
+    @field_validator("id", "prompt")
     @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _non_blank(v, "prompt")
+    def _prompt(cls, v: str, info) -> str:
+        return _non_blank(v, info.field_name)
 
 
 class Demonstration(Prompt):
@@ -53,8 +53,8 @@ class Demonstration(Prompt):
 
 class Comparison(Prompt):
     responses: list[str]
-    ranking: list[int] | None = None
-    scores: list[float] | None = None
+    ranking: list[StrictInt] | None = None      # strict: true/false or "1" are not ranks
+    scores: list[StrictFloat] | None = None
     labeler: str | None = None
 
     @model_validator(mode="after")

@@ -14,12 +14,13 @@ output.
 from __future__ import annotations
 
 import gzip
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import DataError
+from pydantic import ValidationError
+
+from ..io import BOM, DataError, LineError, field_error, parse_json_line
 from .formats import Comparison, Demonstration
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -40,37 +41,70 @@ class ImportReport:
                 "skipped_count": len(self.skipped), "skipped": self.skipped}
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+class _Skip(Exception):
+    """A row that cannot be converted faithfully; the message is the reason."""
 
 
 def _rows(path: str | Path):
-    """Yield (line number, JSON object) from .jsonl, .jsonl.gz or a .json list."""
+    """Yield (line number, JSON object or _Skip) from .jsonl, .jsonl.gz or a .json list.
+    A line that cannot be read becomes a _Skip with the reason; nothing raises per row."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = parse_json_line(path.read_bytes(), 1)
+        except LineError as err:
+            raise DataError(f"{path}: {err}") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records")
         yield from enumerate(data, start=1)
         return
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {err.msg}") from None
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip() or (lineno == 1 and not raw.removeprefix(BOM).strip()):
+                    continue
+                try:
+                    yield lineno, parse_json_line(raw, lineno)
+                except LineError as err:
+                    yield lineno, _Skip(str(err))
+    except (OSError, EOFError) as err:  # a truncated or corrupt .gz
+        raise DataError(f"{path}: cannot be read: {err}") from None
 
 
-def _require(obj: Any, keys: tuple[str, ...], path, lineno) -> None:
+def _fields(obj: Any, **types: type | tuple[type, ...]) -> dict:
+    """`obj`'s named fields, each of the given type (a _Skip naming the first that is not)."""
     if not isinstance(obj, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object")
-    for k in keys:
+        raise _Skip(f"expected a JSON object, got {type(obj).__name__}")
+    for k, t in types.items():
         if k not in obj:
-            raise DataError(f"{path}:{lineno}: field '{k}' is missing")
+            raise _Skip(f"field '{k}' is missing")
+        if not isinstance(obj[k], t) or isinstance(obj[k], bool):
+            raise _Skip(f"field '{k}' has the wrong type ({type(obj[k]).__name__})")
+    return obj
+
+
+def _convert(src, convert) -> tuple[list, ImportReport]:
+    """Run `convert(lineno, row) -> records` over every row; rows it cannot convert are
+    skipped with their reason. A file from which nothing converts is an error."""
+    report = ImportReport(str(src))
+    out: list = []
+    for lineno, row in _rows(src):
+        report.read += 1
+        try:
+            if isinstance(row, _Skip):
+                raise row
+            out.extend(convert(lineno, row, report))
+        except _Skip as skip:
+            report.skip(lineno, str(skip))
+        except ValidationError as err:  # converted, but not a valid record (an empty prompt, ...)
+            report.skip(lineno, field_error(err))
+    report.written = len(out)
+    if not out:
+        reasons = "; ".join(f"line {s['line']}: {s['reason']}" for s in report.skipped[:3])
+        raise DataError(f"{src}: no record could be converted ({report.read} read){': ' + reasons if reasons else ''}")
+    return out, report
 
 
 def split_hh_dialog(chosen: str, rejected: str) -> tuple[str, str, str] | str:
@@ -92,45 +126,42 @@ def split_hh_dialog(chosen: str, rejected: str) -> tuple[str, str, str] | str:
         return "empty final assistant response"
     if a == b:
         return "chosen and rejected responses are identical"
-    body = prefix[: -len(ASSISTANT)]
-    if body.startswith(HUMAN):
-        body = body[len(HUMAN):]
+    body = prefix[: -len(ASSISTANT)].removeprefix(HUMAN)
     return body.strip(), a, b
 
 
 def import_hh_rlhf(src: str | Path) -> tuple[list[Comparison], ImportReport]:
-    report = ImportReport(str(src))
-    out: list[Comparison] = []
-    for lineno, row in _rows(src):
-        report.read += 1
-        _require(row, ("chosen", "rejected"), src, lineno)
+    def convert(lineno: int, row: Any, report: ImportReport) -> list[Comparison]:
+        row = _fields(row, chosen=str, rejected=str)
         split = split_hh_dialog(row["chosen"], row["rejected"])
         if isinstance(split, str):
-            report.skip(lineno, split)
-            continue
+            raise _Skip(split)
         prompt, a, b = split
-        out.append(Comparison(id=f"hh-{lineno}", prompt=prompt, responses=[a, b], ranking=[0, 1], meta={"source": "hh-rlhf"}))
-    report.written = len(out)
-    return out, report
+        return [Comparison(id=f"hh-{lineno}", prompt=prompt, responses=[a, b], ranking=[0, 1], meta={"source": "hh-rlhf"})]
+
+    return _convert(src, convert)
 
 
 def import_alpaca(src: str | Path) -> tuple[list[Demonstration], ImportReport]:
     """Alpaca records or seed tasks; a non-empty `input` is appended to the prompt."""
-    report = ImportReport(str(src))
-    out: list[Demonstration] = []
-    for lineno, row in _rows(src):
-        report.read += 1
-        _require(row, ("instruction",), src, lineno)
+    def convert(lineno: int, row: Any, report: ImportReport) -> list[Demonstration]:
+        row = _fields(row, instruction=str)
         if "instances" in row:
-            instances = row["instances"]
+            instances = _fields(row, instances=list)["instances"]
         elif "output" in row:
-            instances = [{"input": row.get("input", ""), "output": row["output"]}]
+            instances = [{"input": row.get("input") or "", "output": row["output"]}]
         else:
-            raise DataError(f"{src}:{lineno}: field 'output' (or 'instances') is missing")
+            raise _Skip("field 'output' (or 'instances') is missing")
+        out = []
         for j, inst in enumerate(instances):
-            instruction = row["instruction"].strip()
-            inp = (inst.get("input") or "").strip()
-            output = (inst.get("output") or "").strip()
+            try:
+                inst = _fields(inst, output=str)
+                inp = inst.get("input") or ""
+                if not isinstance(inp, str):
+                    raise _Skip("field 'input' has the wrong type")
+            except _Skip as skip:
+                raise _Skip(f"instance {j}: {skip}") from None
+            instruction, inp, output = row["instruction"].strip(), inp.strip(), inst["output"].strip()
             if not instruction or not output:
                 report.skip(lineno, f"instance {j}: empty instruction or output")
                 continue
@@ -138,45 +169,42 @@ def import_alpaca(src: str | Path) -> tuple[list[Demonstration], ImportReport]:
             rid = str(row.get("id", f"alpaca-{lineno}")) + (f"-{j}" if len(instances) > 1 else "")
             cat = "classification" if row.get("is_classification") else None
             out.append(Demonstration(id=rid, prompt=prompt, response=output, category=cat, meta={"source": "alpaca"}))
-    report.written = len(out)
-    return out, report
+        return out
+
+    return _convert(src, convert)
 
 
-def _conversation_to_text(messages: list[dict]) -> str:
+def _conversation_to_text(messages: list) -> str:
     """TRL conversational turns -> the Human/Assistant dialog the template uses."""
     parts = []
     for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content", ""), str):
+            raise _Skip("a message is not an object with a string 'content'")
         role = "Human" if m.get("role") in ("user", "system") else "Assistant"
         parts.append(f"{role}: {m.get('content', '').strip()}")
-    text = "\n\n".join(parts)
-    return text[len("Human: "):] if text.startswith("Human: ") else text
+    return "\n\n".join(parts).removeprefix("Human: ")
+
+
+def _message_text(messages: list) -> str:
+    if not all(isinstance(m, dict) and isinstance(m.get("content", ""), str) for m in messages):
+        raise _Skip("a message is not an object with a string 'content'")
+    return " ".join(m.get("content", "") for m in messages)
 
 
 def import_trl_preference(src: str | Path) -> tuple[list[Comparison], ImportReport]:
-    report = ImportReport(str(src))
-    out: list[Comparison] = []
-    for lineno, row in _rows(src):
-        report.read += 1
-        _require(row, ("prompt", "chosen", "rejected"), src, lineno)
+    def convert(lineno: int, row: Any, report: ImportReport) -> list[Comparison]:
+        row = _fields(row, prompt=(str, list), chosen=(str, list), rejected=(str, list))
         p, a, b = row["prompt"], row["chosen"], row["rejected"]
-        if isinstance(p, list):
-            p = _conversation_to_text(p)
-        if isinstance(a, list):
-            a = " ".join(m.get("content", "") for m in a)
-        if isinstance(b, list):
-            b = " ".join(m.get("content", "") for m in b)
-        if not all(isinstance(x, str) for x in (p, a, b)):
-            raise DataError(f"{src}:{lineno}: prompt/chosen/rejected must be strings or message lists")
+        p = _conversation_to_text(p) if isinstance(p, list) else p
+        a, b = (_message_text(x) if isinstance(x, list) else x for x in (a, b))
         p, a, b = p.strip(), a.strip(), b.strip()
         if not p or not a or not b:
-            report.skip(lineno, "empty prompt, chosen or rejected")
-            continue
+            raise _Skip("empty prompt, chosen or rejected")
         if a == b:
-            report.skip(lineno, "chosen and rejected are identical")
-            continue
-        out.append(Comparison(id=f"trl-{lineno}", prompt=p, responses=[a, b], ranking=[0, 1], meta={"source": "trl"}))
-    report.written = len(out)
-    return out, report
+            raise _Skip("chosen and rejected are identical")
+        return [Comparison(id=f"trl-{lineno}", prompt=p, responses=[a, b], ranking=[0, 1], meta={"source": "trl"})]
+
+    return _convert(src, convert)
 
 
 IMPORTERS = {"hh-rlhf": import_hh_rlhf, "alpaca": import_alpaca, "trl-preference": import_trl_preference}
