@@ -16,8 +16,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from instructflow.config import Params, load_params
-from instructflow.io import write_json
+from instructflow.config import ConfigError, Params, load_params
+from instructflow.io import ArtifactsBusy, exclusive, write_json
 from instructflow.registry import STAGES, StageSpec, resolve, stage_specs, stage_waves
 from tasks.report import publish_report
 from tasks.stages import stage, with_retries
@@ -30,8 +30,13 @@ def pipeline(params: str = "params.yaml", stages: list[str] | None = None) -> di
     not read each other's outputs run side by side (orchestrate.concurrent_stages).
     A stage whose inputs, params and code are unchanged is not run again (Prefect
     shows it Cached)."""
-    logger = get_run_logger()
     p = load_params(params)
+    with exclusive(p.project.artifacts_dir, "flows.pipeline"):
+        return _pipeline(params, p, stages)
+
+
+def _pipeline(params: str, p: Params, stages: list[str] | None) -> dict:
+    logger = get_run_logger()
     specs = [s for s in stage_specs(p) if not stages or s.name in stages]
     root = dvc_root(params) if p.orchestrate.version_with_dvc else None
     if p.orchestrate.version_with_dvc and root is None:
@@ -108,6 +113,11 @@ def main() -> None:
     ap.add_argument("--stages", default="", help="comma-separated subset (default: all)")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    try:  # refuse before Prefect starts; the flow holds the lock itself while it runs
+        with exclusive(load_params(args.params).project.artifacts_dir, "checking"):
+            pass
+    except (ArtifactsBusy, ConfigError) as err:
+        raise SystemExit(f"error: {err}") from None
     run = pipeline(params=args.params, stages=[s for s in args.stages.split(",") if s] or None)
     p = load_params(args.params)
     for r in run["stages"]:

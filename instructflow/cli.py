@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from .config import ConfigError, load_params
-from .io import DataError
+from .io import ArtifactsBusy, DataError, DiskFull, exclusive
 from .registry import STAGES, dvc_yaml_text, resolve, run_stage, stage_specs
 from .report import format_table, key_metrics
 
@@ -36,7 +36,7 @@ def _setup_logging() -> None:
 
 # What a configuration, a file or a model can get wrong: one clear line, no traceback
 # (INSTRUCTFLOW_LOG=DEBUG logs it too).
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError, ArtifactsBusy, DiskFull)
 
 
 def _fail(msg: str) -> None:
@@ -206,10 +206,15 @@ def publish(
     """Upload the exported RM to object storage, manifest last (endpoint/credentials from AWS_* variables)."""
     from .storage import publish_export
 
+    _setup_logging()
     try:
         m = publish_export(folder, uri)
     except ValueError as err:
         _fail(str(err))
+    except Exception as err:  # noqa: BLE001 - storage errors (botocore's) after the retries: one line
+        if not type(err).__module__.startswith(("botocore", "boto3", "s3transfer")):
+            raise
+        _fail(f"{uri}: {err} (nothing is published there until every file is up: rerun to finish)")
     typer.echo(f"published {m['model_version']} ({len(m['files'])} files + manifest) to {uri}")
 
 
@@ -231,14 +236,17 @@ def run(
     if unknown:
         _fail(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
     rows, tables, t0 = [], [], time.perf_counter()
-    for name in [s for s in chosen if s in runs]:
-        try:
-            result = run_stage(name, p)
-        except USER_ERRORS as err:
-            _fail(f"stage {name}: {err}")
-        rows.append([name, f"{result['timings_s']['total']:.1f}", key_metrics(result["metrics"], STAGES[name].headline)])
-        if STAGES[name].table:
-            tables.append(resolve(STAGES[name].table)(result["metrics"]))
+    try:
+        with exclusive(p.project.artifacts_dir, "instructflow run"):
+            for name in [s for s in chosen if s in runs]:
+                result = run_stage(name, p)
+                rows.append([name, f"{result['timings_s']['total']:.1f}", key_metrics(result["metrics"], STAGES[name].headline)])
+                if STAGES[name].table:
+                    tables.append(resolve(STAGES[name].table)(result["metrics"]))
+    except ArtifactsBusy as err:
+        _fail(str(err))
+    except USER_ERRORS as err:
+        _fail(f"stage {name}: {err}")
     typer.echo("\n" + format_table(["stage", "seconds", "key metrics"], rows))
     typer.echo(f"total {time.perf_counter() - t0:.1f} s")
     for table in tables:

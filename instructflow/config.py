@@ -151,7 +151,10 @@ class OptimConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
-    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N optimizer steps (0: only at the end).")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N optimizer steps (0: by time only), "
+                                  "and at the end.")
+    checkpoint_minutes: float = Field(10.0, ge=0, description="Also save one after every this many minutes of training "
+                                      "(0: by steps only), so a kill late in a long stage loses at most this much.")
     resume: bool = Field(True, description="Resume from the stage's last checkpoint when one exists.")
     log_every: int = Field(10, ge=1, description="Log training metrics every N optimizer steps.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together, so that less of each batch is padding (SFT, RM).")
@@ -234,7 +237,8 @@ class PPOConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (paper: 1).")
     no_eos_score: float = Field(-2.0, description="Score that replaces the RM's for a response cut off without EOS.")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the policy weights, saved as the final model (paper: 0.992; 0 = off).")
-    checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every N iterations (0: only at the end).")
+    checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every N iterations (0: by time only), and at the end.")
+    checkpoint_minutes: float = Field(10.0, ge=0, description="Also save one after every this many minutes (0: by iterations only).")
     resume: bool = Field(True, description="Resume from the stage's last checkpoint when one exists.")
     log_every: int = Field(5, ge=1, description="Log a line every N iterations (every iteration goes to train_log.jsonl).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters on the policy and the value model; the "

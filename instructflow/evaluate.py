@@ -38,7 +38,7 @@ from .config import Params
 from .data.formats import Demonstration, PretrainText, Prompt
 from .encoding import encode_pair, pack
 from .generation import Answer, sample_answers
-from .io import StageTimer, read_jsonl, write_json, write_result
+from .io import StageTimer, crash_point, read_jsonl, write_json, write_result
 from .judge import judge
 from .losses import LMLoss
 from .modeling import context_length, load_causal_lm, load_reward_model
@@ -191,6 +191,7 @@ def run_eval(params: Params, key: str = "") -> dict:
                 model, mtok, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                 seed=params.project.seed + 11, batch_size=cfg.batch_size)]
             answers[name] = [a.text.split(STOP)[0].strip() or a.text for a in raw]
+            crash_point("eval_answers")
         with timer.phase(f"measure_{name}"), precision:
             values[name] = judge_.values(prompts, answers[name])
             own = sequence_logprobs(model, mtok, asked, answers[name], max_len)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes.util
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import Params
-from .io import StageTimer, content_hash, sha256_file, write_result
+from .io import StageTimer, content_hash, sha256_file, swap_in, write_result
 from .modeling import backbone, context_length, load_reward_model, position_ids_from_mask, reward_bias, score_head
 from .training import setup_runtime
 
@@ -176,9 +175,7 @@ def export_reward_model(rm_dir: Path, dest: Path, opset: int, tolerance: float, 
         "files": files,  # no timestamp: the same checkpoint exports to the same bytes (dvc repro checks it)
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence means complete
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    swap_in(tmp, dest)
     manifest["export_seconds"] = round(export_s, 2)
     return manifest
 

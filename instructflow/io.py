@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -117,6 +118,86 @@ def iter_jsonl(path: str | Path, model: type[M]) -> Iterator[M]:
             yield record
 
 
+CRASH_ENV = "INSTRUCTFLOW_CRASH_AT"
+_crash_passes: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the kill tests. When $INSTRUCTFLOW_CRASH_AT is `name` (or
+    `name#n`: its n-th pass in this process), SIGKILL this process's whole group (the
+    flow and every stage process it started), as a power cut would. Unset: a no-op."""
+    want = os.environ.get(CRASH_ENV)
+    if not want or want.partition("#")[0] != name:
+        return
+    _crash_passes[name] = _crash_passes.get(name, 0) + 1
+    if _crash_passes[name] >= int(want.partition("#")[2] or 1):
+        import signal
+
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def restore_aside(dest: Path) -> None:
+    """After a kill between swap_in's two renames the previous folder is at DEST.old:
+    put it back (or drop it when DEST is there)."""
+    old = dest.with_name(dest.name + ".old")
+    if old.exists():
+        if dest.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, dest)
+
+
+def swap_in(tmp: Path, dest: Path) -> None:
+    """Put the complete folder `tmp` at `dest`, never leaving neither: the previous `dest`
+    is renamed aside, `tmp` renamed in, the previous one deleted. A reader sees the old
+    folder, no folder for an instant, or the new one; never a half-written one."""
+    restore_aside(dest)
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists():
+        os.replace(dest, old)
+    crash_point(f"swap_in:{dest.name}")
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class DiskFull(OSError):
+    """No space left while saving; what was saved before is intact."""
+
+
+class ArtifactsBusy(RuntimeError):
+    """Another pipeline holds this artifacts folder."""
+
+
+@contextmanager
+def exclusive(folder: str | Path, what: str):
+    """Hold `folder`'s lock for the block: one pipeline at a time per artifacts folder, so
+    two never interleave their writes. A second one raises ArtifactsBusy naming the
+    holder. The lock is an flock: the kernel releases it when its holder dies, even by SIGKILL."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".lock", "a+")  # noqa: SIM115 - held open for the whole block
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise ArtifactsBusy(f"{folder} is in use by another pipeline ({holder}); let it finish or stop it, "
+                            "or give this run its own project.artifacts_dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {platform.node()}, {what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    fh.flush()
+    try:
+        yield
+    finally:
+        fh.truncate(0)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
 def read_jsonl(path: str | Path, model: type[M]) -> list[M]:
     return list(iter_jsonl(path, model))
 
@@ -134,6 +215,7 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        crash_point("atomic_write")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -40,7 +40,7 @@ from .config import Params, PPOConfig
 from .data.formats import PretrainText, Prompt
 from .encoding import encode_prompt, end_of_turn_id, pack, pad
 from .generation import sample_tokens
-from .io import StageTimer, read_jsonl, write_result
+from .io import StageTimer, crash_point, read_jsonl, write_result
 from .losses import causal_lm_loss, token_logprobs
 from .modeling import (
     accepts_logits_to_keep,
@@ -57,6 +57,7 @@ from .modeling import (
     trainable_parameters,
 )
 from .training import (
+    CheckpointClock,
     enable_gradient_checkpointing,
     load_checkpoint,
     make_accelerator,
@@ -357,15 +358,13 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
     policy, value, opt_p, opt_v = acc.prepare(policy, value, opt_p, opt_v)
     kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
     ema = EMA(acc.unwrap_model(policy), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    acc.register_for_checkpointing(kl_ctl)
-    if ema is not None:
-        acc.register_for_checkpointing(ema)
+    stateful = {"kl_controller": kl_ctl, **({"ema": ema} if ema is not None else {})}  # saved as JSON and safetensors
     run = PPORun(cfg, params.project.seed, acc, policy, ref, value, rm, tok, opt_p, opt_v, kl_ctl, ema, prompts,
                  cfg.ptx_coef if ptx else 0.0, blocks)
 
     log_path = out / "train_log.jsonl"
     start = 0
-    state = load_checkpoint(acc, out, key) if cfg.resume else None
+    state = load_checkpoint(acc, out, key, stateful) if cfg.resume else None
     if state is not None:
         start = state["iteration"]
         log.info("%s: resuming at iteration %d", name, start)
@@ -377,10 +376,12 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
 
     history: list[dict] = []
     t0 = time.perf_counter()
+    clock = CheckpointClock(acc, cfg.checkpoint_every, cfg.checkpoint_minutes)
     bar = progress(cfg.iterations, name, start, acc.is_local_main_process)
     with timer.phase("train"):
         for it in range(start, cfg.iterations):
             row = ppo_iteration(run, it)
+            crash_point(f"iteration:{name}")
             row["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(row)
             if acc.is_main_process:
@@ -392,11 +393,12 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
                 log.info("%s it %d/%d %s", name, it + 1, cfg.iterations,
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-                save_checkpoint(acc, out, {"iteration": it + 1, "run_key": key})
+            if it + 1 < cfg.iterations and clock.due(it + 1):
+                save_checkpoint(acc, out, {"iteration": it + 1, "run_key": key}, stateful)
+                clock.saved()
     bar.close()
     if cfg.checkpoint_every:
-        save_checkpoint(acc, out, {"iteration": cfg.iterations, "run_key": key})
+        save_checkpoint(acc, out, {"iteration": cfg.iterations, "run_key": key}, stateful)
     if acc.trackers:
         acc.end_training()
 

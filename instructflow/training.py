@@ -11,6 +11,7 @@ run skips exactly the micro-batches it had consumed and sees the same order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .config import OptimConfig, ProjectConfig
+from .io import DiskFull, crash_point, restore_aside, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -197,17 +199,23 @@ def train_loop(
     log_path = out_dir / "train_log.jsonl"
     micro_done, resumed_from = 0, 0
     state = load_checkpoint(accelerator, out_dir, run_key) if cfg.resume else None
+    history: list[dict[str, Any]] = []
     if state is not None:
         micro_done = state["micro_batches"]
         resumed_from = micro_done // cfg.grad_accum
         log.info("%s: resuming from step %d (%s)", name, resumed_from, out_dir / "checkpoint")
+        if log_path.exists():  # the rows up to the checkpoint stand; a killed run's later rows are logged again
+            history = [r for r in map(json.loads, log_path.read_text().splitlines()) if r["step"] <= resumed_from]
+            if accelerator.is_main_process:
+                log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     elif log_path.exists() and accelerator.is_main_process:
         log_path.unlink()
 
     model.train()
-    history: list[dict[str, Any]] = []
-    running: dict[str, float] = {}
-    n_running, items, t0 = 0, 0, time.perf_counter()
+    clock = CheckpointClock(accelerator, cfg.checkpoint_every, cfg.checkpoint_minutes)
+    # the metrics summed since the last log row (a checkpoint keeps them, so a resumed run logs the same rows)
+    running: dict[str, float] = dict(state.get("running", {})) if state else {}
+    n_running, items, t0 = state.get("n_running", 0) if state else 0, 0, time.perf_counter()
     val_metrics: dict[str, float] = {}
     bar = progress(total_steps, name, resumed_from, accelerator.is_local_main_process)
     micro = micro_done
@@ -233,6 +241,7 @@ def train_loop(
             if micro % cfg.grad_accum:
                 continue
             step = micro // cfg.grad_accum
+            crash_point(f"step:{name}")
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0
@@ -247,8 +256,10 @@ def train_loop(
                 log.info("%s step %d/%d %s", name, step, total_steps,
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
                 running, n_running = {}, 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": step, "run_key": run_key})
+            if step < total_steps and clock.due(step):
+                save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": step, "run_key": run_key,
+                                                       "running": running, "n_running": n_running})
+                clock.saved()
             if micro >= total_micro:
                 break
         if val_fn is not None and micro < total_micro and micro % micro_per_epoch == 0:
@@ -261,7 +272,8 @@ def train_loop(
         val_metrics = val_fn(accelerator.unwrap_model(model))
         model.train()
     if cfg.checkpoint_every:
-        save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": micro // cfg.grad_accum, "run_key": run_key})
+        save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": micro // cfg.grad_accum, "run_key": run_key,
+                                               "running": running, "n_running": n_running})
     if accelerator.trackers:
         accelerator.end_training()
     last = history[-1] if history else {}
@@ -272,49 +284,120 @@ def train_loop(
     )
 
 
-def save_checkpoint(accelerator: Accelerator, out_dir: Path, trainer_state: dict) -> None:
-    """Save everything `accelerator` prepared (models, optimizers, schedulers,
-    registered objects, RNG states) plus `trainer_state` into
-    out_dir/checkpoint, atomically: a kill mid-save leaves the previous
-    checkpoint intact."""
+class CheckpointClock:
+    """When the next checkpoint is due: every `every` steps (0: never by steps) or every
+    `minutes` of training (0: never by time). All processes take the main one's clock,
+    so that they save together."""
+
+    def __init__(self, accelerator: Accelerator, every: int, minutes: float):
+        self.accelerator, self.every, self.seconds = accelerator, every, minutes * 60
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        by_steps = bool(self.every) and step % self.every == 0
+        by_time = bool(self.seconds) and time.monotonic() - self.last >= self.seconds
+        if self.accelerator.num_processes > 1 and self.seconds:
+            from accelerate.utils import broadcast_object_list
+
+            by_time = broadcast_object_list([by_time], from_process=0)[0]
+        return by_steps or by_time
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+def save_checkpoint(accelerator: Accelerator, out_dir: Path, trainer_state: dict,
+                    stateful: dict[str, Any] | None = None) -> None:
+    """Save everything `accelerator` prepared (models, optimizers, schedulers, RNG
+    states) plus `trainer_state` and the `stateful` objects' state_dicts (their
+    tensors as safetensors, the rest as JSON: nothing that loading must unpickle)
+    into out_dir/checkpoint.
+
+    Never without a complete checkpoint: the new one is written beside the old,
+    the old is renamed aside, the new renamed into place, then the old deleted;
+    `load_checkpoint` takes the one aside if a kill fell between the two renames.
+    A failure while writing (a full disk) raises with the old checkpoint intact."""
+    from safetensors.torch import save_file
+
     ckpt, tmp = out_dir / "checkpoint", out_dir / "checkpoint.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _writing(tmp, ckpt, accelerator.is_main_process):
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            objects = {}
+            for name, obj in (stateful or {}).items():
+                state = obj.state_dict()
+                tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+                if tensors:
+                    save_file(tensors, str(tmp / f"{name}.safetensors"))
+                objects[name] = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+            crash_point("checkpoint_written")
+            _write_synced(tmp / "trainer_state.json", json.dumps({**trainer_state, "objects": objects}))
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        os.replace(tmp, ckpt)
+        swap_in(tmp, ckpt)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, out_dir: Path, run_key: str = "") -> dict | None:
-    """Restore out_dir/checkpoint into what `accelerator` prepared; return its
-    trainer_state, or None when there is no complete checkpoint or when it
-    belongs to another run (other inputs, params or code: see
-    registry.stage_key), which must start from scratch, not resume."""
+@contextlib.contextmanager
+def _writing(tmp: Path, kept: Path, main: bool = True):
+    """Around writing `tmp`: on any failure remove it (a partial save is never taken for
+    one), and turn a full disk, however the writer reports it, into DiskFull."""
+    try:
+        yield
+    except BaseException as err:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
+            raise DiskFull(errno.ENOSPC, f"no space left on the device of {tmp.parent} while saving {kept.name}; "
+                           f"{kept} is as it was before") from err
+        raise
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def load_checkpoint(accelerator: Accelerator, out_dir: Path, run_key: str = "",
+                    stateful: dict[str, Any] | None = None) -> dict | None:
+    """Restore out_dir/checkpoint into what `accelerator` prepared and into the
+    `stateful` objects; return its trainer_state, or None when there is no complete
+    checkpoint or when it belongs to another run (other inputs, params or code: see
+    registry.stage_key), which must start from scratch, not resume. Loading reads
+    safetensors and JSON, and torch.load only with weights_only=True."""
+    from safetensors.torch import load_file
+
     ckpt = out_dir / "checkpoint"
+    if accelerator.is_main_process:
+        restore_aside(ckpt)  # a kill fell between save_checkpoint's two renames
+    accelerator.wait_for_everyone()
     if not (ckpt / "trainer_state.json").exists():
         return None
     state = json.loads((ckpt / "trainer_state.json").read_text())
     if state.get("run_key", "") != run_key:
         log.info("%s: checkpoint is from another run (inputs, params or code changed); starting fresh", ckpt)
         return None
-    accelerator.load_state(str(ckpt))
+    accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True})
+    for name, obj in (stateful or {}).items():
+        tensors = ckpt / f"{name}.safetensors"
+        obj.load_state_dict({**state.get("objects", {}).get(name, {}), **(load_file(str(tensors)) if tensors.exists() else {})})
     return state
 
 
 def save_model_atomic(model, tokenizer, dest: Path, extra_config: dict | None = None) -> None:
-    """save_pretrained into a temporary folder, then swap it in."""
+    """save_pretrained into a temporary folder, then swap it in (the previous model is
+    renamed aside first and deleted last, as in save_checkpoint). A failure while
+    writing, a full disk included, leaves the previous model as it was."""
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     for k, v in (extra_config or {}).items():
         setattr(model.config, k, v)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    with _writing(tmp, dest):
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    swap_in(tmp, dest)

@@ -9,6 +9,8 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
+from instructflow.io import crash_point
+
 from .faults import retry_if_transient
 
 
@@ -28,6 +30,7 @@ def version_stage(stage: str, root: str, remote: str = "") -> dict:
 
     with Repo(root) as repo:
         repo.commit(stage, force=True)
+        crash_point("dvc_push")
         pushed = repo.push(targets=[stage], remote=remote or None)
     get_run_logger().info("%s: recorded in dvc.lock, %s file(s) pushed to %s", stage, pushed, remote or "the default remote")
     return {"stage": stage, "pushed": pushed}

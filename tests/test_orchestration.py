@@ -25,9 +25,10 @@ BIN = Path(sys.executable).parent
 GIT = ["git", "-c", "user.name=instructflow-tests", "-c", "user.email=tests@instructflow.invalid", "-c", "init.defaultBranch=main"]
 
 
-def run(cmd, cwd, env=None, timeout=600, ok=True):
+def run(cmd, cwd, env=None, timeout=600, ok=True, new_session=False):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "INSTRUCTFLOW_LOG": "WARNING", **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=new_session)  # its own process group, which a crash point kills
     if ok:
         assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -125,6 +126,73 @@ def test_prefect_run_survives_a_storage_fault_and_pushes_every_stage(project, en
     assert all(o.get("md5") for s in lock["stages"].values() for o in s.get("outs", []))
     run([*GIT, "add", "dvc.lock"], project)
     run([*GIT, "commit", "-qm", "run 1"], project)
+
+
+# Where the fault-injection test kills the whole pipeline (flow and stage processes) with
+# SIGKILL, in pipeline order: each rerun gets further, finished stages being cached.
+KILL_POINTS = [
+    "atomic_write#4",                 # the data stage, between writing a file and renaming it in
+    "step:pretrain#3",                # pretraining, mid-epoch
+    "checkpoint_written#2",           # SFT: a checkpoint's tensors written, its trainer state not yet
+    "swap_in:checkpoint#2",           # SFT: the old checkpoint renamed aside, the new one not yet in
+    "swap_in:model#1",                # SFT's model: the same moment for a published model
+    "dvc_push#4",                     # a stage recorded in dvc.lock, its outputs not yet pushed
+    "iteration:ppo#2",                # PPO (in its own process, beside export and PPO-ptx), after iteration 2
+    "swap_in:rm#1",                   # export: the previous ONNX folder aside, the new one not yet in
+    "eval_answers#2",                 # evaluation, between two models' answers
+]
+VOLATILE = ("per_s", "seconds", "rss", "resumed", "gpu", "_s")  # metrics of time and memory, not of results
+
+
+def _results(project: Path) -> dict:
+    out = {}
+    for f in sorted((project / "artifacts").glob("*/result.json")):
+        metrics = json.loads(f.read_text())["metrics"]
+        out[f.parent.name] = {k: v for k, v in metrics.items() if not any(w in k for w in VOLATILE)}
+    return out
+
+
+def _assert_nothing_half_written(project: Path) -> None:
+    """What a reader finds after a kill is complete: every result record, JSONL file,
+    model and ONNX export that exists reads in full."""
+    from safetensors import safe_open
+
+    from instructflow.export import verify_export
+
+    art = project / "artifacts"
+    for f in art.rglob("*.json"):
+        if ".tmp" not in str(f.relative_to(art)) and not f.name.startswith("."):
+            json.loads(f.read_text())
+    for f in art.glob("data/*.jsonl"):
+        [json.loads(line) for line in f.read_text().splitlines()]
+    for model in art.glob("*/model"):
+        assert (model / "config.json").exists(), model
+        for w in model.glob("*.safetensors"):
+            with safe_open(str(w), "pt") as fh:
+                [fh.get_tensor(k) for k in fh.keys()]
+    if (art / "export/rm").exists():
+        verify_export(art / "export/rm")
+
+
+def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_result(project, env, tmp_path):
+    """The micro pipeline, killed with SIGKILL at nine points spread over the stages and
+    rerun after each: the final run completes with the metrics of the uninterrupted run
+    (`project`'s first run), `dvc status` is clean, and no kill left a half-written artifact."""
+    reference = _results(project)
+    proj = make_project(tmp_path / "killed", yaml.safe_load((project / "params.yaml").read_text()))
+    env = {**env, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # its own: a killed server may leave its database mid-write
+    killed = []
+    for point in KILL_POINTS:
+        proc = run([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"], proj,
+                   {**env, "INSTRUCTFLOW_CRASH_AT": point}, ok=False, new_session=True)
+        assert proc.returncode == -9, f"{point}: the run was not killed there (exit {proc.returncode})\n{proc.stderr[-3000:]}"
+        killed.append(point)
+        _assert_nothing_half_written(proj)
+    _, rec = flow_run(proj, env)
+    assert set(states(rec).values()) <= {"Completed", "Cached"} and len(killed) == len(KILL_POINTS)
+    assert _results(proj) == reference
+    status = run([str(BIN / "dvc"), "status", "--json"], proj)
+    assert json.loads(status.stdout or "{}") == {}
 
 
 def test_second_run_is_all_cached_and_a_ppo_change_reruns_only_what_follows(project, env):

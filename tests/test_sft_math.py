@@ -93,6 +93,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, grouped):
     assert state["step"] == 6
     resumed, res = _train(tmp_path / "run", size_fn=size_fn)
     assert res.resumed_from_step == 6 and res.steps == ref_res.steps == 12
+    assert res.train_metrics == ref_res.train_metrics  # the last log row too: the running sums were checkpointed
+    rows = [json.loads(x)["step"] for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 13))  # the rows a killed run logged after its checkpoint are not doubled
     for (n, p), (_, q) in zip(ref.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
 
