@@ -139,6 +139,20 @@ def engine_only(export: Path, rm: Path, items: list[dict], batches: list[int], s
     return out
 
 
+def load_items(prompts: Path, comparisons: str = "") -> list[dict]:
+    """One-item requests: each comparison's (prompt, response) pairs, real lengths; or each
+    prompt with the response 'I do not know.'."""
+    if comparisons:
+        rows = [json.loads(line) for line in Path(comparisons).read_text().splitlines()]
+        return [{"prompt": c["prompt"], "response": r} for c in rows for r in c["responses"]]
+    return [{"prompt": json.loads(line)["prompt"], "response": "I do not know."} for line in prompts.read_text().splitlines()]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
 def machine() -> str:
     text = f"{platform.machine()}, {os.cpu_count()} CPUs"
     try:
@@ -166,12 +180,7 @@ def main() -> None:
     ap.add_argument("--engine-batches", default="32", help="Comma-separated batch sizes for the engine-only figures.")
     ap.add_argument("--out", default="bench/results/serve_load.json")
     args = ap.parse_args()
-    if args.comparisons:
-        rows = [json.loads(line) for line in Path(args.comparisons).read_text().splitlines()]
-        items = [{"prompt": c["prompt"], "response": r} for c in rows for r in c["responses"]]
-    else:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()]
-        items = [{"prompt": p, "response": "I do not know."} for p in prompts]
+    items = load_items(Path(args.prompts), args.comparisons)
     clients = [int(c) for c in args.clients.split(",")]
     backends = args.backends.split(",")
     result = {"clients": clients, "seconds": args.seconds, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
@@ -188,8 +197,7 @@ def main() -> None:
                     result[f"{backend}_{n}"] = drive_result
                     print(backend, n, "clients", drive_result, flush=True)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
+                stop(proc)
     if set(backends) == {"onnx", "torch"}:
         for n in clients:
             result[f"throughput_ratio_onnx_vs_torch_{n}"] = round(

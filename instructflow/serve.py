@@ -294,13 +294,13 @@ class BodyLimitAndMetrics:
     (docs/decisions.md).
     A body with a Content-Length is judged by the header before it is read; a
     chunked one is read up to the limit, then replayed to the app. A refused body
-    is read and dropped before the 413 goes out (at most `drain_seconds` or 16 x
-    the limit), as nginx's lingering close: a client still sending then reads the
+    is read and dropped before the 413 goes out (for at most `drain_seconds`, and
+    64 MB or 16 x the limit), as nginx's lingering close: a client still sending then reads the
     answer instead of a reset connection."""
 
     def __init__(self, app, max_body_bytes: int, record, drain_seconds: float = 10.0):
         self.app, self.max_body_bytes, self.record = app, max_body_bytes, record
-        self.drain_seconds, self.drain_bytes = drain_seconds, 16 * max_body_bytes
+        self.drain_seconds, self.drain_bytes = drain_seconds, max(16 * max_body_bytes, 64 << 20)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

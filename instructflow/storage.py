@@ -1,8 +1,10 @@
 """Object storage (S3 API) for what DVC does not do: publishing an exported RM
 and fetching it with checksum verification.
 
-Publishing uploads every file first and the manifest LAST, so a reader that
-finds a manifest finds a complete model. Fetching downloads the manifest, then
+Publishing removes the manifest, uploads every file, and writes the manifest
+LAST, so a reader that finds a manifest finds a complete model (and one that
+comes while a version is replaced finds none, not a mix). Each request is
+retried through a storage outage (`faults.retrying`). Fetching downloads the manifest, then
 each file it lists, checks every sha256, and only then moves the folder into
 place. Endpoint and credentials come from the standard AWS settings
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION...).
@@ -33,45 +35,71 @@ def s3_client():
     return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
-def publish_export(folder: Path, uri: str, client=None) -> dict:
-    """Upload a verified export folder to s3://bucket/prefix, manifest last."""
+def publish_export(folder: Path, uri: str, client=None, attempts: int = 6) -> dict:
+    """Upload a verified export folder to s3://bucket/prefix: the old manifest off
+    first, then the files, then the manifest."""
+    from .faults import retrying
+
     manifest = verify_export(folder)
     client = client or s3_client()
     bucket, prefix = split_s3_uri(uri)
-    for name in manifest["files"]:
-        client.upload_file(str(folder / name), bucket, f"{prefix}/{name}" if prefix else name)
-    client.upload_file(str(folder / MANIFEST), bucket, f"{prefix}/{MANIFEST}" if prefix else MANIFEST)
+    key = lambda name: f"{prefix}/{name}" if prefix else name  # noqa: E731
+    retrying(lambda: client.delete_object(Bucket=bucket, Key=key(MANIFEST)), f"{uri}: unpublish the old manifest", attempts)
+    for name in [*manifest["files"], MANIFEST]:
+        retrying(lambda name=name: client.upload_file(str(folder / name), bucket, key(name)), f"{uri}: upload {name}", attempts)
     return manifest
 
 
-def fetch_export(uri: str, cache_dir: Path, client=None) -> Path:
+def fetch_export(uri: str, cache_dir: Path, client=None, attempts: int = 5) -> Path:
     """Download s3://bucket/prefix into cache_dir, verify every checksum, return the folder.
 
-    Raises ValueError naming the file when a checksum does not match; nothing
-    unverified is left where a later start would pick it up."""
+    When the manifest changed while the files came down (a publish replaced the
+    version), the download starts over. Raises ValueError naming the file when a
+    checksum does not match; nothing unverified is left where a later start would
+    pick it up."""
+    import time
+
     client = client or s3_client()
     bucket, prefix = split_s3_uri(uri)
     key = lambda name: f"{prefix}/{name}" if prefix else name  # noqa: E731
     dest = cache_dir / bucket / (prefix or "_root")
     tmp = dest.with_name(dest.name + ".download")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        client.download_file(bucket, key(MANIFEST), str(tmp / MANIFEST))
-        for name in json.loads((tmp / MANIFEST).read_text())["files"]:
-            client.download_file(bucket, key(name), str(tmp / name))
-        verify_export(tmp)
-    except ValueError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"{uri}: {err}") from None
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for attempt in range(attempts):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            client.download_file(bucket, key(MANIFEST), str(tmp / MANIFEST))
+            listed = (tmp / MANIFEST).read_bytes()
+            for name in json.loads(listed)["files"]:
+                client.download_file(bucket, key(name), str(tmp / name))
+            try:
+                verify_export(tmp)
+            except ValueError:
+                if attempt + 1 < attempts and _manifest_now(client, bucket, key(MANIFEST)) != listed:
+                    time.sleep(0.2 * (attempt + 1))  # a new version is being published: take it whole
+                    continue
+                raise
+        except ValueError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(f"{uri}: {err}") from None
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        break
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
     return dest
+
+
+def _manifest_now(client, bucket: str, key: str) -> bytes | None:
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as err:  # noqa: BLE001 - gone (being republished) or unreachable: not the same manifest
+        if type(err).__module__.startswith("botocore"):
+            return None
+        raise
 
 
 # ------------------------------------------------------------------ file trees

@@ -1,45 +1,9 @@
-"""Which failures are worth a retry.
-
-Transient: object storage or network trouble (connection refused or reset,
-timeouts, throttling, a DVC transfer that failed). Not transient: bad data,
-a bad config, a missing file, a bug; retrying those only delays the report.
-"""
+"""Prefect's retry condition: retry a task only for a transient fault
+(instructflow.faults.is_transient: storage or network trouble, never bad data)."""
 
 from __future__ import annotations
 
-import errno
-
-from instructflow.config import ConfigError
-from instructflow.io import DataError
-
-_TRANSIENT_ERRNO = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
-                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE}
-
-
-def is_transient(exc: BaseException | None) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:  # walk the cause chain: DVC wraps botocore wraps socket
-        seen.add(id(exc))
-        if isinstance(exc, (ConfigError, DataError, FileNotFoundError)):
-            return False
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            return True
-        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
-            return True
-        mod = type(exc).__module__
-        name = type(exc).__name__
-        if mod.startswith(("botocore", "aiobotocore", "urllib3", "aiohttp", "httpx")) and any(
-                w in name for w in ("Connect", "Connection", "Timeout", "Throttl", "Endpoint", "ClientOSError",
-                                    "ServerDisconnected", "ReadError", "ResponseStreaming")):
-            return True
-        if mod.startswith("botocore") and name == "ClientError":
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-            if code in {"SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError", "503", "500"}:
-                return True
-        if mod.startswith("dvc") and name in {"UploadError", "DownloadError"}:
-            return True  # DVC's summary of failed transfers; the cause was logged per file
-        exc = exc.__cause__ or exc.__context__
-    return False
+from instructflow.faults import is_transient
 
 
 def retry_if_transient(task, task_run, state) -> bool:

@@ -263,6 +263,94 @@ def test_model_served_from_s3_and_tampering_there_is_refused(exported, s3_server
     assert not (tmp_path / "bad" / "cache" / "models" / "rm" / "v1").exists()
 
 
+def _a_second_version(folder, dest):
+    """A copy of an export that differs in one file, with its manifest rewritten to match."""
+    import shutil
+
+    from instructflow.io import sha256_file
+
+    shutil.copytree(folder, dest)
+    cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    (dest / "tokenizer_config.json").write_text(json.dumps({**cfg, "comment": "v2"}))
+    m = json.loads((dest / "manifest.json").read_text())
+    m["files"] = {name: sha256_file(dest / name) for name in m["files"]}
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest
+
+
+def test_publishing_through_a_storage_outage_retries_and_no_reader_sees_a_partial_version(exported, s3_server, tmp_path):
+    """`instructflow publish` replaces v1 with v2 while the S3 server drops every connection
+    for 6 s (the client itself tries once): publish retries and finishes; a reader polling
+    all along finds no model, v1 or v2 complete, never a mix; a truncated file is refused."""
+    import threading
+
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from conftest import FlakyProxy
+    from instructflow.storage import fetch_export, publish_export
+
+    folder, manifest = exported
+    client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], aws_access_key_id="x", aws_secret_access_key="y",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket="outage")
+    publish_export(folder, "s3://outage/rm", client=client)
+    v2 = _a_second_version(folder, tmp_path / "v2")
+    seen, bad, done = [], [], threading.Event()
+
+    def reader():
+        n = 0
+        while not done.is_set():
+            n += 1
+            try:
+                got = fetch_export("s3://outage/rm", tmp_path / f"reader{n % 2}", client=client)
+                seen.append(json.loads((got / "tokenizer_config.json").read_text()).get("comment", "v1"))
+            except ClientError:
+                seen.append("none")  # between versions there is no manifest: nothing to take
+            except ValueError as err:
+                bad.append(str(err))
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    port = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    proxy = FlakyProxy(port, fail_for=6.0)
+    try:
+        env = {**os.environ, **s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "instructflow.cli", "publish", "s3://outage/rm", "--folder", str(v2)],
+                              env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        proxy.close()
+        done.set()
+        thread.join(60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proxy.dropped > 0 and "retry 1/" in proc.stderr  # the outage happened and was ridden out
+    assert not bad, bad[:3]
+    assert seen and set(seen) <= {"v1", "v2", "none"}
+    assert fetch_export("s3://outage/rm", tmp_path / "after", client=client).exists()
+    onnx = client.get_object(Bucket="outage", Key="rm/model.onnx")["Body"].read()
+    client.put_object(Bucket="outage", Key="rm/model.onnx", Body=onnx[: len(onnx) // 2])  # a truncated upload
+    with pytest.raises(ValueError, match="model.onnx has sha256"):
+        fetch_export("s3://outage/rm", tmp_path / "truncated", client=client)
+    assert not (tmp_path / "truncated" / "outage").exists() or not any((tmp_path / "truncated" / "outage").iterdir())
+
+
+def test_soak_bench_reports_each_window_and_its_verdict(exported, tmp_path):
+    """bench/soak.py, shortened to two 2-second windows: every window's latency and the
+    server's memory are reported, and no request failed."""
+    folder, _ = exported
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": t}) + "\n" for i, t in enumerate(TEXTS[:8])))
+    out = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, "bench/soak.py", "--export", str(folder), "--prompts", str(prompts), "--clients", "4",
+                           "--minutes", "2", "--window-seconds", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    result = json.loads(out.read_text())
+    assert [m["minute"] for m in result["minutes"]] == [1, 2], proc.stderr[-2000:]
+    assert result["errors"] == 0 and result["requests"] > 20
+    assert all(m["server_rss_mb"] > 50 and m["p99_ms"] >= m["p50_ms"] > 0 for m in result["minutes"])
+    assert proc.returncode == (0 if result["passed"] else 1)
+
+
 def test_manifest_is_json_with_every_file_hashed(exported):
     folder, _ = exported
     m = json.loads((folder / "manifest.json").read_text())
