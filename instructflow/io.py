@@ -148,9 +148,10 @@ def restore_aside(dest: Path) -> None:
 
 
 def swap_in(tmp: Path, dest: Path) -> None:
-    """Put the complete folder `tmp` at `dest`, never leaving neither: the previous `dest`
-    is renamed aside, `tmp` renamed in, the previous one deleted. A reader sees the old
-    folder, no folder for an instant, or the new one; never a half-written one."""
+    """Put the complete folder `tmp` at `dest`, with a complete copy on disk at every
+    moment: the previous `dest` is renamed aside, `tmp` renamed in, the previous one
+    deleted. A reader sees the old folder, no folder for an instant, or the new one;
+    never a half-written one."""
     restore_aside(dest)
     old = dest.with_name(dest.name + ".old")
     if dest.exists():
