@@ -13,7 +13,7 @@ PARAMS ?= params.yaml
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench bench-peers bench-models clean repro prefect-server deploy worker smollm2 smollm2-hh
+.PHONY: setup pipeline test bench bench-peers bench-models soak clean repro prefect-server deploy worker smollm2 smollm2-hh
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -83,6 +83,10 @@ bench: bench-models
 
 bench-peers: bench-models
 	$(BIN)/python bench/peers.py
+
+# Ten minutes of 32 clients against one endpoint: errors, p99 drift and memory growth (docs/results.md).
+soak: bench-models
+	$(BIN)/python bench/soak.py --clients 32 --minutes 10
 
 bench-models: setup
 	test -f artifacts/export/rm/manifest.json || $(BIN)/instructflow run --params $(PARAMS) --stages data,validate,pretrain,sft,collect,reward,export
