@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import Params
-from .io import StageTimer, content_hash, sha256_file, swap_in, write_result
+from .io import StageTimer, content_hash, sha256_file, swap_in, write_result, writing_folder
 from .modeling import backbone, context_length, load_reward_model, position_ids_from_mask, reward_bias, score_head
 from .training import setup_runtime
 
@@ -137,46 +137,46 @@ def export_reward_model(rm_dir: Path, dest: Path, opset: int, tolerance: float, 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    ids, mask = _random_batch(rm.config.vocab_size, 2, 7, tok.pad_token_id, torch.Generator().manual_seed(1))
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=ctx)
-    t0 = time.perf_counter()
-    program = torch.onnx.export(
-        graph, (ids, mask), dynamo=True, opset_version=opset, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, verbose=False,
-    )
-    _drop_source_paths(program.model)
-    program.save(str(tmp / "model.onnx"))
-    export_s = time.perf_counter() - t0
-    checks = parity(graph, tmp / "model.onnx", cases, tok.pad_token_id)
-    worst = max(c["max_abs_diff"] for c in checks)
-    if not worst <= tolerance:
-        shutil.rmtree(tmp)
-        raise ExportError(f"ONNX parity check failed: max |onnx - torch| = {worst:.3g} > {tolerance:g} "
-                          f"(cases: {checks}); nothing was exported to {dest}")
-    tok.save_pretrained(str(tmp))
-    source_hash = content_hash(rm_dir)
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    manifest = {
-        "format": "instructflow-rm-onnx/1",
-        "model_version": f"rm-{source_hash[:12]}",
-        "source_checkpoint": str(rm_dir),
-        "source_sha256": source_hash,
-        "opset": opset,
-        "input_names": INPUT_NAMES,
-        "output_names": OUTPUT_NAMES,
-        "padding": "right",
-        "max_length": ctx,
-        "pad_token_id": tok.pad_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "reward_bias": float(graph.bias),
-        "reward_bias_in_graph": True,
-        "parity": {"tolerance": tolerance, "max_abs_diff": worst, "providers": sorted({c["provider"] for c in checks}),
-                   "cases": checks},
-        "files": files,  # no timestamp: the same checkpoint exports to the same bytes (dvc repro checks it)
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence means complete
+    with writing_folder(tmp, dest):  # a failed parity check or a full disk leaves no rm.tmp and the old rm as it was
+        ids, mask = _random_batch(rm.config.vocab_size, 2, 7, tok.pad_token_id, torch.Generator().manual_seed(1))
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=ctx)
+        t0 = time.perf_counter()
+        program = torch.onnx.export(
+            graph, (ids, mask), dynamo=True, opset_version=opset, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, verbose=False,
+        )
+        _drop_source_paths(program.model)
+        program.save(str(tmp / "model.onnx"))
+        export_s = time.perf_counter() - t0
+        checks = parity(graph, tmp / "model.onnx", cases, tok.pad_token_id)
+        worst = max(c["max_abs_diff"] for c in checks)
+        if not worst <= tolerance:
+            raise ExportError(f"ONNX parity check failed: max |onnx - torch| = {worst:.3g} > {tolerance:g} "
+                              f"(cases: {checks}); nothing was exported to {dest}")
+        tok.save_pretrained(str(tmp))
+        source_hash = content_hash(rm_dir)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {
+            "format": "instructflow-rm-onnx/1",
+            "model_version": f"rm-{source_hash[:12]}",
+            "source_checkpoint": str(rm_dir),
+            "source_sha256": source_hash,
+            "opset": opset,
+            "input_names": INPUT_NAMES,
+            "output_names": OUTPUT_NAMES,
+            "padding": "right",
+            "max_length": ctx,
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "reward_bias": float(graph.bias),
+            "reward_bias_in_graph": True,
+            "parity": {"tolerance": tolerance, "max_abs_diff": worst, "providers": sorted({c["provider"] for c in checks}),
+                       "cases": checks},
+            "files": files,  # no timestamp: the same checkpoint exports to the same bytes (dvc repro checks it)
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence means complete
+        manifest["export_seconds"] = round(export_s, 2)
     swap_in(tmp, dest)
-    manifest["export_seconds"] = round(export_s, 2)
     return manifest
 
 

@@ -3,6 +3,7 @@ and the small `result.json` record each stage leaves behind."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -163,6 +164,22 @@ def swap_in(tmp: Path, dest: Path) -> None:
 
 class DiskFull(OSError):
     """No space left while saving; what was saved before is intact."""
+
+
+@contextmanager
+def writing_folder(tmp: Path, kept: Path, main: bool = True):
+    """Around writing the folder `tmp` that will replace `kept`: on any failure remove it
+    (a partial folder is never taken for a whole one), and turn a full disk, however the
+    writer reports it (safetensors and ONNX do not raise OSError), into DiskFull."""
+    try:
+        yield
+    except BaseException as err:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
+            raise DiskFull(errno.ENOSPC, f"no space left on the device of {tmp.parent} while saving {kept.name}; "
+                           f"{kept} is as it was before") from err
+        raise
 
 
 class ArtifactsBusy(RuntimeError):

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from .export import MANIFEST, verify_export
+from .io import swap_in
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -27,6 +28,10 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"no bucket in {uri!r}")
     return bucket, prefix.strip("/")
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
 
 
 def s3_client():
@@ -43,10 +48,11 @@ def publish_export(folder: Path, uri: str, client=None, attempts: int = 6) -> di
     manifest = verify_export(folder)
     client = client or s3_client()
     bucket, prefix = split_s3_uri(uri)
-    key = lambda name: f"{prefix}/{name}" if prefix else name  # noqa: E731
-    retrying(lambda: client.delete_object(Bucket=bucket, Key=key(MANIFEST)), f"{uri}: unpublish the old manifest", attempts)
+    retrying(lambda: client.delete_object(Bucket=bucket, Key=_key(prefix, MANIFEST)), f"{uri}: unpublish the old manifest",
+             attempts)
     for name in [*manifest["files"], MANIFEST]:
-        retrying(lambda name=name: client.upload_file(str(folder / name), bucket, key(name)), f"{uri}: upload {name}", attempts)
+        retrying(lambda name=name: client.upload_file(str(folder / name), bucket, _key(prefix, name)), f"{uri}: upload {name}",
+                 attempts)
     return manifest
 
 
@@ -61,7 +67,6 @@ def fetch_export(uri: str, cache_dir: Path, client=None, attempts: int = 5) -> P
 
     client = client or s3_client()
     bucket, prefix = split_s3_uri(uri)
-    key = lambda name: f"{prefix}/{name}" if prefix else name  # noqa: E731
     dest = cache_dir / bucket / (prefix or "_root")
     tmp = dest.with_name(dest.name + ".download")
     for attempt in range(attempts):
@@ -69,14 +74,14 @@ def fetch_export(uri: str, cache_dir: Path, client=None, attempts: int = 5) -> P
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         try:
-            client.download_file(bucket, key(MANIFEST), str(tmp / MANIFEST))
+            client.download_file(bucket, _key(prefix, MANIFEST), str(tmp / MANIFEST))
             listed = (tmp / MANIFEST).read_bytes()
             for name in json.loads(listed)["files"]:
-                client.download_file(bucket, key(name), str(tmp / name))
+                client.download_file(bucket, _key(prefix, name), str(tmp / name))
             try:
                 verify_export(tmp)
             except ValueError:
-                if attempt + 1 < attempts and _manifest_now(client, bucket, key(MANIFEST)) != listed:
+                if attempt + 1 < attempts and _manifest_now(client, bucket, _key(prefix, MANIFEST)) != listed:
                     time.sleep(0.2 * (attempt + 1))  # a new version is being published: take it whole
                     continue
                 raise
@@ -87,9 +92,7 @@ def fetch_export(uri: str, cache_dir: Path, client=None, attempts: int = 5) -> P
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         break
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    swap_in(tmp, dest)
     return dest
 
 

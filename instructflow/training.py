@@ -11,7 +11,6 @@ run skips exactly the micro-batches it had consumed and sees the same order.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .config import OptimConfig, ProjectConfig
-from .io import DiskFull, crash_point, restore_aside, swap_in
+from .io import crash_point, restore_aside, swap_in, writing_folder
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +295,10 @@ class CheckpointClock:
     def due(self, step: int) -> bool:
         by_steps = bool(self.every) and step % self.every == 0
         by_time = bool(self.seconds) and time.monotonic() - self.last >= self.seconds
-        if self.accelerator.num_processes > 1 and self.seconds:
-            from accelerate.utils import broadcast_object_list
+        if self.accelerator.num_processes > 1 and self.seconds:  # one int per step, from the main process
+            from accelerate.utils import broadcast
 
-            by_time = broadcast_object_list([by_time], from_process=0)[0]
+            by_time = bool(broadcast(torch.tensor([int(by_time)], device=self.accelerator.device), from_process=0).item())
         return by_steps or by_time
 
     def saved(self) -> None:
@@ -323,7 +322,7 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, trainer_state: dict
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    with _writing(tmp, ckpt, accelerator.is_main_process):
+    with writing_folder(tmp, ckpt, accelerator.is_main_process):
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             objects = {}
@@ -338,21 +337,6 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, trainer_state: dict
     if accelerator.is_main_process:
         swap_in(tmp, ckpt)
     accelerator.wait_for_everyone()
-
-
-@contextlib.contextmanager
-def _writing(tmp: Path, kept: Path, main: bool = True):
-    """Around writing `tmp`: on any failure remove it (a partial save is never taken for
-    one), and turn a full disk, however the writer reports it, into DiskFull."""
-    try:
-        yield
-    except BaseException as err:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
-            raise DiskFull(errno.ENOSPC, f"no space left on the device of {tmp.parent} while saving {kept.name}; "
-                           f"{kept} is as it was before") from err
-        raise
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -397,7 +381,7 @@ def save_model_atomic(model, tokenizer, dest: Path, extra_config: dict | None = 
         shutil.rmtree(tmp)
     for k, v in (extra_config or {}).items():
         setattr(model.config, k, v)
-    with _writing(tmp, dest):
+    with writing_folder(tmp, dest):
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     swap_in(tmp, dest)
