@@ -72,6 +72,8 @@ def _run(name: str, params_path: Path) -> dict:
         result = run_stage(name, params)
     except USER_ERRORS as err:
         _fail(f"stage {name}: {err}")
+    if not result.get("main_process", True):
+        return result
     typer.echo(json.dumps({"stage": name, "metrics": result["metrics"], "seconds": result["timings_s"]["total"]}, indent=2))
     if STAGES[name].table:
         typer.echo(resolve(STAGES[name].table)(result["metrics"]))

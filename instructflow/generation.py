@@ -18,6 +18,7 @@ for token: tests/test_generation.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,16 @@ from .modeling import accepts_logits_to_keep, context_length, position_ids_from_
 
 @torch.no_grad()
 def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, *, num_samples: int = 1, max_new_tokens: int,
-                  eos_id: int, pad_id: int, temperature: float = 1.0, greedy: bool = False) -> torch.Tensor:
+                  eos_id: int, pad_id: int, temperature: float = 1.0, greedy: bool = False,
+                  all_done: Callable[[bool], bool] | None = None) -> torch.Tensor:
     """New tokens for `num_samples` rows per left-padded prompt, prompt-major (rows i*n .. i*n+n-1 answer
     prompt i): (B * num_samples, steps), EOS kept, `pad_id` after it, where steps <= max_new_tokens is
-    the longest row's length (as `generate` returns). A row without EOS ran to the limit."""
+    the longest row's length (as `generate` returns). A row without EOS ran to the limit.
+
+    `all_done(done_here)` says whether every process has finished (FSDP: each forward pass
+    gathers every layer in every process together, so a process whose rows have all ended
+    keeps running one-token passes, their output unused, until the others end too; its
+    own rows and random draws are those of an unsharded run)."""
     keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True, **keep_last)
     cache = out.past_key_values
@@ -41,16 +48,21 @@ def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, *, num_samples: 
     position = mask.sum(-1)  # of the token about to be fed: prompts are left-padded
     tokens = torch.full((mask.size(0), max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     rows = torch.arange(mask.size(0), device=ids.device)  # which output row each batch row is
-    steps = 0
+    length, done = 0, False
     for steps in range(1, max_new_tokens + 1):
-        if greedy:
-            new = logits.argmax(-1)
-        else:
-            new = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1).squeeze(1)
-        tokens[rows, steps - 1] = new
-        running = (new != eos_id).nonzero().squeeze(1)
-        if steps == max_new_tokens or running.numel() == 0:
+        if not done:
+            if greedy:
+                new = logits.argmax(-1)
+            else:
+                new = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1).squeeze(1)
+            tokens[rows, steps - 1] = new
+            running = (new != eos_id).nonzero().squeeze(1)
+            length, done = steps, steps == max_new_tokens or running.numel() == 0
+        if done if all_done is None else all_done(done):
             break
+        if done:  # keeping pace with the other processes
+            model(input_ids=ids[:1, -1:], attention_mask=ids.new_ones(1, 1), use_cache=False)
+            continue
         if running.numel() < rows.numel():  # finished rows leave the batch and the cache
             cache.batch_select_indices(running)
             rows, mask, new, position = rows[running], mask[running], new[running], position[running]
@@ -58,7 +70,7 @@ def sample_tokens(model, ids: torch.Tensor, mask: torch.Tensor, *, num_samples: 
         logits = model(input_ids=new[:, None], attention_mask=mask, position_ids=position[:, None],
                        past_key_values=cache, use_cache=True).logits[:, -1]
         position = position + 1
-    return tokens[:, :steps]
+    return tokens[:, :length]
 
 
 @dataclass(frozen=True)

@@ -126,14 +126,18 @@ _crash_passes: dict[str, int] = {}
 def crash_point(name: str) -> None:
     """Fault injection for the kill tests. When $INSTRUCTFLOW_CRASH_AT is `name` (or
     `name#n`: its n-th pass in this process), SIGKILL this process's whole group (the
-    flow and every stage process it started), as a power cut would. Unset: a no-op."""
-    want = os.environ.get(CRASH_ENV)
-    if not want or want.partition("#")[0] != name:
+    flow and every stage process it started), as a power cut would. `name#n@rankR`
+    SIGKILLs only the process of rank R of a distributed run, as a lost node would.
+    Unset: a no-op."""
+    want, _, rank = os.environ.get(CRASH_ENV, "").partition("@rank")
+    if not want or want.partition("#")[0] != name or (rank and os.environ.get("RANK") != rank):
         return
     _crash_passes[name] = _crash_passes.get(name, 0) + 1
     if _crash_passes[name] >= int(want.partition("#")[2] or 1):
         import signal
 
+        if rank:
+            os.kill(os.getpid(), signal.SIGKILL)
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
@@ -340,6 +344,12 @@ class StageTimer:
     @property
     def total(self) -> float:
         return round(time.perf_counter() - self.start, 3)
+
+
+def helper_result(stage: str, timer: StageTimer) -> dict:
+    """What a process other than the main one returns from a multi-process stage (the main
+    process writes result.json and prints the metrics)."""
+    return {"stage": stage, "metrics": {}, "timings_s": {"total": timer.total}, "main_process": False}
 
 
 def gpu_memory() -> dict:

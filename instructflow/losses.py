@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .modeling import layer_classes
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not -100.
@@ -30,6 +32,7 @@ class LMLoss(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module, chunk_size: int = 1024):
         super().__init__()
         self.lm, self.chunk_size = lm, chunk_size
+        self._no_split_modules = layer_classes(lm)  # FSDP shards the wrapper layer by layer, as it would the LM
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -166,6 +166,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) shards this model or its root."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or isinstance(getattr(model, "module", None), FSDPModule)
+
+
+def layer_classes(model: torch.nn.Module) -> list[str]:
+    """The class names of a transformers model's decoder layers (`_no_split_modules`), through a
+    peft wrapper: what FSDP's transformer wrap policy makes one shard group each."""
+    return list(getattr(unwrap(model), "_no_split_modules", None) or [])
+
+
 def score_head(seq_cls: torch.nn.Module) -> torch.nn.Module:
     """The scalar head of a sequence classifier, whatever its class calls it."""
     model = unwrap(seq_cls)

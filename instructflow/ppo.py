@@ -40,13 +40,14 @@ from .config import Params, PPOConfig
 from .data.formats import PretrainText, Prompt
 from .encoding import encode_prompt, end_of_turn_id, pack, pad
 from .generation import sample_tokens
-from .io import StageTimer, crash_point, read_jsonl, write_result
+from .io import StageTimer, crash_point, helper_result, read_jsonl, write_result
 from .losses import causal_lm_loss, token_logprobs
 from .modeling import (
     accepts_logits_to_keep,
     backbone,
     context_length,
     disable_dropout,
+    layer_classes,
     load_causal_lm,
     load_reward_model,
     make_trainable,
@@ -58,14 +59,18 @@ from .modeling import (
 )
 from .training import (
     CheckpointClock,
+    all_done_across,
     enable_gradient_checkpointing,
+    is_sharded,
     load_checkpoint,
     make_accelerator,
+    process_peaks,
     progress,
     save_checkpoint,
     save_model_atomic,
     seed_everything,
     setup_runtime,
+    trained_model,
 )
 
 log = logging.getLogger(__name__)
@@ -194,6 +199,7 @@ class ValueModel(torch.nn.Module):
     def __init__(self, seq_cls):
         super().__init__()
         self.seq_cls = seq_cls
+        self._no_split_modules = layer_classes(seq_cls)  # for FSDP's layer-by-layer wrapping
 
     def forward(self, input_ids, attention_mask, position_ids):
         hidden = backbone(self.seq_cls)(input_ids=input_ids, attention_mask=attention_mask,
@@ -244,13 +250,13 @@ def reference_logprobs(policy, ref, ids: torch.Tensor, attn: torch.Tensor, promp
 
 
 @torch.no_grad()
-def rollout(policy, ref, value_model, rm, tok, prompts: list[str], cfg: PPOConfig, device) -> Rollout:
+def rollout(policy, ref, value_model, rm, tok, prompts: list[str], cfg: PPOConfig, device, all_done=None) -> Rollout:
     max_prompt = context_length(policy) - cfg.max_new_tokens
     p_ids, p_attn = pad([encode_prompt(tok, p)[-max_prompt:] for p in prompts], tok.pad_token_id, side="left")
     p_ids, p_attn = p_ids.to(device), p_attn.to(device)
     eos = end_of_turn_id(tok)
     resp = sample_tokens(policy, p_ids, p_attn, max_new_tokens=cfg.max_new_tokens, eos_id=eos,
-                         pad_id=tok.pad_token_id, temperature=cfg.temperature)
+                         pad_id=tok.pad_token_id, temperature=cfg.temperature, all_done=all_done)
     P = p_ids.size(1)
     is_eos = resp == eos
     ended = is_eos.any(1)
@@ -353,9 +359,12 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
             texts = [r.text for r in read_jsonl(data_dir / "pretrain_train.jsonl", PretrainText)]
             blocks = torch.stack(pack(tok, texts, min(params.pretrain.seq_len, context_length(policy))))
 
+    if cfg.ema_decay > 0 and is_sharded(acc):
+        raise ValueError("ppo.ema_decay > 0 is not supported with sharded models (FSDP, DeepSpeed) yet: set it to 0")
     opt_p = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
     opt_v = torch.optim.Adam([p for p in value.parameters() if p.requires_grad], lr=cfg.value_lr, eps=1e-5)
-    policy, value, opt_p, opt_v = acc.prepare(policy, value, opt_p, opt_v)
+    policy, opt_p = acc.prepare(policy, opt_p)  # one model per call: FSDP2 swaps each optimizer's parameters
+    value, opt_v = acc.prepare(value, opt_v)    # for its model's shards
     kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
     ema = EMA(acc.unwrap_model(policy), cfg.ema_decay) if cfg.ema_decay > 0 else None
     stateful = {"kl_controller": kl_ctl, **({"ema": ema} if ema is not None else {})}  # saved as JSON and safetensors
@@ -402,30 +411,34 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
     if acc.trackers:
         acc.end_training()
 
-    final = acc.unwrap_model(policy)
+    peaks = process_peaks(acc, timer)
+    final = trained_model(acc, policy, lambda: make_trainable(load_causal_lm(sft_dir, params.model.dtype)[0], cfg.lora,
+                                                                "causal_lm", cfg.train_top_layers))
+    value_final = trained_model(acc, value, lambda: ValueModel(make_trainable(
+        load_reward_model(rm_dir, params.model.dtype)[0], cfg.lora, "score", cfg.train_top_layers)))
     if ema is not None:
         ema.copy_to(final)
-    final = merged(final)
     full_log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else history
     last = full_log[-min(5, len(full_log)):]
     metrics = {"iterations": cfg.iterations, "rollouts": cfg.iterations * cfg.batch_size, "ptx_coef": run.ptx_coef,
                "trainable_parameters": trainable,
-               "resumed_from_iteration": start, "processes": world, "ema_decay": cfg.ema_decay,
+               "resumed_from_iteration": start, "processes": world, "distributed": str(acc.distributed_type.value).lower(),
+               **peaks, "ema_decay": cfg.ema_decay,
                **{f"final_{k}": round(sum(r[k] for r in last) / len(last), 5)
                   for k in ("score", "kl", "entropy", "response_length", "eos_rate", "ptx_loss", "value_loss", "beta")},
                "first_score": full_log[0]["score"] if full_log else None,
                "rollouts_per_s": round(len(history) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9), 2)}
     if acc.is_main_process:
         with timer.phase("save"):
-            save_model_atomic(final, tok, out / "model")
-            save_model_atomic(merged(acc.unwrap_model(value).seq_cls), tok, out / "value_model")
+            save_model_atomic(merged(final), tok, out / "model")
+            save_model_atomic(merged(value_final.seq_cls), tok, out / "value_model")
     acc.wait_for_everyone()
     log.info("%s: %s", name, metrics)
     inputs = {"sft": sft_dir, "reward_model": rm_dir, "prompts": data_dir / "ppo_prompts.jsonl"}
     if blocks is not None:
         inputs["pretrain"] = data_dir / "pretrain_train.jsonl"
     if not acc.is_main_process:
-        return {"stage": name, "metrics": metrics, "timings_s": {"total": timer.total}}
+        return helper_result(name, timer)
     return write_result(out, name, inputs, {"model": out / "model", "value_model": out / "value_model"}, metrics, timer, run_key=key)
 
 
@@ -447,7 +460,8 @@ def ppo_iteration(run: PPORun, it: int) -> dict:
     #    with dropout disabled the two modes compute the same)
     run.policy.eval(), run.value.eval()
     with acc.autocast():
-        ro = rollout(acc.unwrap_model(run.policy), run.ref, run.value, run.rm, run.tok, texts, cfg, acc.device)
+        ro = rollout(acc.unwrap_model(run.policy), run.ref, run.value, run.rm, run.tok, texts, cfg, acc.device,
+                     all_done_across(acc))
     run.policy.train(), run.value.train()
     # 2. rewards
     rewards, kl = per_token_rewards(ro.logprobs, ro.ref_logprobs, ro.scores, ro.mask, run.kl_ctl.value)

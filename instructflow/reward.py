@@ -34,11 +34,12 @@ import torch
 from .config import Params
 from .data.formats import Comparison, Demonstration
 from .encoding import encode_pair, encode_prompt, encode_response, pad
-from .io import StageTimer, read_jsonl, write_result
+from .io import StageTimer, helper_result, read_jsonl, write_result
 from .losses import kwise_loss
 from .modeling import (
     MAX_LEN_KEY,
     REWARD_BIAS_KEY,
+    is_fsdp,
     load_reward_model,
     make_trainable,
     merged,
@@ -48,7 +49,16 @@ from .modeling import (
     trainable_parameters,
     unwrap,
 )
-from .training import autocast, enable_gradient_checkpointing, make_accelerator, save_model_atomic, setup_runtime, train_loop
+from .training import (
+    autocast,
+    enable_gradient_checkpointing,
+    make_accelerator,
+    process_peaks,
+    save_model_atomic,
+    setup_runtime,
+    train_loop,
+    trained_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +121,12 @@ def comparison_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Reward of every response of a collated batch; (N,).
 
     Each prompt runs once and its responses on its KV cache, except when gradient
-    checkpointing is training the model: transformers then turns the cache off, so
-    each response runs joined to its prompt (the same rewards, more tokens)."""
-    if model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in unwrap(model).modules()):
+    checkpointing is training the model (transformers then turns the cache off) or FSDP
+    shards it (its backward re-gathers a layer's weights for that layer's outputs, and the
+    responses reach the prompt's layers through the cache instead): then each response runs
+    joined to its prompt (the same rewards, more tokens)."""
+    if model.training and (is_fsdp(model) or any(getattr(m, "gradient_checkpointing", False) is True
+                                                 for m in unwrap(model).modules())):
         owner = batch["owner"]
         ids = torch.cat([batch["prompt_ids"][owner], batch["response_ids"]], dim=1)
         mask = torch.cat([batch["prompt_mask"][owner], batch["response_mask"]], dim=1)
@@ -224,11 +237,15 @@ def train_reward_model(params: Params, key: str, stage: str, init: Path, train_p
     cfg, out = params.reward, params.stage_dir(stage)
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
-    model, tok = load_reward_model(init, params.model.dtype)
-    model.config.pad_token_id = tok.pad_token_id
+
+    def build():
+        model, tok = load_reward_model(init, params.model.dtype)
+        model.config.pad_token_id = tok.pad_token_id
+        return make_trainable(model, cfg.lora, "score", cfg.train_top_layers), tok
+
+    model, tok = build()
     if params.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model = make_trainable(model, cfg.lora, "score", cfg.train_top_layers)
     trainable, total = trainable_parameters(model)
     train, val = read_jsonl(train_path, Comparison), read_jsonl(val_path, Comparison)
     if cfg.max_comparisons and len(train) > cfg.max_comparisons:
@@ -256,8 +273,13 @@ def train_reward_model(params: Params, key: str, stage: str, init: Path, train_p
             val_fn=validate,
             count_fn=lambda b: int(b["n_comparisons"]), size_fn=padded_size, run_key=key,
         )
-    model = merged(acc.unwrap_model(model))
-    metrics = {"steps": res.steps, "train_loss": res.train_metrics.get("loss"), "train_accuracy": res.train_metrics.get("accuracy"),
+    peaks = process_peaks(acc, timer)
+    trained = trained_model(acc, model, lambda: build()[0])
+    if not acc.is_main_process:  # the main process centres and saves
+        return helper_result(stage, timer)
+    model = merged(trained)
+    metrics = {**peaks, "processes": acc.num_processes, "distributed": str(acc.distributed_type.value).lower(),
+               "steps": res.steps, "train_loss": res.train_metrics.get("loss"), "train_accuracy": res.train_metrics.get("accuracy"),
                **res.val_metrics, "comparisons_per_s": res.items_per_s, "train_comparisons": len(train),
                "train_pairs": sum(len(c.pairs()) for c in train), "resumed_from_step": res.resumed_from_step,
                "trainable_parameters": trainable, "parameters": total}

@@ -76,9 +76,85 @@ def make_accelerator(project: ProjectConfig, grad_accum: int = 1, mixed_precisio
         AcceleratorState._reset_state()
     acc = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
                       log_with=trackers or None, project_dir=str(tracking_dir) if trackers else None)
+    _shard_on_cpu_too(acc)
     if trackers:
         acc.init_trackers(run_name or "instructflow")
     return acc
+
+
+def _shard_on_cpu_too(acc: Accelerator) -> None:
+    """Honour an FSDP launch config (infra/accelerate/fsdp2.yaml) on processes without a GPU.
+
+    accelerate 1.15 turns FSDP on only for accelerator backends and leaves gloo (CPU) groups
+    as plain DDP, although torch's `fully_shard` shards over gloo just as well. This sets the
+    distributed type accelerate would have set on a GPU, so `prepare`, `save_state`,
+    `load_state` and `get_state_dict` take their FSDP2 paths: the same code a GPU run takes,
+    which is what lets CPU tests prove sharded training."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # read from the launch config's FSDP_* environment
+    if plugin.fsdp_version != 2:
+        raise ValueError("on CPU only FSDP2 is supported: set fsdp_version: 2 (infra/accelerate/fsdp2.yaml)")
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+
+
+def is_sharded(acc: Accelerator) -> bool:
+    """Whether prepared models hold only a shard of their parameters in each process (FSDP, DeepSpeed)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def trained_model(acc: Accelerator, prepared: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
+    """The trained model as an ordinary module, to evaluate and save.
+
+    Unsharded (one process, DDP): the prepared model, unwrapped, in every process. Sharded
+    (FSDP2): each process holds a slice of every parameter, so every process joins in
+    gathering the full state dict, and the main process loads it into `rebuild()`, a fresh
+    copy of the same architecture (the stage's own loader); the others get None."""
+    if not is_sharded(acc):
+        return acc.unwrap_model(prepared)
+    state = acc.get_state_dict(prepared)  # a collective; full tensors on the main process only
+    if not acc.is_main_process:
+        return None
+    model = rebuild()
+    model.load_state_dict(state)
+    return model
+
+
+def process_peaks(acc: Accelerator, timer) -> dict:
+    """Every process's peak memory so far (RSS; GPU memory when a GPU is used), for the
+    metrics of a multi-process stage: {"peak_rss_mb_per_process": [...], ...}. A collective:
+    every process calls it. Empty for one process (result.json has its peak anyway)."""
+    if acc.num_processes == 1:
+        return {}
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else 0.0
+    peaks = acc.gather(torch.tensor([[timer.memory.peak_mb(), gpu]], dtype=torch.float64, device=acc.device)).cpu()
+    out = {"peak_rss_mb_per_process": [round(float(v), 1) for v in peaks[:, 0]]}
+    if gpu:
+        out["peak_gpu_memory_mb_per_process"] = [round(float(v), 1) for v in peaks[:, 1]]
+    return out
+
+
+def all_done_across(acc: Accelerator) -> Callable[[bool], bool] | None:
+    """For sharded models: a function telling whether every process is done (one int
+    all-reduced), which keeps their forward passes in step (generation.sample_tokens).
+    None when each process holds whole models and may stop on its own."""
+    if not is_sharded(acc):
+        return None
+
+    def all_done(done_here: bool) -> bool:
+        left = acc.reduce(torch.tensor([0 if done_here else 1], device=acc.device), reduction="sum")
+        return int(left.item()) == 0
+
+    return all_done
 
 
 def autocast(mixed_precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -192,12 +268,15 @@ def train_loop(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), fused=False,
     )
+    # The schedule is ours, stepped once per optimizer step: accelerate's prepared scheduler
+    # steps once per process per step (several processes ran the schedule that many times faster).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    stateful = {"scheduler": scheduler}  # saved as JSON in the checkpoint
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     log_path = out_dir / "train_log.jsonl"
     micro_done, resumed_from = 0, 0
-    state = load_checkpoint(accelerator, out_dir, run_key) if cfg.resume else None
+    state = load_checkpoint(accelerator, out_dir, run_key, stateful) if cfg.resume else None
     history: list[dict[str, Any]] = []
     if state is not None:
         micro_done = state["micro_batches"]
@@ -230,7 +309,8 @@ def train_loop(
                 if accelerator.sync_gradients:
                     metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
                 optimizer.step()  # accelerate makes this a no-op until grad_accum micro-batches are in
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
             items += count_fn(batch) if count_fn else len(idx)
@@ -242,6 +322,9 @@ def train_loop(
             step = micro // cfg.grad_accum
             crash_point(f"step:{name}")
             bar.update(1)
+            checkpoint_due = step < total_steps and clock.due(step)
+            if world > 1 and (checkpoint_due or step % cfg.log_every == 0 or step == total_steps):
+                running = _mean_across(accelerator, running)  # a row is every process's micro-batches
             if step % cfg.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0
                 row = {"step": step, "epoch": round(micro / micro_per_epoch, 3), "lr": scheduler.get_last_lr()[0],
@@ -255,9 +338,9 @@ def train_loop(
                 log.info("%s step %d/%d %s", name, step, total_steps,
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
                 running, n_running = {}, 0
-            if step < total_steps and clock.due(step):
+            if checkpoint_due:
                 save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": step, "run_key": run_key,
-                                                       "running": running, "n_running": n_running})
+                                                       "running": running, "n_running": n_running}, stateful)
                 clock.saved()
             if micro >= total_micro:
                 break
@@ -267,12 +350,14 @@ def train_loop(
             model.train()
     bar.close()
     seconds = time.perf_counter() - t0
+    if world > 1:  # throughput of all processes together
+        items = int(accelerator.reduce(torch.tensor([items], device=accelerator.device), reduction="sum").item())
     if val_fn is not None:
         val_metrics = val_fn(accelerator.unwrap_model(model))
         model.train()
     if cfg.checkpoint_every:
         save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": micro // cfg.grad_accum, "run_key": run_key,
-                                               "running": running, "n_running": n_running})
+                                               "running": running, "n_running": n_running}, stateful)
     if accelerator.trackers:
         accelerator.end_training()
     last = history[-1] if history else {}
@@ -281,6 +366,15 @@ def train_loop(
         train_metrics={k: v for k, v in last.items() if k not in ("step", "epoch", "lr", "items_per_s")},
         val_metrics=val_metrics, history=history, items_per_s=round(items / max(seconds, 1e-9), 1),
     )
+
+
+def _mean_across(accelerator: Accelerator, sums: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the processes (every process has the same keys). Means of the
+    running sums: logging or checkpointing them commutes with the sums still to come."""
+    keys = sorted(sums)
+    values = accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=accelerator.device),
+                                reduction="mean")
+    return dict(zip(keys, values.tolist()))
 
 
 class CheckpointClock:
@@ -324,6 +418,7 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, trainer_state: dict
     accelerator.wait_for_everyone()
     with writing_folder(tmp, ckpt, accelerator.is_main_process):
         accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()  # each process writes its own files (shards, RNG states) before the swap
         if accelerator.is_main_process:
             objects = {}
             for name, obj in (stateful or {}).items():

@@ -63,3 +63,37 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature(lm):
     sigma = (probs * (1 - probs) / n).sqrt()
     assert ((counts - probs).abs() <= 5 * sigma + 1e-3).all()
     assert probs.max() < 0.5 and (counts > 0).sum() > 10  # a spread distribution, really sampled
+
+
+def test_a_process_done_early_keeps_pace_with_the_others_and_its_samples_do_not_change(lm):
+    """Under FSDP every forward pass is a collective: a process whose rows have all ended runs
+    one-token passes until `all_done` says every process has ended, and returns what it would
+    have returned alone."""
+    model, tok, ids, mask = lm
+    free = sample_tokens(model, ids, mask, num_samples=2, max_new_tokens=12, eos_id=-1, pad_id=tok.pad_token_id, greedy=True)
+    stop = next(x for x in free[0].tolist() if all(x in row[:3] for row in free.tolist()))  # every row ends by step 3
+    calls = []
+
+    def counting(module, args, kwargs):
+        calls.append(1)
+
+    alone = {}
+    for others_left in (0, 5):
+        torch.manual_seed(11)
+        calls.clear()
+        answers = {"n": 0}
+
+        def all_done(done_here, answers=answers, others_left=others_left):
+            answers["n"] += 1
+            return done_here and answers["n"] > others_left
+
+        handle = model.register_forward_pre_hook(counting, with_kwargs=True)
+        try:
+            out = sample_tokens(model, ids, mask, num_samples=2, max_new_tokens=12, eos_id=stop,
+                                pad_id=tok.pad_token_id, greedy=True, all_done=all_done)
+        finally:
+            handle.remove()
+        alone[others_left] = (out, len(calls), answers["n"])
+    (out0, calls0, asked0), (out5, calls5, asked5) = alone[0], alone[5]
+    assert torch.equal(out0, out5) and out0.size(1) <= 3
+    assert asked0 <= 3 and asked5 == 6 and calls5 - calls0 == asked5 - asked0  # one pass per extra round
