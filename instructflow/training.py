@@ -43,9 +43,29 @@ def setup_runtime(project: ProjectConfig) -> None:
         hf_logging.disable_progress_bar()
     if project.threads:
         torch.set_num_threads(project.threads)
+    keep_large_blocks_unpooled()
     seed_everything(project.seed)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()  # `pipeline` runs every stage in one process: each reports its own peak
+
+
+def keep_large_blocks_unpooled(threshold: int = 128 * 1024) -> None:
+    """Fix glibc's mmap threshold (M_MMAP_THRESHOLD) at 128 KiB.
+
+    By default glibc raises the threshold to the size of each large block freed, after which
+    blocks of that size come from the heap, where freed ones fragment it instead of returning
+    to the system. A loop that frees and re-allocates layer-sized tensors every step (FSDP's
+    gathered layers, activations) then grows in RSS step after step: measured on SmolLM2 SFT
+    under FSDP2, 2.3 GB -> 3.7 GB over three steps; with the threshold fixed, 2.3 GB flat
+    (docs/results.md). No-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def seed_everything(seed: int) -> None:
@@ -130,11 +150,9 @@ def trained_model(acc: Accelerator, prepared: torch.nn.Module, rebuild: Callable
 
 
 def process_peaks(acc: Accelerator, timer) -> dict:
-    """Every process's peak memory so far (RSS; GPU memory when a GPU is used), for the
-    metrics of a multi-process stage: {"peak_rss_mb_per_process": [...], ...}. A collective:
-    every process calls it. Empty for one process (result.json has its peak anyway)."""
-    if acc.num_processes == 1:
-        return {}
+    """Every process's peak memory so far (RSS; GPU memory when a GPU is used), measured
+    after training and before the final model is gathered and saved: {"peak_rss_mb_per_process":
+    [...], ...}. A collective: every process calls it."""
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else 0.0
     peaks = acc.gather(torch.tensor([[timer.memory.peak_mb(), gpu]], dtype=torch.float64, device=acc.device)).cpu()
     out = {"peak_rss_mb_per_process": [round(float(v), 1) for v in peaks[:, 0]]}
@@ -268,6 +286,7 @@ def train_loop(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), fused=False,
     )
+    del decay, no_decay  # FSDP replaces the parameters with shards: these lists would keep every full one alive
     # The schedule is ours, stepped once per optimizer step: accelerate's prepared scheduler
     # steps once per process per step (several processes ran the schedule that many times faster).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
@@ -480,3 +499,4 @@ def save_model_atomic(model, tokenizer, dest: Path, extra_config: dict | None = 
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     swap_in(tmp, dest)
+
