@@ -176,6 +176,52 @@ def dvc_yaml_cmd(
 
 
 @app.command()
+def plan(
+    params: ParamsOpt = Path("params.yaml"),
+    devices: Annotated[int, typer.Option(min=1, help="Processes (devices) the stage runs on.")] = 1,
+    device_gb: Annotated[float, typer.Option(help="Memory per device, GB.")] = 80.0,
+    model: Annotated[str, typer.Option(help="Another model: a folder, a hub id or one of "
+                                            "smollm2-135m, llama-3.2-1b, llama-3.1-8b, llama-3.1-70b.")] = "",
+    table: Annotated[bool, typer.Option(help="The docs' table instead: 135M, 1B, 8B and 70B on 1x, 8x and 2x8x devices.")] = False,
+) -> None:
+    """Predict each training stage's memory per device under DDP, FSDP2, FSDP2 + LoRA and FSDP2 with CPU offload (instructflow/memory.py)."""
+    from .memory import PRESETS, Shape, plan_rows, shape_of_params, workloads
+
+    p = _load(params)
+    try:
+        if table:
+            typer.echo(_plan_table(p, device_gb))
+            return
+        shape = Shape.preset(model) if model in PRESETS else shape_of_params(
+            p.model_copy(update={"model": p.model.model_copy(update={"name_or_path": model})}) if model else p)
+    except (OSError, ValueError) as err:
+        _fail(f"plan: {err}")
+    loads = workloads(p, devices)
+    typer.echo(f"{shape.params / 1e9:.3f}B parameters, {shape.layers} layers; {devices} device(s) of {device_gb:g} GB; "
+               + "; ".join(f"{k}: {w.batch} x {w.seq_len} tokens" for k, w in loads.items()))
+    typer.echo(format_table(["stage", "strategy", "GB per device", "fits"], plan_rows(shape, loads, devices, device_gb)))
+    typer.echo("Rows at max_len; the runtime (CUDA context, or the interpreter on CPU) comes on top.")
+
+
+def _plan_table(p, device_gb: float) -> str:
+    from .memory import PRESETS, STRATEGIES, Shape, predict, workloads
+
+    clusters = {"1x80GB": 1, "8x80GB": 8, "2x8x80GB": 16}
+    head = ["model", "stage", "strategy", *[f"{c} (GB/device)" for c in clusters]]
+    rows = []
+    for name in PRESETS:
+        shape = Shape.preset(name)
+        for stage in ("sft", "reward", "ppo"):
+            for strategy in STRATEGIES:
+                cells = []
+                for n in clusters.values():
+                    gb = predict(shape, workloads(p, n)[stage], strategy, n)["total"] / 1024
+                    cells.append(f"{gb:,.1f}" + ("" if gb <= device_gb else " (no)"))
+                rows.append([name, stage, strategy, *cells])
+    return format_table(head, rows, markdown=True)
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Export folder (artifacts/export) or s3://bucket/prefix.")] = "artifacts/export",
     params: ParamsOpt = Path("params.yaml"),
