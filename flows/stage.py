@@ -13,6 +13,7 @@ retried or repeated send finds the same place.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -45,10 +46,21 @@ def stage_flow(stage_name: str, params: str, inputs_uri: str, outputs_uri: str) 
     """Fetch the stage's inputs, run it (cached like any stage), send its outputs back."""
     with_retries(download, Params())(inputs_uri)  # the params file comes with the inputs: default retries
     p = load_params(params)
-    record = stage(stage_name, params, p)
+    processes = p.orchestrate.gpu_processes or _visible_gpus()
+    if processes > 1:  # every GPU of the pod, under accelerate launch (orchestrate.accelerate_config)
+        threads = max(1, (os.cpu_count() or processes) // processes)
+        record = stage(stage_name, params, p, threads=threads, processes=processes).result()
+    else:
+        record = stage(stage_name, params, p)
     s = spec(p, stage_name)
     with_retries(upload, p)([x for x in (*s.outs, *s.metrics, *s.plots) if Path(x).exists()], outputs_uri)
     return record
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def run_on_gpu_pool(name: str, params: str, p: Params) -> dict:

@@ -306,6 +306,12 @@ class OrchestrateConfig(_Section):
     gpu_stages: list[str] = Field(
         default_factory=list, description="Stages sent to the GPU work pool (deployment `gpu_deployment`); the rest run "
         "in the pipeline's own process. Inputs and outputs travel through exchange_uri, object storage both sides reach.")
+    gpu_processes: int = Field(
+        0, ge=0, description="Processes a stage on the GPU pool runs on: 0 = one per GPU its pod sees (the job template's "
+        "`gpus`). More than one launches the stage with `accelerate launch --config_file <accelerate_config>`.")
+    accelerate_config: str = Field(
+        "infra/accelerate/fsdp2.yaml", description="The accelerate config of a stage launched on several processes "
+        "(infra/accelerate/: fsdp2.yaml shards the trained models, ddp.yaml replicates them, deepspeed-zero3.yaml).")
     gpu_deployment: str = Field("instructflow-stage/gpu-stage", description="Deployment (flow/deployment) that runs one stage on the GPU pool.")
     exchange_uri: str = Field("s3://instructflow/exchange", description="Where a stage sent to the GPU pool gets its inputs and leaves its outputs (S3 API; endpoint from AWS_ENDPOINT_URL).")
 

@@ -52,23 +52,36 @@ def stage_task(stage: str, params_path: str, key: str) -> dict:
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
       retry_condition_fn=retry_if_transient, log_prints=True)
-def stage_process_task(stage: str, params_path: str, key: str, threads: int) -> dict:
+def stage_process_task(stage: str, params_path: str, key: str, threads: int, processes: int = 1) -> dict:
     """Run one stage in a process of its own with `threads` CPU threads, so that the
-    stages of a wave run side by side (torch's seeds and thread pool are per process).
+    stages of a wave run side by side (torch's seeds and thread pool are per process);
+    with `processes` > 1, in that many processes started by `accelerate launch` with
+    orchestrate.accelerate_config (one per GPU on a GPU pod; FSDP2 by default).
     Its log goes to artifacts/<stage>/stage.log; a failure raises with the log's end."""
     params = load_params(params_path)
     s = spec(params, stage)
     log_path = params.stage_dir(stage) / "stage.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "instructflow.cli", *s.stage.command, "--params", params_path]
+    if processes > 1:
+        argv[1:1] = ["-m", "accelerate.commands.launch", "--config_file", params.orchestrate.accelerate_config,
+                     "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-    print(f"{stage}: own process, {threads} thread(s), log {log_path}")
+    print(f"{stage}: own process{'es' if processes > 1 else ''} ({processes}), {threads} thread(s) each, log {log_path}")
     with log_path.open("w") as fh:
         proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=params.orchestrate.stage_timeout_s)
     if proc.returncode:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
     return summary(json.loads(Path(s.result).read_text()))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def with_retries(t, params: Params, **options):
@@ -78,18 +91,19 @@ def with_retries(t, params: Params, **options):
                           retry_jitter_factor=0.5, timeout_seconds=o.stage_timeout_s, **options)
 
 
-def stage(name: str, params_path: str, params: Params | None = None, *, threads: int = 0, **call_options):
+def stage(name: str, params_path: str, params: Params | None = None, *, threads: int = 0, processes: int = 1,
+          **call_options):
     """Run `stage_task` named after the stage, with the params' retries and
     timeout, forced to run when the outputs on disk do not match the key.
     `call_options` go to the task call (e.g. return_state=True).
 
-    With `threads`, the stage runs in its own process (`stage_process_task`) and
-    this returns a future at once: the caller waits on it."""
+    With `threads`, the stage runs in its own process (`stage_process_task`), or in
+    `processes` of them, and this returns a future at once: the caller waits on it."""
     params = params or load_params(params_path)
     key = stage_key(params, name)
     current = outputs_current(params, name, key)
     if threads:
         t = with_retries(stage_process_task, params, name=name, task_run_name=name, refresh_cache=not current)
-        return t.submit(name, params_path, key, threads)
+        return t.submit(name, params_path, key, threads, processes)
     t = with_retries(stage_task, params, name=name, task_run_name=name, refresh_cache=not current)
     return t(name, params_path, key, **call_options)

@@ -54,7 +54,7 @@ def _params(root: Path, accum: int, **extra) -> Path:
     for section, values in SETTINGS.items():
         params[section] = {**MICRO[section], **values, **({"grad_accum": accum} if section != "ppo" else {})}
     for section, values in extra.items():
-        params[section] = {**params[section], **values}
+        params[section] = {**params.get(section, {}), **values}
     path = root / f"params-{accum}.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -201,3 +201,18 @@ def test_a_rank_killed_with_sigkill_fails_the_job_and_the_rerun_resumes_to_the_s
     assert _metrics(killed, "sft")["resumed_from_step"] == 6
     assert _max_diff(_weights(killed / "artifacts/sft/model"), _weights(straight / "artifacts/sft/model")) == 0.0
     assert _log(killed, "sft", "loss") == _log(straight, "sft", "loss")
+
+
+def test_a_stage_on_a_pod_with_several_devices_runs_under_accelerate_launch_on_all_of_them(base, tmp_path, monkeypatch):
+    """What the GPU pool's stage flow does on a pod with 2 GPUs (flows/stage.py): the stage's
+    Prefect task launches it with orchestrate.accelerate_config on 2 processes."""
+    from instructflow.config import load_params
+    from instructflow.registry import stage_key
+    from tasks.stages import stage_process_task
+
+    work = _workdir(base, tmp_path, ("data", "pretrain"))
+    params = _params(work, accum=1, orchestrate={"accelerate_config": str(FSDP2)})
+    monkeypatch.chdir(work)
+    record = stage_process_task.fn("sft", params.name, stage_key(load_params(params.name), "sft"), threads=1, processes=2)
+    assert record["metrics"]["processes"] == 2 and record["metrics"]["distributed"] == "fsdp"
+    assert _max_diff(_weights(work / "artifacts/sft/model"), _weights(base / "artifacts/sft/model")) <= 1e-6
