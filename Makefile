@@ -13,7 +13,7 @@ PARAMS ?= params.yaml
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench bench-peers bench-models soak clean repro prefect-server deploy worker smollm2 smollm2-hh
+.PHONY: setup pipeline test bench bench-peers bench-models bench-distributed soak clean repro prefect-server deploy worker smollm2 smollm2-hh
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -77,9 +77,15 @@ smollm2-hh: setup smollm2
 # against TRL (its own venvs under bench/.venvs) writes bench/results.json and its table in
 # docs/results.md. Both need the default pipeline's models: the stages up to export run first
 # when they are missing.
-bench: bench-models
+bench: bench-models bench-distributed
 	$(BIN)/python bench/serve_load.py --clients 32 --seconds 30
 	$(BIN)/python bench/peers.py
+
+# DDP against FSDP2 on 2 processes, each case's peak memory against instructflow/memory.py (docs/results.md)
+bench-distributed: setup smollm2
+	$(BIN)/python bench/distributed.py
+	test -f artifacts/pretrain/model/config.json || $(BIN)/instructflow run --params $(PARAMS) --stages data,validate,pretrain
+	$(BIN)/python bench/distributed.py --model artifacts/pretrain/model --batch 16 --cases single,single-compact,ddp,ddp-compact,fsdp2,fsdp2-gc --out bench/results/distributed_tiny.json
 
 bench-peers: bench-models
 	$(BIN)/python bench/peers.py

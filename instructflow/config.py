@@ -28,6 +28,10 @@ class ProjectConfig(_Section):
     artifacts_dir: str = Field("artifacts", description="Root folder; each stage writes artifacts/<stage>/.")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 means all cores.")
     device: Literal["auto", "cpu"] = Field("auto", description="'auto' lets accelerate pick a GPU when present.")
+    compact_host_memory: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fix glibc's mmap threshold so freed tensors go back to the system (training.keep_large_blocks_"
+        "unpooled): 'auto' does it for models sharded on CPU, whose RSS otherwise grows every step; 'on' always (less "
+        "memory, 10-20% slower on CPU: docs/decisions.md); 'off' never.")
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Where training curves also go, through accelerate's trackers (off by default; "
         "train_log.jsonl and DVC plots always). Logs under artifacts/<stage>/trackers for tensorboard.")

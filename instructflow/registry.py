@@ -37,7 +37,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_DIR.name
 
 # Settings that change how fast a stage runs, never what it writes: not part of any key.
-RUNTIME_FIELDS = {"project": ("threads", "device")}
+RUNTIME_FIELDS = {"project": ("threads", "device", "compact_host_memory")}
 
 BUILTIN_DATASETS = ("pretrain_train", "pretrain_heldout", "sft_train", "sft_val",
                     "rm_prompts_train", "rm_prompts_val", "ppo_prompts", "eval_prompts")

@@ -43,7 +43,8 @@ def setup_runtime(project: ProjectConfig) -> None:
         hf_logging.disable_progress_bar()
     if project.threads:
         torch.set_num_threads(project.threads)
-    keep_large_blocks_unpooled()
+    if project.compact_host_memory == "on":
+        keep_large_blocks_unpooled()
     seed_everything(project.seed)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()  # `pipeline` runs every stage in one process: each reports its own peak
@@ -56,8 +57,10 @@ def keep_large_blocks_unpooled(threshold: int = 128 * 1024) -> None:
     blocks of that size come from the heap, where freed ones fragment it instead of returning
     to the system. A loop that frees and re-allocates layer-sized tensors every step (FSDP's
     gathered layers, activations) then grows in RSS step after step: measured on SmolLM2 SFT
-    under FSDP2, 2.3 GB -> 3.7 GB over three steps; with the threshold fixed, 2.3 GB flat
-    (docs/results.md). No-op where the C library is not glibc."""
+    under FSDP2, 2.3 GB -> 3.7 GB over three steps; with the threshold fixed, 2.3 GB flat.
+    The price is a fresh mapping, page faults included, for every large tensor: 10-20% of a
+    CPU training step (project.compact_host_memory decides; docs/decisions.md). No-op where
+    the C library is not glibc."""
     import ctypes
     import ctypes.util
 
@@ -97,6 +100,8 @@ def make_accelerator(project: ProjectConfig, grad_accum: int = 1, mixed_precisio
     acc = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
                       log_with=trackers or None, project_dir=str(tracking_dir) if trackers else None)
     _shard_on_cpu_too(acc)
+    if project.compact_host_memory == "auto" and is_sharded(acc) and acc.device.type == "cpu":
+        keep_large_blocks_unpooled()
     if trackers:
         acc.init_trackers(run_name or "instructflow")
     return acc

@@ -156,7 +156,7 @@ def test_fsdp2_ppo_ends_with_the_weights_of_ddp_on_the_same_rollouts(base, tmp_p
 def test_two_nodes_by_torchrun_c10d_rendezvous_run_sft_and_ppo(base, tmp_path):
     """Two torchrun agents of one process each, meeting at a c10d rendezvous: the code path of a
     two-node job (each 'node' here shares this machine's disk, as real nodes share the artifacts'
-    volume). SFT on two nodes ends where the one-node FSDP2 run (two processes) ends."""
+    volume). SFT on two nodes ends where one process with the same global batch ends."""
     work = _workdir(base, tmp_path, ("data", "pretrain", "reward"))
     params = _params(work, accum=1)
     for stage in ("sft", "ppo"):
@@ -171,10 +171,7 @@ def test_two_nodes_by_torchrun_c10d_rendezvous_run_sft_and_ppo(base, tmp_path):
         assert all(n.returncode == 0 for n in nodes), "\n".join(o[-3000:] for o in outputs)
         metrics = _metrics(work, stage)
         assert metrics["processes"] == 2 and metrics["distributed"] == "fsdp"
-    one_node = tmp_path / "one-node"
-    _workdir(base, one_node, ("data", "pretrain"))
-    _launch(FSDP2, "sft", _params(one_node, accum=1), one_node)
-    assert _max_diff(_weights(work / "artifacts/sft/model"), _weights(one_node / "artifacts/sft/model")) == 0.0
+    assert _max_diff(_weights(work / "artifacts/sft/model"), _weights(base / "artifacts/sft/model")) <= 1e-6
     assert AutoModelForCausalLM.from_pretrained(work / "artifacts/ppo/model") is not None
 
 
