@@ -1,11 +1,12 @@
 """One plain training loop on `accelerate`, shared by pretraining, SFT and the RM.
 
-It runs unchanged on CPU, one GPU or many (accelerate launch). What each stage
-brings is a list of examples, a `collate` function and a `loss_fn`; the loop
-owns the optimizer (AdamW), warmup + cosine decay, gradient accumulation,
-clipping, progress bar and per-step logs (`train_log.jsonl`), and resumable
-checkpoints. The data order is a seeded permutation per epoch, so a resumed
-run skips exactly the micro-batches it had consumed and sees the same order.
+It runs unchanged on CPU, one GPU or many (accelerate launch), the models
+replicated (DDP) or sharded (FSDP2: infra/accelerate/). What each stage brings
+is a list of examples, a `collate` function and a `loss_fn`; the loop owns the
+optimizer (AdamW), warmup + cosine decay, gradient accumulation, clipping,
+progress bar and per-step logs (`train_log.jsonl`), and resumable checkpoints.
+The data order is a seeded permutation per epoch, so a resumed run skips exactly
+the micro-batches it had consumed and sees the same order.
 """
 
 from __future__ import annotations
@@ -504,4 +505,3 @@ def save_model_atomic(model, tokenizer, dest: Path, extra_config: dict | None = 
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     swap_in(tmp, dest)
-
