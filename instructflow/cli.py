@@ -185,15 +185,14 @@ def plan(
     table: Annotated[bool, typer.Option(help="The docs' table instead: 135M, 1B, 8B and 70B on 1x, 8x and 2x8x devices.")] = False,
 ) -> None:
     """Predict each training stage's memory per device under DDP, FSDP2, FSDP2 + LoRA and FSDP2 with CPU offload (instructflow/memory.py)."""
-    from .memory import PRESETS, Shape, plan_rows, shape_of_params, workloads
+    from .memory import plan_rows, shape_of_params, workloads
 
     p = _load(params)
     try:
         if table:
             typer.echo(_plan_table(p, device_gb))
             return
-        shape = Shape.preset(model) if model in PRESETS else shape_of_params(
-            p.model_copy(update={"model": p.model.model_copy(update={"name_or_path": model})}) if model else p)
+        shape = shape_of_params(p, model)
     except (OSError, ValueError) as err:
         _fail(f"plan: {err}")
     loads = workloads(p, devices)

@@ -105,14 +105,15 @@ class Workload:
 
 def trained_parameters(shape: Shape, w: Workload) -> int:
     layers = w.trained_layers or shape.layers
+    head = shape.hidden if w.stage != "sft" else 0  # the RM's / value model's scalar head trains in every case
     if w.lora_r:  # A (r x in) and B (out x r) on q, k, v, o, gate, up, down
         per_layer = w.lora_r * ((shape.hidden + shape.hidden) * 2 + (shape.hidden + shape.kv_dim) * 2
                                 + (shape.hidden + shape.intermediate) * 3)
-        return layers * per_layer + (shape.hidden if w.stage != "sft" else 0)
+        return layers * per_layer + head
     trained = layers * shape.layer_params + shape.hidden  # the final norm
     if not w.trained_layers:
         trained += shape.embed_params
-    return trained + (shape.hidden if w.stage != "sft" else 0)  # the RM / value head
+    return trained + head
 
 
 def _layer_activations(shape: Shape, tokens: int, w: Workload) -> float:
@@ -178,15 +179,18 @@ def predict(shape: Shape, w: Workload, strategy: str = "ddp", devices: int = 1, 
 
 
 # --------------------------------------------------------------------------- from params.yaml
-def shape_of_params(params) -> Shape:
-    """The architecture a configuration trains: its model folder's (or hub id's) config, or the built-in model's."""
+def shape_of_params(params, model: str = "") -> Shape:
+    """The architecture a configuration trains, or `model` instead (a preset name, a folder or
+    a hub id): a preset's, a folder's or hub id's config, or the built-in model's."""
     from transformers import AutoConfig, LlamaConfig
 
     from .modeling import BUILTIN
 
-    if params.model.name_or_path != BUILTIN:
-        return Shape.of(AutoConfig.from_pretrained(params.model.name_or_path))
-
+    name = model or params.model.name_or_path
+    if name in PRESETS:
+        return Shape.preset(name)
+    if name != BUILTIN:
+        return Shape.of(AutoConfig.from_pretrained(name))
     t = params.model.tiny
     return Shape.of(LlamaConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                                 num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,

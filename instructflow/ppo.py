@@ -64,7 +64,7 @@ from .training import (
     is_sharded,
     load_checkpoint,
     make_accelerator,
-    process_peaks,
+    processes_report,
     progress,
     save_checkpoint,
     save_model_atomic,
@@ -411,7 +411,7 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
     if acc.trackers:
         acc.end_training()
 
-    peaks = process_peaks(acc, timer)
+    ran = processes_report(acc, timer)
     final = trained_model(acc, policy, lambda: make_trainable(load_causal_lm(sft_dir, params.model.dtype)[0], cfg.lora,
                                                                 "causal_lm", cfg.train_top_layers))
     value_final = trained_model(acc, value, lambda: ValueModel(make_trainable(
@@ -422,8 +422,7 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
     last = full_log[-min(5, len(full_log)):]
     metrics = {"iterations": cfg.iterations, "rollouts": cfg.iterations * cfg.batch_size, "ptx_coef": run.ptx_coef,
                "trainable_parameters": trainable,
-               "resumed_from_iteration": start, "processes": world, "distributed": str(acc.distributed_type.value).lower(),
-               **peaks, "ema_decay": cfg.ema_decay,
+               "resumed_from_iteration": start, **ran, "ema_decay": cfg.ema_decay,
                **{f"final_{k}": round(sum(r[k] for r in last) / len(last), 5)
                   for k in ("score", "kl", "entropy", "response_length", "eos_rate", "ptx_loss", "value_loss", "beta")},
                "first_score": full_log[0]["score"] if full_log else None,

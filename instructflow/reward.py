@@ -53,7 +53,7 @@ from .training import (
     autocast,
     enable_gradient_checkpointing,
     make_accelerator,
-    process_peaks,
+    processes_report,
     save_model_atomic,
     setup_runtime,
     train_loop,
@@ -273,13 +273,12 @@ def train_reward_model(params: Params, key: str, stage: str, init: Path, train_p
             val_fn=validate,
             count_fn=lambda b: int(b["n_comparisons"]), size_fn=padded_size, run_key=key,
         )
-    peaks = process_peaks(acc, timer)
+    ran = processes_report(acc, timer)
     trained = trained_model(acc, model, lambda: build()[0])
     if not acc.is_main_process:  # the main process centres and saves
         return helper_result(stage, timer)
     model = merged(trained)
-    metrics = {**peaks, "processes": acc.num_processes, "distributed": str(acc.distributed_type.value).lower(),
-               "steps": res.steps, "train_loss": res.train_metrics.get("loss"), "train_accuracy": res.train_metrics.get("accuracy"),
+    metrics = {**ran, "steps": res.steps, "train_loss": res.train_metrics.get("loss"), "train_accuracy": res.train_metrics.get("accuracy"),
                **res.val_metrics, "comparisons_per_s": res.items_per_s, "train_comparisons": len(train),
                "train_pairs": sum(len(c.pairs()) for c in train), "resumed_from_step": res.resumed_from_step,
                "trainable_parameters": trainable, "parameters": total}

@@ -35,7 +35,7 @@ from .training import (
     autocast,
     enable_gradient_checkpointing,
     make_accelerator,
-    process_peaks,
+    processes_report,
     save_model_atomic,
     setup_runtime,
     train_loop,
@@ -108,14 +108,13 @@ def run_sft(params: Params, key: str = "") -> dict:
             val_fn=lambda m: {"val_loss": round(validation_loss(m, val_ex, tok.pad_token_id), 5)},
             count_fn=lambda b: int(b["attention_mask"].sum()), size_fn=lambda e: len(e[0]), run_key=key,
         )
-    peaks = process_peaks(acc, timer)
+    ran = processes_report(acc, timer)
     trained = trained_model(acc, model, lambda: LMLoss(make_trainable(load_causal_lm(base_dir, params.model.dtype)[0], cfg.lora,
                                                                       "causal_lm", cfg.train_top_layers)))
     if not acc.is_main_process:  # the main process judges and saves
         return helper_result("sft", timer)
     lm = merged(trained.lm)
-    metrics = {**peaks, "processes": acc.num_processes, "distributed": str(acc.distributed_type.value).lower(),
-               "steps": res.steps, "train_loss": res.train_metrics.get("loss"), **res.val_metrics,
+    metrics = {**ran, "steps": res.steps, "train_loss": res.train_metrics.get("loss"), **res.val_metrics,
                "tokens_per_s": res.items_per_s, "residual_dropout_branches": n_hooks, "resumed_from_step": res.resumed_from_step,
                "trainable_parameters": trainable, "parameters": total}
 

@@ -155,13 +155,15 @@ def trained_model(acc: Accelerator, prepared: torch.nn.Module, rebuild: Callable
     return model
 
 
-def process_peaks(acc: Accelerator, timer) -> dict:
-    """Every process's peak memory so far (RSS; GPU memory when a GPU is used), measured
-    after training and before the final model is gathered and saved: {"peak_rss_mb_per_process":
-    [...], ...}. A collective: every process calls it."""
+def processes_report(acc: Accelerator, timer) -> dict:
+    """How the stage ran, for its metrics: the number of processes, the distributed type
+    ("no", "multi_cpu", "fsdp"...) and every process's peak memory so far (RSS; GPU memory
+    when a GPU is used), measured after training and before the final model is gathered and
+    saved. A collective: every process calls it."""
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else 0.0
     peaks = acc.gather(torch.tensor([[timer.memory.peak_mb(), gpu]], dtype=torch.float64, device=acc.device)).cpu()
-    out = {"peak_rss_mb_per_process": [round(float(v), 1) for v in peaks[:, 0]]}
+    out = {"processes": acc.num_processes, "distributed": str(acc.distributed_type.value).lower(),
+           "peak_rss_mb_per_process": [round(float(v), 1) for v in peaks[:, 0]]}
     if gpu:
         out["peak_gpu_memory_mb_per_process"] = [round(float(v), 1) for v in peaks[:, 1]]
     return out
