@@ -13,7 +13,7 @@ PARAMS ?= params.yaml
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench bench-peers bench-models bench-distributed soak clean repro prefect-server deploy worker smollm2 smollm2-hh
+.PHONY: setup pipeline methods test bench bench-peers bench-models bench-distributed soak clean repro prefect-server deploy worker smollm2 smollm2-hh
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -30,6 +30,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The pipeline as a Prefect flow (a temporary local server unless PREFECT_API_URL is set).
 pipeline: setup
 	$(BIN)/python -m flows.pipeline --params $(PARAMS)
+
+# Every method (best-of-n, DPO, PPO, PPO-ptx, PPO against an RM ensemble) against SFT over methods.seeds
+# replicates, and reward over-optimization along PPO's snapshots: flows/methods.py, docs/results.md.
+methods: setup
+	$(BIN)/python -m flows.methods --params $(PARAMS)
 
 # The same stages through DVC (dvc.yaml is generated from instructflow/registry.py).
 repro: setup

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from instructflow.config import ConfigError, Params, load_params
 from instructflow.io import ArtifactsBusy, exclusive, write_json
-from instructflow.registry import STAGES, StageSpec, resolve, stage_specs, stage_waves
+from instructflow.registry import STAGES, StageSpec, pipeline_specs, resolve, stage_specs, stage_waves
 from tasks.report import publish_report
 from tasks.stages import stage, with_retries
 from tasks.versioning import dvc_root, version_stage
@@ -36,22 +37,51 @@ def pipeline(params: str = "params.yaml", stages: list[str] | None = None) -> di
 
 
 def _pipeline(params: str, p: Params, stages: list[str] | None) -> dict:
+    specs = [s for s in stage_specs(p) if s.name in stages] if stages else pipeline_specs(p)
+    t0 = time.perf_counter()
+    rows = run_stages([Run(params, p, specs)])[params]
+    return record_run(params, p, rows, time.perf_counter() - t0)
+
+
+@dataclass
+class Run:
+    """One configuration's stages: `make pipeline` runs one, `make methods` one per seed."""
+
+    params_path: str
+    params: Params
+    specs: list[StageSpec]
+    label: str = ""                            # shown in task names when several runs share a flow
+
+
+def run_stages(runs: list[Run]) -> dict[str, list[dict]]:
+    """Run each run's stages wave by wave; the runs' waves of the same index run side by side.
+    Returns params path -> one row per stage (state, wall and compute seconds, metrics).
+    A run reading the params.yaml beside dvc.yaml records each stage in dvc.lock as it ends."""
     logger = get_run_logger()
-    specs = [s for s in stage_specs(p) if not stages or s.name in stages]
-    root = dvc_root(params) if p.orchestrate.version_with_dvc else None
-    if p.orchestrate.version_with_dvc and root is None:
-        logger.info("not versioning with DVC: dvc.yaml reads params.yaml beside it, this run reads %s", params)
-    t0, rows = time.perf_counter(), []
-    for w, wave in enumerate(stage_waves(specs)):
-        outcomes = run_wave(wave, params, p)
-        for s in wave:  # one DVC commit at a time, in stage order
-            record, state_name, wall_s = outcomes[s.name]
-            if root is not None:
-                with_retries(version_stage, p)(s.name, str(root), p.orchestrate.dvc_remote)
+    roots = {}
+    for r in runs:
+        roots[r.params_path] = dvc_root(r.params_path) if r.params.orchestrate.version_with_dvc else None
+        if r.params.orchestrate.version_with_dvc and roots[r.params_path] is None:
+            logger.info("not versioning with DVC: dvc.yaml reads params.yaml beside it, this run reads %s", r.params_path)
+    waves = {r.params_path: stage_waves(r.specs) for r in runs}
+    rows: dict[str, list[dict]] = {r.params_path: [] for r in runs}
+    for w in range(max((len(v) for v in waves.values()), default=0)):
+        jobs = [(s, r) for r in runs if w < len(waves[r.params_path]) for s in waves[r.params_path][w]]
+        outcomes = run_wave(jobs)
+        for s, r in jobs:  # one DVC commit at a time, in stage order
+            record, state_name, wall_s = outcomes[(r.params_path, s.name)]
+            if roots[r.params_path] is not None:
+                with_retries(version_stage, r.params)(s.name, str(roots[r.params_path]), r.params.orchestrate.dvc_remote)
             cached = state_name == "Cached"
-            rows.append({"stage": s.name, "wave": w, "state": state_name, "wall_s": round(wall_s, 2),
-                         "compute_s": 0.0 if cached else record["timings_s"]["total"], "metrics": record["metrics"]})
-    wall = time.perf_counter() - t0
+            rows[r.params_path].append({"stage": s.name, "wave": w, "state": state_name, "wall_s": round(wall_s, 2),
+                                        "compute_s": 0.0 if cached else record["timings_s"]["total"],
+                                        "metrics": record["metrics"]})
+    return rows
+
+
+def record_run(params: str, p: Params, rows: list[dict], wall: float, publish: bool = True) -> dict:
+    """artifacts/pipeline/run.json and (with `publish`) the Prefect report of one run's rows."""
+    logger = get_run_logger()
     # stages of a wave overlap: the compute on the run's critical path is each wave's longest stage
     compute = sum(max(r["compute_s"] for r in rows if r["wave"] == w) for w in {r["wave"] for r in rows})
     run = {"params": str(params), "wall_s": round(wall, 2), "stage_compute_s": round(compute, 2),
@@ -59,7 +89,8 @@ def _pipeline(params: str, p: Params, stages: list[str] | None) -> dict:
            "overhead_s": round(wall - compute, 2), "overhead_share": round((wall - compute) / wall, 4) if wall else 0.0,
            "stages": rows}
     write_json(p.stage_dir("pipeline") / "run.json", run)
-    publish_report(p, run)
+    if publish:
+        publish_report(p, run)
     for r in rows:
         logger.info("%-9s %-22s wall %7.1f s  compute %7.1f s", r["stage"], r["state"], r["wall_s"], r["compute_s"])
     logger.info("pipeline: %.1f s wall, %.1f s in stages, orchestration overhead %.1f s (%.1f%%)",
@@ -72,38 +103,40 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_wave(wave: list[StageSpec], params: str, p: Params) -> dict[str, tuple[dict, str, float]]:
-    """Run one wave's stages; returns stage -> (result record, state name, wall seconds).
+def run_wave(jobs: list[tuple[StageSpec, Run]]) -> dict[tuple[str, str], tuple[dict, str, float]]:
+    """Run one wave's stages (of one run or several); returns (params path, stage) -> (result
+    record, state name, wall seconds).
 
     With orchestrate.concurrent_stages, the wave's local stages run side by side, each in
     its own process with an equal share of the threads; the rest run here, one by one.
     A failed stage raises once every stage of the wave has ended: none is left running."""
-    local = [s.name for s in wave if s.name not in p.orchestrate.gpu_stages]
+    local = [(s, r) for s, r in jobs if s.name not in r.params.orchestrate.gpu_stages]
     futures = {}
     t_wave = time.perf_counter()
-    if p.orchestrate.concurrent_stages and len(local) > 1:
-        threads = max(1, (p.project.threads or usable_cores()) // len(local))
-        get_run_logger().info("%s: side by side, %d thread(s) each", ", ".join(local), threads)
-        futures = {name: stage(name, params, p, threads=threads) for name in local}
+    if len(local) > 1 and all(r.params.orchestrate.concurrent_stages for _, r in local):
+        threads = max(1, (local[0][1].params.project.threads or usable_cores()) // len(local))
+        get_run_logger().info("%s: side by side, %d thread(s) each", ", ".join(r.label + s.name for s, r in local), threads)
+        futures = {(r.params_path, s.name): stage(s.name, r.params_path, r.params, threads=threads, label=r.label)
+                   for s, r in local}
     outcomes = {}
     try:
-        for s in wave:
-            if s.name in futures:
+        for s, r in jobs:
+            if (r.params_path, s.name) in futures:
                 continue
             t_stage = time.perf_counter()
-            if s.name in p.orchestrate.gpu_stages:
+            if s.name in r.params.orchestrate.gpu_stages:
                 from flows.stage import run_on_gpu_pool
 
-                record, state_name = run_on_gpu_pool(s.name, params, p), "Completed (GPU pool)"
+                record, state_name = run_on_gpu_pool(s.name, r.params_path, r.params), "Completed (GPU pool)"
             else:
-                state = stage(s.name, params, p, return_state=True)
+                state = stage(s.name, r.params_path, r.params, return_state=True, label=r.label)
                 record, state_name = state.result(), state.name  # raises if the stage failed: nothing later runs
-            outcomes[s.name] = (record, state_name, time.perf_counter() - t_stage)
+            outcomes[(r.params_path, s.name)] = (record, state_name, time.perf_counter() - t_stage)
     finally:
         for f in futures.values():
             f.wait()
-    for name, f in futures.items():
-        outcomes[name] = (f.state.result(), f.state.name, time.perf_counter() - t_wave)
+    for k, f in futures.items():
+        outcomes[k] = (f.state.result(), f.state.name, time.perf_counter() - t_wave)
     return outcomes
 
 

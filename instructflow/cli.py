@@ -15,7 +15,7 @@ import typer
 
 from .config import ConfigError, load_params
 from .io import ArtifactsBusy, DataError, DiskFull, exclusive
-from .registry import STAGES, dvc_yaml_text, resolve, run_stage, stage_specs
+from .registry import STAGES, dvc_yaml_text, pipeline_specs, resolve, run_stage, stage_specs
 from .report import format_table, key_metrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -265,11 +265,27 @@ def publish(
     typer.echo(f"published {m['model_version']} ({len(m['files'])} files + manifest) to {uri}")
 
 
+@app.command("methods-summary")
+def methods_summary(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Pool the methods' figures over the seeds that have run (`make methods` does this itself):
+    <artifacts_dir>/methods/summary.md, summary.json, figure1.png, overoptimization.png."""
+    from .methods import replicate, summarize, summary_markdown, write_summary
+
+    p = _load(params)
+    try:
+        s = summarize([replicate(p, i) for i in range(p.methods.seeds)])
+    except FileNotFoundError as err:
+        _fail(f"{err}; run `make methods` (python -m flows.methods --params {params})")
+    out = write_summary(p, s)
+    typer.echo(summary_markdown(s) + f"\nwritten to {out}")
+
+
 @app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
-    stages: Annotated[str, typer.Option(help="Comma-separated stages to run, in order (default: every stage "
-                                              "this configuration has).")] = "",
+    stages: Annotated[str, typer.Option(help="Comma-separated stages to run, in order (default: the pipeline's, "
+                                              "as `make pipeline`; the methods' stages are named here or run by "
+                                              "`make methods`).")] = "",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one setting, KEY=VALUE (repeatable): "
                                                    "--set sft.lora.r=16 --set project.artifacts_dir=artifacts/lora")] = None,
 ) -> None:
@@ -278,7 +294,7 @@ def run(
     _setup_logging()
     p = _load(params, set_)
     runs = [s.name for s in stage_specs(p)]  # with data.source=files there is no collect or eval
-    chosen = [s.strip() for s in stages.split(",") if s.strip()] or runs
+    chosen = [s.strip() for s in stages.split(",") if s.strip()] or [s.name for s in pipeline_specs(p)]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         _fail(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")

@@ -245,11 +245,55 @@ class PPOConfig(_Section):
     checkpoint_minutes: float = Field(10.0, ge=0, description="Also save one after every this many minutes (0: by iterations only).")
     resume: bool = Field(True, description="Resume from the stage's last checkpoint when one exists.")
     log_every: int = Field(5, ge=1, description="Log a line every N iterations (every iteration goes to train_log.jsonl).")
+    snapshot_every: int = Field(10, ge=0, description="Keep the policy every N iterations under artifacts/<stage>/snapshots/ "
+                                "(the overoptimization stage scores each one); 0: none (a pretrained model's default: each "
+                                "snapshot is a full copy). Full fine-tuning, unsharded only.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters on the policy and the value model; the "
                              "reference is then the policy with its adapters disabled, not a second copy. Merged when saved.")
     train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head (with LoRA: "
                                   "adapters only there); the layers below run without gradients, so a step costs about "
                                   "(1 + 2N/L)/3 of a full one. 0: every layer.")
+
+
+class EnsembleConfig(_Section):
+    members: int = Field(3, ge=2, le=16, description="Reward models in the ensemble, the reward stage's RM included; the "
+                         "others train as it did, each with its own seed (project.seed + i).")
+    bootstrap: bool = Field(False, description="Train each added member on a bootstrap resample of the comparisons "
+                            "(drawn with replacement) instead of all of them.")
+    reward: Literal["mean_minus_std", "min", "mean"] = Field(
+        "mean_minus_std", description="The reward ppo_ensemble optimizes from the members' scores: mean - std_coef * std "
+        "(uncertainty-weighted), the minimum (worst case), or the plain mean (Coste et al. 2024).")
+    std_coef: float = Field(1.0, ge=0, description="lambda of mean_minus_std; std is the members' population std.")
+
+
+class DPOConfig(OptimConfig):
+    beta: float = Field(0.1, gt=0, description="beta of DPO: the implicit reward is beta * log(pi / pi_SFT) (Rafailov et al. 2023).")
+    loss: Literal["plackett_luce", "pairwise"] = Field(
+        "plackett_luce", description="'plackett_luce': one term per prompt over its whole ranking (DPO paper, eq. 18); "
+        "'pairwise': the mean over every ranked pair of -log sigmoid(beta * margin), as the RM's loss.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the comparisons.")
+    batch_size: int = Field(8, ge=1, description="Comparisons (prompts, each with K responses) per micro-batch.")
+    max_len: int = Field(160, ge=8, description="Max prompt+response tokens; longer prompts are cut from the left.")
+    max_comparisons: int = Field(0, ge=0, description="Train on at most this many comparisons, a seeded sample (0: all).")
+    log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning; merged when saved.")
+    train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head. 0: every layer.")
+
+
+class BestOfNConfig(_Section):
+    n: int = Field(16, ge=1, le=256, description="Answers sampled from SFT per prompt; the RM's favourite is kept. No training.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+
+
+class MethodsConfig(_Section):
+    enabled: bool = Field(True, description="Whether this configuration has the method-comparison stages (reward_ensemble, "
+                          "dpo, best_of_n, ppo_ensemble, compare, overoptimization); `make methods` runs them.")
+    seeds: int = Field(3, ge=1, le=10, description="Replicates `make methods` runs: this configuration, then the same with "
+                       "project.seed + 1, + 2, ... under <artifacts_dir>/seeds/<seed>/ (every stage re-drawn: data, SFT, "
+                       "RMs, policies).")
+    overopt_prompts: int = Field(300, ge=10, description="Evaluation prompts each PPO snapshot answers in the "
+                                 "overoptimization stage.")
 
 
 class EvalConfig(_Section):
@@ -325,7 +369,8 @@ class OrchestrateConfig(_Section):
 PRETRAINED_DEFAULTS = {
     "sft": {"lr": (2e-5, 2e-4), "residual_dropout": (0.0, 0.0)},
     "reward": {"lr": (1e-5, 1e-4)},
-    "ppo": {"lr": (3e-6, 3e-5), "value_lr": (1e-5, 1e-4)},
+    "ppo": {"lr": (3e-6, 3e-5), "value_lr": (1e-5, 1e-4), "snapshot_every": (0, 0)},
+    "dpo": {"lr": (5e-7, 5e-6)},
 }  # (full fine-tuning, LoRA)
 
 
@@ -339,6 +384,10 @@ class Params(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="RL with PPO; the ppo stage runs it with ptx_coef 0, ppo_ptx as given.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation by the held-out labeler.")
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="The RM ensemble and the reward PPO takes from it.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Direct preference optimization from SFT on the comparisons.")
+    best_of_n: BestOfNConfig = Field(default_factory=BestOfNConfig, description="Best-of-n sampling from SFT with the RM.")
+    methods: MethodsConfig = Field(default_factory=MethodsConfig, description="The comparison of methods over seeds (`make methods`).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export of the RM.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The scoring endpoint.")
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate", description="Data validation (Great Expectations).")

@@ -30,6 +30,7 @@ import math
 import random
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from .config import Params
 from .data.formats import Demonstration, PretrainText, Prompt
 from .encoding import encode_pair, pack
 from .generation import Answer, sample_answers
-from .io import StageTimer, crash_point, read_jsonl, write_json, write_result
+from .io import StageTimer, crash_point, read_jsonl, write_json, write_jsonl, write_result
 from .judge import judge
 from .losses import LMLoss
 from .modeling import context_length, load_causal_lm, load_reward_model
@@ -160,72 +161,129 @@ def make_judge(params: Params):
     return GoldJudge(gold.eval(), tok, context_length(gold))
 
 
+@dataclass
+class EvalContext:
+    """What judging one model's answers needs: the prompts, the judge, SFT (for KL), the proxy RM
+    and the held-out pretraining text (for the alignment tax). Built once per stage (eval, compare)."""
+
+    params: Params
+    prompts: list[Prompt]
+    judge: object
+    sft: torch.nn.Module
+    tok: object
+    rm: torch.nn.Module
+    rm_tok: object
+    heldout_text: list[str]
+    shots: list[Demonstration]
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.prompt for p in self.prompts]
+
+    @classmethod
+    def load(cls, params: Params) -> EvalContext:
+        data_dir = params.stage_dir("data")
+        prompts = read_jsonl(data_dir / "eval_prompts.jsonl", Prompt)
+        if params.eval.prompts:
+            prompts = prompts[: params.eval.prompts]
+        sft_dir = params.stage_dir("sft") / "model"
+        if not (sft_dir / "config.json").exists():
+            raise ValueError(f"evaluation needs the SFT model at {sft_dir}")
+        sft, tok = load_causal_lm(sft_dir, params.model.dtype)
+        rm, rm_tok = load_reward_model(params.stage_dir("reward") / "model", params.model.dtype)
+        heldout_text = [r.text for r in read_jsonl(data_dir / "pretrain_heldout.jsonl", PretrainText)]
+        shots = _pick_shots(read_jsonl(data_dir / "sft_train.jsonl", Demonstration), params.eval.few_shot)
+        return cls(params, prompts, make_judge(params), sft, tok, rm, rm_tok, heldout_text, shots)
+
+    def answer(self, model, mtok, few_shot: bool = False, seed_offset: int = 11) -> tuple[list[str], list[Answer]]:
+        """One sampled answer per prompt (eval.temperature), as every evaluated model answers."""
+        cfg = self.params.eval
+        asked = [few_shot_prompt(self.shots, t) for t in self.texts] if few_shot else self.texts
+        raw: list[Answer] = [r[0] for r in sample_answers(
+            model, mtok, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            seed=self.params.project.seed + seed_offset, batch_size=cfg.batch_size)]
+        return [a.text.split(STOP)[0].strip() or a.text for a in raw], raw
+
+    def measure(self, answers: list[str], values: list[float], tokens: list[int], ended: list[bool], *,
+                model=None, mtok=None, few_shot: bool = False, kl_to_sft: float | None = None) -> dict:
+        """The judge's measures and the model-side ones of a model's answers. Without `model` (best-of-n:
+        SFT's samples, chosen), give `kl_to_sft`; the alignment tax is then SFT's (0)."""
+        p, texts = self.params, self.texts
+        max_len = context_length(self.sft)
+        if model is not None:
+            asked = [few_shot_prompt(self.shots, t) for t in texts] if few_shot else texts
+            own = sequence_logprobs(model, mtok, asked, answers, max_len)
+            kl_to_sft = float((own - sequence_logprobs(self.sft, self.tok, texts, answers, max_len)).mean())
+        scores = score_texts(self.rm, self.rm_tok, texts, answers, context_length(self.rm))
+        lm, lm_tok = (model, mtok) if model is not None else (self.sft, self.tok)
+        return {
+            **self.judge.measures(self.prompts, answers, p.project.seed),
+            "judge_score": round(statistics.fmean(values), 4),
+            "rm_score": round(float(scores.mean()), 4), "kl_to_sft": round(kl_to_sft, 4),
+            "pretrain_heldout_loss": round(heldout_loss(lm, pack(lm_tok, self.heldout_text, p.pretrain.seq_len)), 5),
+            "response_words": round(statistics.fmean(len(a.split()) for a in answers), 2),
+            "response_tokens": round(statistics.fmean(tokens), 2),
+            "ended_rate": round(statistics.fmean(ended), 4),
+        }
+
+
 def run_eval(params: Params, key: str = "") -> dict:
     setup_runtime(params.project)
     cfg, out, data_dir = params.eval, params.stage_dir("eval"), params.stage_dir("data")
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
-    prompts = read_jsonl(data_dir / "eval_prompts.jsonl", Prompt)
-    if cfg.prompts:
-        prompts = prompts[: cfg.prompts]
     dirs = _model_dirs(params)
-    if "sft" not in dirs:
-        raise ValueError(f"eval needs the SFT model at {params.stage_dir('sft') / 'model'}")
-    judge_ = make_judge(params)
-    shots = _pick_shots(read_jsonl(data_dir / "sft_train.jsonl", Demonstration), cfg.few_shot)
-    texts = [p.prompt for p in prompts]
-    sft, tok = load_causal_lm(dirs["sft"], params.model.dtype)
-    rm, rm_tok = load_reward_model(params.stage_dir("reward") / "model", params.model.dtype)
-    heldout_text = [r.text for r in read_jsonl(data_dir / "pretrain_heldout.jsonl", PretrainText)]
-    max_len = context_length(sft)
+    ctx = EvalContext.load(params)
+    prompts, judge_ = ctx.prompts, ctx.judge
 
     answers: dict[str, list[str]] = {}
     values: dict[str, list[float]] = {}
     per_model: dict[str, dict] = {}
-    precision = autocast(params.model.mixed_precision, next(sft.parameters()).device)
+    precision = autocast(params.model.mixed_precision, next(ctx.sft.parameters()).device)
     for name, path in dirs.items():
+        few_shot = name == "base_fewshot"
         with timer.phase(f"generate_{name}"), precision:
-            model, mtok = (sft, tok) if name == "sft" else load_causal_lm(path, params.model.dtype)
-            asked = [few_shot_prompt(shots, t) for t in texts] if name == "base_fewshot" else texts
-            raw: list[Answer] = [r[0] for r in sample_answers(
-                model, mtok, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                seed=params.project.seed + 11, batch_size=cfg.batch_size)]
-            answers[name] = [a.text.split(STOP)[0].strip() or a.text for a in raw]
+            model, mtok = (ctx.sft, ctx.tok) if name == "sft" else load_causal_lm(path, params.model.dtype)
+            answers[name], raw = ctx.answer(model, mtok, few_shot)
             crash_point("eval_answers")
         with timer.phase(f"measure_{name}"), precision:
             values[name] = judge_.values(prompts, answers[name])
-            own = sequence_logprobs(model, mtok, asked, answers[name], max_len)
-            ref = sequence_logprobs(sft, tok, texts, answers[name], max_len)
-            scores = score_texts(rm, rm_tok, texts, answers[name], context_length(rm))
-            per_model[name] = {
-                **judge_.measures(prompts, answers[name], params.project.seed),
-                "judge_score": round(statistics.fmean(values[name]), 4),
-                "rm_score": round(float(scores.mean()), 4), "kl_to_sft": round(float((own - ref).mean()), 4),
-                "pretrain_heldout_loss": round(heldout_loss(model, pack(mtok, heldout_text, params.pretrain.seq_len)), 5),
-                "response_words": round(statistics.fmean(len(a.split()) for a in answers[name]), 2),
-                "response_tokens": round(statistics.fmean(a.tokens for a in raw), 2),
-                "ended_rate": round(statistics.fmean(a.ended for a in raw), 4),
-            }
-    sft_loss = per_model["sft"]["pretrain_heldout_loss"]
-    for name, m in per_model.items():
-        m["alignment_tax"] = round(m["pretrain_heldout_loss"] - sft_loss, 5)
-        if name != "sft":
-            m["vs_sft"] = win_rates(judge_, prompts, values[name], values["sft"], params.project.seed + 3, cfg.bootstrap)
+            per_model[name] = ctx.measure(answers[name], values[name], [a.tokens for a in raw], [a.ended for a in raw],
+                                          model=model, mtok=mtok, few_shot=few_shot)
+    finish_measures(params, judge_, prompts, per_model, values)
 
     metrics = _headline(params, per_model, len(prompts), judge_.name)
     metrics["models"] = per_model
     write_json(out / "metrics.json", metrics)
+    write_answers(out / "answers.jsonl", prompts, answers, values)
     with timer.phase("report"):
         _plots(params, per_model, out, judge_.name)
         _samples(prompts, answers, values, judge_.name, out / "samples.md", cfg.samples_per_category)
     log.info("eval: %s", {k: v for k, v in metrics.items() if k != "models"})
-    outputs = {"metrics": out / "metrics.json", "samples": out / "samples.md"}
+    outputs = {"metrics": out / "metrics.json", "samples": out / "samples.md", "answers": out / "answers.jsonl"}
     outputs.update({p.stem: p for p in sorted(out.glob("*.png"))})
     inputs = {"prompts": data_dir / "eval_prompts.jsonl", "reward_model": params.stage_dir("reward") / "model",
               **{f"model_{k}": v for k, v in dirs.items()}}
     if isinstance(judge_, GoldJudge):
         inputs["gold_reward_model"] = params.stage_dir("gold_reward") / "model"
     return write_result(out, "eval", inputs, outputs, metrics, timer, run_key=key)
+
+
+def finish_measures(params: Params, judge_, prompts: list[Prompt], per_model: dict, values: dict[str, list[float]],
+                    sft: dict | None = None, sft_values: list[float] | None = None) -> None:
+    """Each model's alignment tax and win rate against SFT (SFT's from `per_model`, or given)."""
+    sft, sft_values = sft or per_model["sft"], sft_values or values["sft"]
+    for name, m in per_model.items():
+        m["alignment_tax"] = round(m["pretrain_heldout_loss"] - sft["pretrain_heldout_loss"], 5)
+        if name != "sft":
+            m["vs_sft"] = win_rates(judge_, prompts, values[name], sft_values, params.project.seed + 3, params.eval.bootstrap)
+
+
+def write_answers(path: Path, prompts: list[Prompt], answers: dict[str, list[str]], values: dict[str, list[float]]) -> None:
+    """Every model's answer to each prompt and the judge's value of it, one JSON row per prompt."""
+    rows = [{"id": p.id, "answers": {m: a[i] for m, a in answers.items()}, "values": {m: v[i] for m, v in values.items()}}
+            for i, p in enumerate(prompts)]
+    write_jsonl(path, rows)
 
 
 def _pick_shots(demos: list[Demonstration], n: int) -> list[Demonstration]:
@@ -272,19 +330,7 @@ def _plots(params: Params, per_model: dict, out: Path, judge_name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in MODELS if n in per_model]
-    rates = [per_model[n]["vs_sft"]["win_rate"] if n != "sft" else 0.5 for n in names]
-    lows = [r - (per_model[n]["vs_sft"]["ci95"][0] if n != "sft" else 0.5) for n, r in zip(names, rates)]
-    highs = [(per_model[n]["vs_sft"]["ci95"][1] if n != "sft" else 0.5) - r for n, r in zip(names, rates)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(names, rates, yerr=[lows, highs], fmt="o-", capsize=4)
-    ax.axhline(0.5, color="grey", ls="--", lw=0.8)
-    ax.set_ylabel(f"win rate against SFT ({judge_name})")
-    ax.set_ylim(0, 1)
-    ax.set_title("Win rate against SFT, 95% bootstrap intervals")
-    fig.tight_layout()
-    fig.savefig(out / "winrate.png", dpi=100)
-    plt.close(fig)
+    winrate_chart(per_model, [n for n in MODELS if n in per_model], out / "winrate.png", judge_name)
 
     logs = {s: params.stage_dir(s) / "train_log.jsonl" for s in ("ppo", "ppo_ptx")}
     logs = {s: [json.loads(x) for x in p.read_text().splitlines()] for s, p in logs.items() if p.exists()}
@@ -300,6 +346,28 @@ def _plots(params: Params, per_model: dict, out: Path, judge_name: str) -> None:
     axes.flat[0].legend()
     fig.tight_layout()
     fig.savefig(out / "ppo_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def winrate_chart(per_model: dict, names: list[str], path: Path, judge_name: str,
+                  title: str = "Win rate against SFT, 95% bootstrap intervals") -> None:
+    """Each model's win rate against SFT with its interval, in the manner of the paper's Figure 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = [per_model[n]["vs_sft"]["win_rate"] if n != "sft" else 0.5 for n in names]
+    lows = [r - (per_model[n]["vs_sft"]["ci95"][0] if n != "sft" else 0.5) for n, r in zip(names, rates)]
+    highs = [(per_model[n]["vs_sft"]["ci95"][1] if n != "sft" else 0.5) - r for n, r in zip(names, rates)]
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 4))
+    ax.errorbar(names, rates, yerr=[lows, highs], fmt="o-", capsize=4)
+    ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+    ax.set_ylabel(f"win rate against SFT ({judge_name})")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -224,6 +224,12 @@ def read_jsonl(path: str | Path, model: type[M]) -> list[M]:
     return list(iter_jsonl(path, model))
 
 
+def read_jsonl_dicts(path: str | Path) -> list[dict]:
+    """A JSONL file this package wrote itself (stage outputs), one dict per line."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; rename over it only on success.

@@ -1,6 +1,7 @@
 """The losses more than one stage uses: the language-modelling loss (pretraining,
-SFT, PPO-ptx, evaluation), per-token log-probabilities (PPO, evaluation) and
-the reward model's K-wise ranking loss. PPO's own terms live in ppo.py, in
+SFT, PPO-ptx, evaluation, DPO), per-token log-probabilities (PPO, evaluation),
+the reward model's K-wise ranking loss (RM, pairwise DPO) and DPO's
+Plackett-Luce loss. PPO's own terms live in ppo.py, in
 the order the algorithm uses them."""
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ class LMLoss(torch.nn.Module):
         self._no_split_modules = layer_classes(lm)  # FSDP shards the wrapper layer by layer, as it would the LM
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        nll, _ = self.token_nll(input_ids, attention_mask, labels)
+                labels: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
+        """The mean loss over labelled tokens; with per_row, each row's summed loss, (B,):
+        -log p(labelled tokens of that row), what DPO's implicit reward reads."""
+        nll, rows = self.token_nll(input_ids, attention_mask, labels)
+        if per_row:
+            return nll.new_zeros(input_ids.size(0)).index_add(0, rows, nll)
         return nll.mean() if nll.numel() else nll.sum()
 
     def token_nll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -85,3 +90,32 @@ def kwise_loss(rewards: torch.Tensor, winners: torch.Tensor, losers: torch.Tenso
     rewards: (N,) one per response; winners, losers, pair_weight: (P,). With w_p = 1 / (C(K,2) * B)
     this is the mean over the batch's B prompts of -1/C(K,2) sum over that prompt's pairs."""
     return -(pair_weight * F.logsigmoid(rewards[winners] - rewards[losers])).sum()
+
+
+def plackett_luce_loss(rewards: torch.Tensor, owner: torch.Tensor, levels: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """-log P(ranking) under the Plackett-Luce model, summed over each prompt, mean over prompts.
+
+    rewards: (N,) one per response (DPO: beta * log(pi/pi_SFT)); owner: (N,) its prompt; levels: (N,)
+    its rank in that prompt, 0 best. For a strict ranking y_1 > ... > y_K the prompt's term is
+        -sum_{k<K} [ r_k - log sum_{j>=k} exp(r_j) ]     (Rafailov et al. 2023, eq. 18)
+    With ties (equal levels) each response's denominator holds every response ranked no better
+    than it, tied ones included (Breslow's form); the worst level adds no term. For K = 2 it is
+    -log sigmoid(r_w - r_l), pairwise DPO."""
+    same = owner[:, None] == owner[None, :]
+    below = same & (levels[None, :] >= levels[:, None])                     # [i, j]: j in i's denominator
+    worst = levels[None, :].masked_fill(~same, -1).max(1).values             # (N,) the worst level of i's prompt
+    denom = torch.logsumexp(rewards[None, :].masked_fill(~below, float("-inf")), dim=1)
+    terms = (rewards - denom).masked_fill(levels == worst, 0.0)
+    return -terms.sum() / n_prompts
+
+
+def conservative_reward(scores: torch.Tensor, how: str = "mean_minus_std", std_coef: float = 1.0) -> torch.Tensor:
+    """One reward per response from an ensemble's (k, B) scores (Coste et al. 2024):
+    mean - std_coef * std (population std over the k members), the minimum, or the mean."""
+    if how == "mean_minus_std":
+        return scores.mean(0) - std_coef * scores.std(0, correction=0)
+    if how == "min":
+        return scores.min(0).values
+    if how == "mean":
+        return scores.mean(0)
+    raise ValueError(f"unknown ensemble reward '{how}': mean_minus_std, min or mean")

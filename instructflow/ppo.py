@@ -31,14 +31,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .config import Params, PPOConfig
 from .data.formats import PretrainText, Prompt
 from .encoding import encode_prompt, end_of_turn_id, pack, pad
+from .ensemble import RewardEnsemble, load_ensemble, member_dirs
 from .generation import sample_tokens
 from .io import StageTimer, crash_point, helper_result, read_jsonl, write_result
 from .losses import causal_lm_loss, token_logprobs
@@ -238,6 +241,7 @@ class Rollout:
     scores: torch.Tensor        # (B,) RM score, or no_eos_score
     raw_scores: torch.Tensor    # (B,) RM score as read
     ended: torch.Tensor         # (B,) bool: EOS within the limit
+    reward_std: torch.Tensor | None = None  # (B,) the ensemble members' spread (ppo_ensemble)
 
 
 def reference_logprobs(policy, ref, ids: torch.Tensor, attn: torch.Tensor, prompt_width: int, temperature: float) -> torch.Tensor:
@@ -268,9 +272,10 @@ def rollout(policy, ref, value_model, rm, tok, prompts: list[str], cfg: PPOConfi
     logprobs, _ = response_logprobs(policy, ids, attn, P, cfg.temperature)
     ref_logprobs = reference_logprobs(policy, ref, ids, attn, P, cfg.temperature)
     values = response_values(value_model, ids, attn, P)
-    raw = reward_scores(rm, ids, attn).float()  # read at the last non-pad token: EOS, or the cut-off token
+    # read at the last non-pad token: EOS, or the cut-off token; an ensemble gives its conservative reward
+    raw, spread = rm(ids, attn) if isinstance(rm, RewardEnsemble) else (reward_scores(rm, ids, attn).float(), None)
     return Rollout(ids, attn, mask, P, logprobs * mask, ref_logprobs * mask, values * mask,
-                   apply_no_eos_score(raw, ended, cfg.no_eos_score), raw, ended)
+                   apply_no_eos_score(raw, ended, cfg.no_eos_score), raw, ended, spread)
 
 
 def minibatch(ro: Rollout, rows: torch.Tensor, *per_token: torch.Tensor):
@@ -313,16 +318,21 @@ class PPORun:
 
 def run_ppo(params: Params, key: str = "") -> dict:
     """The `ppo` stage: PPO with gamma = 0."""
-    return train_ppo(params, key, ptx=False)
+    return train_ppo(params, key, "ppo")
 
 
 def run_ppo_ptx(params: Params, key: str = "") -> dict:
     """The `ppo_ptx` stage: PPO-ptx with gamma = ppo.ptx_coef."""
-    return train_ppo(params, key, ptx=True)
+    return train_ppo(params, key, "ppo_ptx", ptx=True)
 
 
-def train_ppo(params: Params, key: str, ptx: bool) -> dict:
-    name = "ppo_ptx" if ptx else "ppo"
+def run_ppo_ensemble(params: Params, key: str = "") -> dict:
+    """The `ppo_ensemble` stage: PPO (gamma = 0) against the RM ensemble's conservative reward
+    (ensemble.reward); the value model starts from member 0, the reward stage's RM, as in `ppo`."""
+    return train_ppo(params, key, "ppo_ensemble", ensemble=True)
+
+
+def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: bool = False) -> dict:
     setup_runtime(params.project)
     cfg, out = params.ppo, params.stage_dir(name)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +351,7 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
         policy, tok = load_causal_lm(sft_dir, params.model.dtype)
         # with LoRA the reference is the policy with its adapters off: no second copy
         ref = None if cfg.lora.r else load_causal_lm(sft_dir, params.model.dtype)[0]
-        rm, _ = load_reward_model(rm_dir, params.model.dtype)
+        rm = load_ensemble(params, acc.device) if ensemble else load_reward_model(rm_dir, params.model.dtype)[0]
         value_seq_cls, _ = load_reward_model(rm_dir, params.model.dtype)
         for m in (ref, rm):
             if m is not None:
@@ -361,6 +371,9 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
 
     if cfg.ema_decay > 0 and is_sharded(acc):
         raise ValueError("ppo.ema_decay > 0 is not supported with sharded models (FSDP, DeepSpeed) yet: set it to 0")
+    if cfg.snapshot_every and (is_sharded(acc) or cfg.lora.r):
+        raise ValueError("ppo.snapshot_every > 0 keeps full copies of an unsharded policy: set it to 0 with LoRA or "
+                         "sharded models (FSDP, DeepSpeed)")
     opt_p = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
     opt_v = torch.optim.Adam([p for p in value.parameters() if p.requires_grad], lr=cfg.value_lr, eps=1e-5)
     policy, opt_p = acc.prepare(policy, opt_p)  # one model per call: FSDP2 swaps each optimizer's parameters
@@ -382,6 +395,10 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
             log_path.write_text("".join(r + "\n" for r in rows))
     elif log_path.exists() and acc.is_main_process:
         log_path.unlink()
+    if acc.is_main_process:  # snapshots a previous (other or killed) run left beyond where this one starts
+        for n, folder in snapshots(out):
+            if n > start:
+                shutil.rmtree(folder)
 
     history: list[dict] = []
     t0 = time.perf_counter()
@@ -402,6 +419,9 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
                 log.info("%s it %d/%d %s", name, it + 1, cfg.iterations,
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            if cfg.snapshot_every and (it + 1) % cfg.snapshot_every == 0 and it + 1 < cfg.iterations and acc.is_main_process:
+                snapshot_dir(out, it + 1).parent.mkdir(exist_ok=True)
+                save_model_atomic(acc.unwrap_model(policy), tok, snapshot_dir(out, it + 1))
             if it + 1 < cfg.iterations and clock.due(it + 1):
                 save_checkpoint(acc, out, {"iteration": it + 1, "run_key": key}, stateful)
                 clock.saved()
@@ -434,11 +454,28 @@ def train_ppo(params: Params, key: str, ptx: bool) -> dict:
     acc.wait_for_everyone()
     log.info("%s: %s", name, metrics)
     inputs = {"sft": sft_dir, "reward_model": rm_dir, "prompts": data_dir / "ppo_prompts.jsonl"}
+    if ensemble:
+        inputs.update({f"reward_member_{i}": d for i, d in enumerate(member_dirs(params)) if i})
     if blocks is not None:
         inputs["pretrain"] = data_dir / "pretrain_train.jsonl"
     if not acc.is_main_process:
         return helper_result(name, timer)
-    return write_result(out, name, inputs, {"model": out / "model", "value_model": out / "value_model"}, metrics, timer, run_key=key)
+    outputs = {"model": out / "model", "value_model": out / "value_model"}
+    if cfg.snapshot_every:
+        outputs["snapshots"] = out / "snapshots"
+    return write_result(out, name, inputs, outputs, metrics, timer, run_key=key)
+
+
+def snapshot_dir(out: Path, iteration: int) -> Path:
+    """Where a PPO stage keeps its policy after `iteration` iterations (ppo.snapshot_every)."""
+    return out / "snapshots" / f"iteration_{iteration:04d}"
+
+
+def snapshots(out: Path) -> list[tuple[int, Path]]:
+    """(iteration, folder) of a PPO stage's snapshots, in order; the final model is not one."""
+    folder = out / "snapshots"
+    found = sorted(folder.glob("iteration_*/config.json")) if folder.is_dir() else []
+    return [(int(f.parent.name.split("_")[1]), f.parent) for f in found]
 
 
 def ppo_iteration(run: PPORun, it: int) -> dict:
@@ -498,6 +535,8 @@ def ppo_iteration(run: PPORun, it: int) -> dict:
 
     # 5. beta, EMA, and the iteration's numbers (averaged over processes)
     kl_per_response = kl.sum(1)
+    if ro.reward_std is not None:
+        stats["reward_std"] = [float(ro.reward_std.mean())]
     glob = {
         "score": ro.raw_scores.mean(), "reward": (ro.scores - run.kl_ctl.value * kl_per_response).mean(),
         "kl": kl_per_response.mean(), "response_length": ro.mask.sum(1).mean(), "eos_rate": ro.ended.float().mean(),

@@ -36,8 +36,8 @@ from .io import content_hash
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_DIR.name
 
-# Settings that change how fast a stage runs, never what it writes: not part of any key.
-RUNTIME_FIELDS = {"project": ("threads", "device", "compact_host_memory")}
+# Settings that change how fast a stage runs, or which runs happen, never what a stage writes: not part of any key.
+RUNTIME_FIELDS = {"project": ("threads", "device", "compact_host_memory"), "methods": ("enabled", "seeds")}
 
 BUILTIN_DATASETS = ("pretrain_train", "pretrain_heldout", "sft_train", "sft_val",
                     "rm_prompts_train", "rm_prompts_val", "ppo_prompts", "eval_prompts")
@@ -68,6 +68,7 @@ class Stage:
     table: str = ""                            # "module:function" rendering its metrics as a table
     when: Callable[[Params], bool] = lambda p: True  # whether it runs with this configuration
     requires: str = ""                         # what `when` asks of the configuration, in words
+    group: str = "pipeline"                    # "pipeline": `make pipeline` runs it; "methods": `make methods` adds it
 
     @property
     def module(self) -> str:
@@ -79,11 +80,11 @@ STAGES: dict[str, Stage] = {}
 
 def stage(name: str, fn: str, help: str, sections: tuple[str, ...], *, command: tuple[str, ...] = (),
           headline: tuple[str, ...] = (), table: str = "", when: Callable[[Params], bool] | None = None,
-          requires: str = ""):
+          requires: str = "", group: str = "pipeline"):
     """Declare a stage; the decorated function gives its IO. Declaration order is run order."""
     def register(io: Callable[[Params, Paths], IO]) -> Callable[[Params, Paths], IO]:
         STAGES[name] = Stage(name, fn, help, sections, io, command or (name.replace("_", "-"),), headline, table,
-                             when or (lambda p: True), requires)
+                             when or (lambda p: True), requires, group)
         return io
     return register
 
@@ -128,6 +129,21 @@ def datasets(params: Params) -> tuple[str, ...]:
         return BUILTIN_DATASETS
     names = tuple(n for n in FILES_DATASETS if params.data.comparisons or not n.startswith("comparisons"))
     return names + (("comparisons_gold", "eval_prompts") if gold_judge(params) else ())
+
+
+def methods_on(params: Params) -> bool:
+    """The method-comparison stages: methods.enabled, and comparisons to learn from."""
+    return params.methods.enabled and (builtin_data(params) or bool(params.data.comparisons))
+
+
+def judged(params: Params) -> bool:
+    """A judge that trained nothing: the held-out labeler (built-in suite) or a gold RM."""
+    return builtin_data(params) or gold_judge(params)
+
+
+METHODS_NEED = "methods.enabled and comparisons (the built-in suite, or data.comparisons)"
+JUDGE_NEEDS = ("a judge that trained nothing: data.source: builtin (the held-out labeler), or data.gold_fraction > 0 "
+               "with data.comparisons (a gold RM)")
 
 
 def comparison_files(params: Params, a: Paths) -> tuple[str, ...]:
@@ -193,10 +209,17 @@ def _export(p: Params, a: Paths) -> IO:
     return IO(deps=(a.model("reward"),), outs=(a("export", "rm"),))
 
 
-def _ppo_io(name: str, extra: tuple[str, ...]) -> Callable[[Params, Paths], IO]:
+def ensemble_members(p: Params, a: Paths) -> tuple[str, ...]:
+    """The models reward_ensemble trains (member 0 is the reward stage's RM)."""
+    return tuple(a("reward_ensemble", f"member_{i}", "model") for i in range(1, p.ensemble.members))
+
+
+def _ppo_io(name: str, extra: tuple[str, ...], ensemble: bool = False) -> Callable[[Params, Paths], IO]:
     def io(p: Params, a: Paths) -> IO:
-        return IO(deps=(a.model("sft"), a.model("reward"), *a.data("ppo_prompts", *extra)),
-                  outs=(a.model(name), a(name, "value_model")), plots=(a.log(name),))
+        members = (*ensemble_members(p, a), a("reward_ensemble", "members.json")) if ensemble else ()
+        snapshots = (a(name, "snapshots"),) if p.ppo.snapshot_every else ()
+        return IO(deps=(a.model("sft"), a.model("reward"), *members, *a.data("ppo_prompts", *extra)),
+                  outs=(a.model(name), a(name, "value_model"), *snapshots), plots=(a.log(name),))
     return io
 
 
@@ -207,18 +230,71 @@ stage("ppo_ptx", "ppo:run_ppo_ptx", "PPO-ptx: PPO plus ppo.ptx_coef x the pretra
     _ppo_io("ppo_ptx", ("pretrain_train",)))
 
 
+# ---- the methods beside PPO (`make methods`: flows/methods.py), before eval so that they share its waves
+@stage("reward_ensemble", "ensemble:run_reward_ensemble", "Train the RM ensemble's other members (seeds + 1 .. k-1).",
+       ("project", "model", "data", "reward", "ensemble"), headline=("val_accuracy", "mean_member_val_accuracy"),
+       when=methods_on, requires=METHODS_NEED, group="methods")
+def _reward_ensemble(p: Params, a: Paths) -> IO:
+    return IO(deps=(a.model("sft"), a.model("reward"), *comparison_files(p, a), *a.data("sft_train")),
+              outs=(*ensemble_members(p, a), a("reward_ensemble", "members.json")),
+              plots=tuple(a("reward_ensemble", f"member_{i}", "train_log.jsonl") for i in range(1, p.ensemble.members)))
+
+
+@stage("dpo", "dpo:run_dpo", "DPO from SFT on the comparisons (Plackett-Luce over each ranking); artifacts/dpo/model.",
+       ("project", "model", "data", "dpo"), headline=("val_loss", "val_accuracy"), when=methods_on, requires=METHODS_NEED,
+       group="methods")
+def _dpo(p: Params, a: Paths) -> IO:
+    return IO(deps=(a.model("sft"), *comparison_files(p, a)[:2]), outs=(a.model("dpo"),), plots=(a.log("dpo"),))
+
+
+@stage("best_of_n", "bestofn:run_best_of_n", "n SFT samples per evaluation prompt, scored by the RM (no training).",
+       ("project", "model", "eval", "best_of_n"), headline=("rm_score_best_of_1", "kl_to_sft"),
+       when=lambda p: methods_on(p) and judged(p), requires=f"{METHODS_NEED}, and {JUDGE_NEEDS}", group="methods")
+def _best_of_n(p: Params, a: Paths) -> IO:
+    return IO(deps=(a.model("sft"), a.model("reward"), *a.data("eval_prompts")), outs=(a("best_of_n", "samples.jsonl"),))
+
+
+stage("ppo_ensemble", "ppo:run_ppo_ensemble", "PPO against the RM ensemble's conservative reward; artifacts/ppo_ensemble/.",
+      ("project", "model", "pretrain", "ppo", "ensemble"), headline=("first_score", "final_score", "final_kl"),
+      when=methods_on, requires=METHODS_NEED, group="methods")(_ppo_io("ppo_ensemble", (), ensemble=True))
+
+
+def _judge_deps(p: Params, a: Paths) -> tuple[str, ...]:
+    return (a("collect", "agreement.json"),) if builtin_data(p) else (a.model("gold_reward"), a("gold_reward", "result.json"))
+
+
 @stage("eval", "evaluate:run_eval", "Judge base (few-shot), SFT, PPO and PPO-ptx on held-out prompts; artifacts/eval/.",
        ("project", "model", "data", "pretrain", "reward", "eval"), table="evaluate:summary_table",
-       when=lambda p: builtin_data(p) or gold_judge(p),
-       requires="a judge that trained nothing: data.source: builtin (the held-out labeler), or data.gold_fraction > 0 "
-                "with data.comparisons (a gold RM)")
+       when=judged, requires=JUDGE_NEEDS)
 def _eval(p: Params, a: Paths) -> IO:
     models = tuple(a.model(s) for s in ("pretrain", "sft", "reward", "ppo", "ppo_ptx"))
-    judge = (a("collect", "agreement.json"),) if builtin_data(p) else (a.model("gold_reward"), a("gold_reward", "result.json"))
     return IO(deps=(*a.data("eval_prompts", "pretrain_heldout", "sft_train"), *models, a.log("ppo"), a.log("ppo_ptx"),
-                    a("reward", "result.json"), *judge),
-              outs=(a("eval", "samples.md"),), metrics=(a("eval", "metrics.json"),),
+                    a("reward", "result.json"), *_judge_deps(p, a)),
+              outs=(a("eval", "samples.md"), a("eval", "answers.jsonl")), metrics=(a("eval", "metrics.json"),),
               plots=(a("eval", "winrate.png"), a("eval", "ppo_curves.png")))
+
+
+@stage("compare", "compare:run_compare", "Every method against SFT by the judge (Figure 1 with DPO, best-of-n, ensembles).",
+       ("project", "model", "data", "pretrain", "reward", "eval", "best_of_n"), table="evaluate:summary_table",
+       when=lambda p: methods_on(p) and judged(p), requires=f"{METHODS_NEED}, and {JUDGE_NEEDS}", group="methods")
+def _compare(p: Params, a: Paths) -> IO:
+    return IO(deps=(*a.data("eval_prompts", "pretrain_heldout", "sft_train"), a.model("sft"), a.model("reward"),
+                    a.model("dpo"), a.model("ppo_ensemble"), a("best_of_n", "samples.jsonl"), a("eval", "answers.jsonl"),
+                    a("eval", "metrics.json"), a("reward", "result.json"), *_judge_deps(p, a)),
+              metrics=(a("compare", "metrics.json"),), plots=(a("compare", "figure1.png"),))
+
+
+@stage("overoptimization", "compare:run_overoptimization",
+       "Proxy reward and the judge against sqrt(KL) along PPO's snapshots, one RM and the ensemble (Gao et al. 2022).",
+       ("project", "model", "data", "pretrain", "reward", "eval", "ppo", "ensemble", "best_of_n", "methods"),
+       headline=("peak_kl_ppo", "peak_win_rate_ppo", "peak_kl_ppo_ensemble", "peak_win_rate_ppo_ensemble"),
+       when=lambda p: methods_on(p) and judged(p) and p.ppo.snapshot_every > 0,
+       requires=f"{METHODS_NEED}, ppo.snapshot_every > 0, and {JUDGE_NEEDS}", group="methods")
+def _overoptimization(p: Params, a: Paths) -> IO:
+    runs = tuple(x for r in ("ppo", "ppo_ensemble") for x in (a.model(r), a(r, "snapshots")))
+    return IO(deps=(*a.data("eval_prompts", "pretrain_heldout", "sft_train"), a.model("sft"), a.model("reward"),
+                    *ensemble_members(p, a), *runs, a("best_of_n", "samples.jsonl"), *_judge_deps(p, a)),
+              metrics=(a("overoptimization", "metrics.json"),), plots=(a("overoptimization", "overoptimization.png"),))
 
 
 # --------------------------------------------------------------------------- resolved for one configuration
@@ -250,6 +326,11 @@ def stage_specs(params: Params) -> list[StageSpec]:
             io = s.io(params, a)
             specs.append(StageSpec(s, io.deps, io.outs, (*io.metrics, a(s.name, "result.json")), io.plots))
     return specs
+
+
+def pipeline_specs(params: Params) -> list[StageSpec]:
+    """The stages `make pipeline` and `instructflow run` run by default: the "pipeline" group."""
+    return [s for s in stage_specs(params) if s.stage.group == "pipeline"]
 
 
 def spec(params: Params, name: str) -> StageSpec:

@@ -232,7 +232,9 @@ def run_gold_reward(params: Params, key: str = "") -> dict:
 
 
 def train_reward_model(params: Params, key: str, stage: str, init: Path, train_path: Path, val_path: Path,
-                       held_path: Path | None, centre: bool) -> dict:
+                       held_path: Path | None, centre: bool, bootstrap_seed: int | None = None) -> dict:
+    """Train one RM into artifacts/<stage>/model. With `bootstrap_seed`, on a resample of the
+    training comparisons drawn with replacement (an ensemble member's)."""
     setup_runtime(params.project)
     cfg, out = params.reward, params.stage_dir(stage)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,6 +252,8 @@ def train_reward_model(params: Params, key: str, stage: str, init: Path, train_p
     train, val = read_jsonl(train_path, Comparison), read_jsonl(val_path, Comparison)
     if cfg.max_comparisons and len(train) > cfg.max_comparisons:
         train = random.Random(params.project.seed).sample(train, cfg.max_comparisons)
+    if bootstrap_seed is not None:
+        train = random.Random(bootstrap_seed).choices(train, k=len(train))
     max_len = min(cfg.max_len, position_limit(model))
     train_ex = [encode_comparison(tok, c, max_len) for c in train]
     held = read_jsonl(held_path, Comparison) if held_path is not None else None

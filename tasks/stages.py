@@ -92,10 +92,11 @@ def with_retries(t, params: Params, **options):
 
 
 def stage(name: str, params_path: str, params: Params | None = None, *, threads: int = 0, processes: int = 1,
-          **call_options):
+          label: str = "", **call_options):
     """Run `stage_task` named after the stage, with the params' retries and
     timeout, forced to run when the outputs on disk do not match the key.
-    `call_options` go to the task call (e.g. return_state=True).
+    `call_options` go to the task call (e.g. return_state=True); `label` prefixes the task run's
+    name (the seed of a `make methods` replicate).
 
     With `threads`, the stage runs in its own process (`stage_process_task`), or in
     `processes` of them, and this returns a future at once: the caller waits on it."""
@@ -103,7 +104,7 @@ def stage(name: str, params_path: str, params: Params | None = None, *, threads:
     key = stage_key(params, name)
     current = outputs_current(params, name, key)
     if threads:
-        t = with_retries(stage_process_task, params, name=name, task_run_name=name, refresh_cache=not current)
+        t = with_retries(stage_process_task, params, name=name, task_run_name=label + name, refresh_cache=not current)
         return t.submit(name, params_path, key, threads, processes)
-    t = with_retries(stage_task, params, name=name, task_run_name=name, refresh_cache=not current)
+    t = with_retries(stage_task, params, name=name, task_run_name=label + name, refresh_cache=not current)
     return t(name, params_path, key, **call_options)

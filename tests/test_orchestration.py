@@ -285,11 +285,14 @@ def test_bad_data_stops_the_flow_before_any_training(tmp_path, env):
 
 def test_stage_waves_group_only_stages_that_read_none_of_each_others_outputs():
     from instructflow.config import Params
-    from instructflow.registry import STAGES, StageSpec, stage_specs, stage_waves
+    from instructflow.registry import STAGES, StageSpec, pipeline_specs, stage_specs, stage_waves
 
-    names = [[s.name for s in w] for w in stage_waves(stage_specs(Params()))]
+    names = [[s.name for s in w] for w in stage_waves(pipeline_specs(Params()))]
     assert names == [["data"], ["validate"], ["pretrain"], ["sft"], ["collect"], ["reward"],
                      ["export", "ppo", "ppo_ptx"], ["eval"]]
+    names = [[s.name for s in w] for w in stage_waves(stage_specs(Params()))]  # `make methods`
+    assert names[6:] == [["export", "ppo", "ppo_ptx", "reward_ensemble", "dpo", "best_of_n"], ["ppo_ensemble", "eval"],
+                         ["compare", "overoptimization"]]
     # a path inside another stage's output folder is a dependency too; order is kept
     def spec(name, deps, outs):
         return StageSpec(STAGES["data"], deps, outs, (f"out/{name}/result.json",), ())

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import ROOT
 from instructflow.config import Params, load_params
-from instructflow.registry import PACKAGE_DIR, STAGES, code_files, dvc_yaml_text, stage_key, stage_specs
+from instructflow.registry import PACKAGE_DIR, STAGES, code_files, dvc_yaml_text, pipeline_specs, stage_key, stage_specs
 
 TRAINING = ("pretrain", "sft", "collect", "reward", "ppo", "ppo_ptx")
 
@@ -49,10 +49,12 @@ def test_runtime_settings_change_no_key_and_a_params_section_changes_only_its_re
     base = Params()
     names = [s.name for s in stage_specs(base)]
     keys = {s: stage_key(base, s) for s in names}
-    faster = Params.model_validate({"project": {"threads": 7, "device": "cpu"}})
+    faster = Params.model_validate({"project": {"threads": 7, "device": "cpu"}, "methods": {"seeds": 5}})
     assert {s: stage_key(faster, s) for s in names} == keys
     changed = Params.model_validate({"ppo": {"lr": 3e-4}})
-    assert {s for s in names if stage_key(changed, s) != keys[s]} == {"ppo", "ppo_ptx"}
+    assert {s for s in names if stage_key(changed, s) != keys[s]} == {"ppo", "ppo_ptx", "ppo_ensemble", "overoptimization"}
+    changed = Params.model_validate({"dpo": {"beta": 0.2}})
+    assert {s for s in names if stage_key(changed, s) != keys[s]} == {"dpo"}
 
 
 def test_an_edit_to_serve_py_changes_no_stage_key_and_an_edit_to_losses_py_changes_its_users(tmp_path):
@@ -72,7 +74,9 @@ def test_an_edit_to_serve_py_changes_no_stage_key_and_an_edit_to_losses_py_chang
     losses = tmp_path / "instructflow/losses.py"
     losses.write_text(losses.read_text() + "\n# an edit\n")
     after = keys()
-    assert {s for s in after if after[s] != before[s]} == {"pretrain", "sft", "reward", "ppo", "ppo_ptx", "eval"}
+    assert {s for s in after if after[s] != before[s]} == {"pretrain", "sft", "reward", "ppo", "ppo_ptx", "eval",
+                                                           "reward_ensemble", "dpo", "best_of_n", "ppo_ensemble", "compare",
+                                                           "overoptimization"}
 
 
 def test_a_gold_rm_stage_runs_beside_the_proxy_rm_when_files_keep_a_gold_share():
@@ -80,9 +84,12 @@ def test_a_gold_rm_stage_runs_beside_the_proxy_rm_when_files_keep_a_gold_share()
     from instructflow.registry import stage_waves
 
     files = {"data": {"source": "files", "comparisons": "c.jsonl"}}
-    assert "gold_reward" not in [s.name for s in stage_specs(parse_params(files))]
+    plain = [s.name for s in stage_specs(parse_params(files))]
+    assert "gold_reward" not in plain
+    assert {"dpo", "reward_ensemble", "ppo_ensemble"} <= set(plain) and "compare" not in plain  # no judge, no comparison
     gold = parse_params({"data": {**files["data"], "gold_fraction": 0.5}})
-    waves = [[s.name for s in w] for w in stage_waves(stage_specs(gold))]
+    assert {"best_of_n", "compare", "overoptimization"} <= {s.name for s in stage_specs(gold)}
+    waves = [[s.name for s in w] for w in stage_waves(pipeline_specs(gold))]
     assert ["reward", "gold_reward"] in waves and waves[-1] == ["eval"]
     gold_spec = next(s for s in stage_specs(gold) if s.name == "gold_reward")
     assert "artifacts/data/comparisons_gold.jsonl" in gold_spec.deps and "artifacts/sft/model" not in gold_spec.deps

@@ -27,6 +27,8 @@ MICRO = {
     "ppo": {"iterations": 3, "batch_size": 8, "minibatch_size": 4, "max_new_tokens": 8, "ptx_batch_size": 2,
             "checkpoint_every": 1, "log_every": 1},
     "eval": {"max_new_tokens": 8, "few_shot": 2, "bootstrap": 200},
+    "best_of_n": {"n": 4},
+    "methods": {"overopt_prompts": 20},
 }
 
 

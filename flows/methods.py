@@ -1,0 +1,85 @@
+"""Every method against SFT, over seeds, as one Prefect flow (`make methods`).
+
+    python -m flows.methods [--params params.yaml]
+
+Replicate 0 is the configuration itself: its pipeline stages are those `make
+pipeline` ran (Cached when it has), and it adds the methods' stages (RM
+ensemble, DPO, best-of-n, PPO against the ensemble, compare,
+overoptimization), versioned by DVC like the pipeline's. Replicates 1 ..
+methods.seeds - 1 run every stage again with project.seed + i under
+<artifacts_dir>/seeds/<seed>/ (cached by Prefect, not versioned by DVC:
+dvc.yaml describes replicate 0). The replicates' waves run side by side. The
+pooled figures (instructflow/methods.py) go to <artifacts_dir>/methods/ and to
+the run's markdown report in Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.pipeline import Run, record_run, run_stages
+from instructflow.config import ConfigError, load_params
+from instructflow.io import ArtifactsBusy, exclusive, write_json
+from instructflow.methods import summarize, summary_markdown, write_replicates, write_summary
+from instructflow.registry import stage_specs
+
+
+@flow(name="instructflow-methods", log_prints=True)
+def methods(params: str = "params.yaml") -> dict:
+    p = load_params(params)
+    if not p.methods.enabled:
+        raise ConfigError(f"{params}: methods.enabled is false: this configuration has no method-comparison stages")
+    replicates = write_replicates(p, params)
+    names = {s.name for s in stage_specs(p)}
+    if not {"compare", "overoptimization"} <= names:
+        raise ConfigError(f"{params}: the comparison needs the compare and overoptimization stages, which need a judge "
+                          "that trained nothing and ppo.snapshot_every > 0")
+    with contextlib.ExitStack() as held:  # every replicate's folder, as the pipeline holds its own
+        for _, r in replicates:
+            held.enter_context(exclusive(r.project.artifacts_dir, "flows.methods"))
+        return _methods(p, replicates)
+
+
+def _methods(p, replicates) -> dict:
+    logger = get_run_logger()
+    runs = [Run(path, r, stage_specs(r), label=f"seed{r.project.seed}-" if i else "") for i, (path, r) in enumerate(replicates)]
+    t0 = time.perf_counter()
+    rows = run_stages(runs)
+    wall = time.perf_counter() - t0
+    for r in runs:
+        record_run(r.params_path, r.params, rows[r.params_path], wall, publish=False)
+    summary = summarize([r.params for r in runs])
+    out = write_summary(p, summary)
+    md = summary_markdown(summary)
+    ran = {r.label or f"seed{r.params.project.seed}-": sum(x["compute_s"] for x in rows[r.params_path]) for r in runs}
+    write_json(out / "run.json", {"wall_s": round(wall, 2), "stage_compute_s_by_replicate": ran,
+                                  "replicates": [r.params_path for r in runs]})
+    create_markdown_artifact(markdown=md + f"\nFlow wall time {wall:.1f} s; charts: {out / 'figure1.png'}, "
+                             f"{out / 'overoptimization.png'}\n", key="instructflow-methods-report",
+                             description="Every method against SFT over seeds")
+    logger.info("methods: %.1f s wall; summary in %s", wall, out)
+    return {"wall_s": round(wall, 2), "summary": str(out / "summary.json")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    try:
+        with exclusive(load_params(args.params).project.artifacts_dir, "checking"):
+            pass
+    except (ArtifactsBusy, ConfigError) as err:
+        raise SystemExit(f"error: {err}") from None
+    result = methods(params=args.params)
+    print(open(result["summary"].replace("summary.json", "summary.md")).read())
+    print(f"methods finished in {time.perf_counter() - t0:.1f} s (process, Prefect start-up included); flow {result['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()
