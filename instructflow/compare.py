@@ -174,7 +174,7 @@ def run_overoptimization(params: Params, key: str = "") -> dict:
         peak = gold_peak(pts)
         metrics.update({f"{k}_{run}": v for k, v in peak.items()})
     write_json(out / "metrics.json", {**metrics, "curves": curves})
-    _overopt_plot(curves, out / "overoptimization.png", ctx.judge.name)
+    overopt_plot([curves], out / "overoptimization.png", ctx.judge.name)
     log.info("overoptimization: %s", metrics)
     inputs = {"best_of_n": params.stage_dir("best_of_n") / "samples.jsonl",
               **{f"{r}_snapshots": params.stage_dir(r) / "snapshots" for r in ("ppo", "ppo_ensemble")},
@@ -186,20 +186,23 @@ def run_overoptimization(params: Params, key: str = "") -> dict:
 LABELS = {"ppo": "PPO, one RM", "ppo_ensemble": "PPO, RM ensemble", "best_of_n": "best-of-n (n = 1, 2, 4, ...)"}
 
 
-def _overopt_plot(curves: dict[str, list[dict]], path: Path, judge_name: str, title: str = "") -> None:
-    """Proxy reward and the judge's win rate against sqrt(KL to SFT), one line per run (Gao et al. 2022, Figure 1)."""
+def overopt_plot(curve_sets: list[dict[str, list[dict]]], path: Path, judge_name: str, title: str = "") -> None:
+    """Proxy reward and the judge's win rate against sqrt(KL to SFT), one line per run and
+    curve set (a seed), the judge's peak of each starred (Gao et al. 2022, Figure 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for run, pts in curves.items():
-        x = [p["sqrt_kl"] for p in pts]
-        a.plot(x, [p["proxy"] for p in pts], "o-", label=LABELS.get(run, run), ms=3)
-        b.plot(x, [p["win_rate"] for p in pts], "o-", label=LABELS.get(run, run), ms=3)
-        peak = max(pts, key=lambda p: p["win_rate"])
-        b.plot([peak["sqrt_kl"]], [peak["win_rate"]], "k*", ms=9)
+    alpha = 1.0 if len(curve_sets) == 1 else 0.6
+    for n, curves in enumerate(curve_sets):
+        for j, (run, pts) in enumerate(curves.items()):
+            x, label = [p["sqrt_kl"] for p in pts], LABELS.get(run, run) if n == 0 else None
+            a.plot(x, [p["proxy"] for p in pts], "o-", color=f"C{j}", ms=3, alpha=alpha, label=label)
+            b.plot(x, [p["win_rate"] for p in pts], "o-", color=f"C{j}", ms=3, alpha=alpha, label=label)
+            peak = max(pts, key=lambda p: p["win_rate"])
+            b.plot([peak["sqrt_kl"]], [peak["win_rate"]], "*", color=f"C{j}", mec="k", ms=10)
     a.set_title("proxy reward (what the run optimized)")
     b.set_title(f"gold: win rate against SFT ({judge_name}); * peak")
     b.axhline(0.5, color="grey", ls="--", lw=0.8)

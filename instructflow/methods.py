@@ -177,22 +177,7 @@ def _charts(s: dict, out: Path) -> None:
     fig.savefig(out / "figure1.png", dpi=100)
     plt.close(fig)
 
-    from .compare import LABELS
+    from .compare import overopt_plot
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for seed_i, curves in enumerate(s["curves"]):
-        for j, (run, pts) in enumerate(curves.items()):
-            x = [p["sqrt_kl"] for p in pts]
-            label = LABELS.get(run, run) if seed_i == 0 else None
-            a.plot(x, [p["proxy"] for p in pts], "o-", color=f"C{j}", ms=2, lw=1, alpha=0.7, label=label)
-            b.plot(x, [p["win_rate"] for p in pts], "o-", color=f"C{j}", ms=2, lw=1, alpha=0.7, label=label)
-    a.set_title("proxy reward (what the run optimized)")
-    b.set_title(f"gold: win rate against SFT ({s['judge']})")
-    b.axhline(0.5, color="grey", ls="--", lw=0.8)
-    for ax in (a, b):
-        ax.set_xlabel("sqrt(KL to SFT), nats^0.5")
-    a.legend()
-    fig.suptitle(f"Over-optimization, {len(s['seeds'])} seeds (one line each)")
-    fig.tight_layout()
-    fig.savefig(out / "overoptimization.png", dpi=100)
-    plt.close(fig)
+    overopt_plot(s["curves"], out / "overoptimization.png", s["judge"],
+                 f"Over-optimization, {len(s['seeds'])} seeds (one line each)")

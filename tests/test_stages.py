@@ -2,6 +2,7 @@
 plain transformers Auto classes."""
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,10 +26,10 @@ MICRO = {
     "collect": {"k": 4, "candidates": 5, "max_new_tokens": 12, "agreement_prompts": 10},
     "reward": {"epochs": 1, "batch_size": 4, "log_every": 5},
     "ppo": {"iterations": 3, "batch_size": 8, "minibatch_size": 4, "max_new_tokens": 8, "ptx_batch_size": 2,
-            "checkpoint_every": 1, "log_every": 1},
+            "checkpoint_every": 1, "log_every": 1, "snapshot_every": 1},
     "eval": {"max_new_tokens": 8, "few_shot": 2, "bootstrap": 200},
     "best_of_n": {"n": 4},
-    "methods": {"overopt_prompts": 20},
+    "methods": {"enabled": False, "overopt_prompts": 20},  # tests that run the methods' stages enable them
 }
 
 
@@ -42,7 +43,8 @@ def _cli(*args, cwd):
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("micro")
-    params = {**MICRO, "project": {"artifacts_dir": str(root / "artifacts"), "threads": 2}}
+    params = {**MICRO, "project": {"artifacts_dir": str(root / "artifacts"), "threads": 2},
+              "methods": {**MICRO["methods"], "enabled": True}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     out = _cli("run", "--params", "params.yaml", cwd=root)
     return root, out
@@ -78,6 +80,43 @@ def test_pipeline_writes_every_stage_with_a_result_record(micro_run):
     for f in ("winrate.png", "ppo_curves.png", "samples.md"):
         assert (root / "artifacts/eval" / f).stat().st_size > 0
     assert "win rate vs SFT" in out  # the evaluation table
+
+
+METHODS = ("reward_ensemble", "dpo", "best_of_n", "ppo_ensemble", "compare", "overoptimization")
+
+
+def test_the_methods_stages_compare_every_method_with_the_judge(micro_run):
+    root, out = micro_run
+    assert not any((root / "artifacts" / m).exists() for m in METHODS)  # `instructflow run` runs the pipeline's
+    assert sorted(p.name for p in (root / "artifacts/ppo/snapshots").iterdir()) == ["iteration_0001", "iteration_0002"]
+    out = _cli("run", "--params", "params.yaml", "--stages", ",".join(METHODS), cwd=root)
+    art = root / "artifacts"
+    members = json.loads((art / "reward_ensemble/members.json").read_text())["members"]
+    assert members == [str(art / "reward/model"), *(str(art / f"reward_ensemble/member_{i}/model") for i in (1, 2))]
+    ens = json.loads((art / "reward_ensemble/result.json").read_text())["metrics"]
+    assert len(ens["member_val_accuracies"]) == 3 and 0 <= ens["val_accuracy"] <= 1
+    assert AutoModelForCausalLM.from_pretrained(art / "dpo/model").config.vocab_size == 400
+    dpo_log = [json.loads(x) for x in (art / "dpo/train_log.jsonl").read_text().splitlines()]
+    assert dpo_log and {"loss", "accuracy", "margin"} <= dpo_log[0].keys()
+    samples = [json.loads(x) for x in (art / "best_of_n/samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 40 and all(len(r["answers"]) == len(r["rm_scores"]) == 4 for r in samples)
+    rows = [json.loads(x) for x in (art / "ppo_ensemble/train_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3] and all(r["reward_std"] > 0 for r in rows)
+    cmp = json.loads((art / "compare/metrics.json").read_text())
+    assert list(cmp["models"]) == ["base_fewshot", "sft", "best_of_n", "dpo", "ppo", "ppo_ptx", "ppo_ensemble"]
+    ev = json.loads((art / "eval/metrics.json").read_text())
+    assert cmp["models"]["ppo"] == ev["models"]["ppo"]  # eval's models keep their answers and figures
+    for name in ("best_of_n", "dpo", "ppo_ensemble"):
+        lo, hi = cmp["models"][name]["vs_sft"]["ci95"]
+        assert 0 <= lo <= cmp[f"win_rate_{name}_vs_sft"] <= hi <= 1
+    assert cmp["models"]["best_of_n"]["kl_to_sft"] == pytest.approx(math.log(4) - 0.75, abs=1e-4)
+    over = json.loads((art / "overoptimization/metrics.json").read_text())
+    assert [p["iteration"] for p in over["curves"]["ppo"]] == [0, 1, 2, 3] == [p["iteration"] for p in over["curves"]["ppo_ensemble"]]
+    assert [p["n"] for p in over["curves"]["best_of_n"]] == [1, 2, 4] and over["curves"]["ppo"][0]["kl"] == 0
+    assert {"peak_kl_ppo", "peak_win_rate_ppo_ensemble", "proxy_rose_after_peak_best_of_n"} <= over.keys()
+    for f in ("compare/figure1.png", "overoptimization/overoptimization.png"):
+        assert (art / f).stat().st_size > 1000
+    assert "ppo_ensemble" in out and "best_of_n" in out
 
 
 def test_saved_models_load_with_plain_transformers(micro_run):
