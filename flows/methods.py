@@ -38,7 +38,7 @@ def methods(params: str = "params.yaml") -> dict:
     names = {s.name for s in stage_specs(p)}
     if not {"compare", "overoptimization"} <= names:
         raise ConfigError(f"{params}: the comparison needs the compare and overoptimization stages, which need a judge "
-                          "that trained nothing and ppo.snapshot_every > 0")
+                          "that trained nothing and 0 < ppo.snapshot_every < ppo.iterations")
     with contextlib.ExitStack() as held:  # every replicate's folder, as the pipeline holds its own
         for _, r in replicates:
             held.enter_context(exclusive(r.project.artifacts_dir, "flows.methods"))

@@ -248,6 +248,11 @@ class PPOConfig(_Section):
     snapshot_every: int = Field(10, ge=0, description="Keep the policy every N iterations under artifacts/<stage>/snapshots/ "
                                 "(the overoptimization stage scores each one); 0: none (a pretrained model's default: each "
                                 "snapshot is a full copy). Full fine-tuning, unsharded only.")
+    @property
+    def takes_snapshots(self) -> bool:
+        """Whether a PPO stage keeps snapshots: every snapshot_every iterations, before the last one."""
+        return 0 < self.snapshot_every < self.iterations
+
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters on the policy and the value model; the "
                              "reference is then the policy with its adapters disabled, not a second copy. Merged when saved.")
     train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head (with LoRA: "

@@ -371,7 +371,7 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
 
     if cfg.ema_decay > 0 and is_sharded(acc):
         raise ValueError("ppo.ema_decay > 0 is not supported with sharded models (FSDP, DeepSpeed) yet: set it to 0")
-    if cfg.snapshot_every and (is_sharded(acc) or cfg.lora.r):
+    if cfg.takes_snapshots and (is_sharded(acc) or cfg.lora.r):
         raise ValueError("ppo.snapshot_every > 0 keeps full copies of an unsharded policy: set it to 0 with LoRA or "
                          "sharded models (FSDP, DeepSpeed)")
     opt_p = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
@@ -419,7 +419,7 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
                 log.info("%s it %d/%d %s", name, it + 1, cfg.iterations,
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-            if cfg.snapshot_every and (it + 1) % cfg.snapshot_every == 0 and it + 1 < cfg.iterations and acc.is_main_process:
+            if cfg.takes_snapshots and (it + 1) % cfg.snapshot_every == 0 and it + 1 < cfg.iterations and acc.is_main_process:
                 snapshot_dir(out, it + 1).parent.mkdir(exist_ok=True)
                 save_model_atomic(acc.unwrap_model(policy), tok, snapshot_dir(out, it + 1))
             if it + 1 < cfg.iterations and clock.due(it + 1):
@@ -461,7 +461,7 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
     if not acc.is_main_process:
         return helper_result(name, timer)
     outputs = {"model": out / "model", "value_model": out / "value_model"}
-    if cfg.snapshot_every:
+    if cfg.takes_snapshots:
         outputs["snapshots"] = out / "snapshots"
     return write_result(out, name, inputs, outputs, metrics, timer, run_key=key)
 

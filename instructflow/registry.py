@@ -217,7 +217,7 @@ def ensemble_members(p: Params, a: Paths) -> tuple[str, ...]:
 def _ppo_io(name: str, extra: tuple[str, ...], ensemble: bool = False) -> Callable[[Params, Paths], IO]:
     def io(p: Params, a: Paths) -> IO:
         members = (*ensemble_members(p, a), a("reward_ensemble", "members.json")) if ensemble else ()
-        snapshots = (a(name, "snapshots"),) if p.ppo.snapshot_every else ()
+        snapshots = (a(name, "snapshots"),) if p.ppo.takes_snapshots else ()
         return IO(deps=(a.model("sft"), a.model("reward"), *members, *a.data("ppo_prompts", *extra)),
                   outs=(a.model(name), a(name, "value_model"), *snapshots), plots=(a.log(name),))
     return io
@@ -288,8 +288,8 @@ def _compare(p: Params, a: Paths) -> IO:
        "Proxy reward and the judge against sqrt(KL) along PPO's snapshots, one RM and the ensemble (Gao et al. 2022).",
        ("project", "model", "data", "pretrain", "reward", "eval", "ppo", "ensemble", "best_of_n", "methods"),
        headline=("peak_kl_ppo", "peak_win_rate_ppo", "peak_kl_ppo_ensemble", "peak_win_rate_ppo_ensemble"),
-       when=lambda p: methods_on(p) and judged(p) and p.ppo.snapshot_every > 0,
-       requires=f"{METHODS_NEED}, ppo.snapshot_every > 0, and {JUDGE_NEEDS}", group="methods")
+       when=lambda p: methods_on(p) and judged(p) and p.ppo.takes_snapshots,
+       requires=f"{METHODS_NEED}, 0 < ppo.snapshot_every < ppo.iterations, and {JUDGE_NEEDS}", group="methods")
 def _overoptimization(p: Params, a: Paths) -> IO:
     runs = tuple(x for r in ("ppo", "ppo_ensemble") for x in (a.model(r), a(r, "snapshots")))
     return IO(deps=(*a.data("eval_prompts", "pretrain_heldout", "sft_train"), a.model("sft"), a.model("reward"),
