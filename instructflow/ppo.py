@@ -371,9 +371,9 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
 
     if cfg.ema_decay > 0 and is_sharded(acc):
         raise ValueError("ppo.ema_decay > 0 is not supported with sharded models (FSDP, DeepSpeed) yet: set it to 0")
-    if cfg.takes_snapshots and (is_sharded(acc) or cfg.lora.r):
-        raise ValueError("ppo.snapshot_every > 0 keeps full copies of an unsharded policy: set it to 0 with LoRA or "
-                         "sharded models (FSDP, DeepSpeed)")
+    if cfg.takes_snapshots and cfg.lora.r:
+        raise ValueError("ppo.snapshot_every > 0 keeps full copies of the policy, which LoRA training does not "
+                         "hold: set ppo.snapshot_every to 0 with ppo.lora.r > 0")
     opt_p = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
     opt_v = torch.optim.Adam([p for p in value.parameters() if p.requires_grad], lr=cfg.value_lr, eps=1e-5)
     policy, opt_p = acc.prepare(policy, opt_p)  # one model per call: FSDP2 swaps each optimizer's parameters
@@ -400,6 +400,9 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
             if n > start:
                 shutil.rmtree(folder)
 
+    def rebuild_policy():  # a fresh copy of the policy's architecture, for the full weights gathered under sharding
+        return make_trainable(load_causal_lm(sft_dir, params.model.dtype)[0], cfg.lora, "causal_lm", cfg.train_top_layers)
+
     history: list[dict] = []
     t0 = time.perf_counter()
     clock = CheckpointClock(acc, cfg.checkpoint_every, cfg.checkpoint_minutes)
@@ -419,9 +422,11 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
                 log.info("%s it %d/%d %s", name, it + 1, cfg.iterations,
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-            if cfg.takes_snapshots and (it + 1) % cfg.snapshot_every == 0 and it + 1 < cfg.iterations and acc.is_main_process:
-                snapshot_dir(out, it + 1).parent.mkdir(exist_ok=True)
-                save_model_atomic(acc.unwrap_model(policy), tok, snapshot_dir(out, it + 1))
+            if cfg.takes_snapshots and (it + 1) % cfg.snapshot_every == 0 and it + 1 < cfg.iterations:
+                snapshot = trained_model(acc, policy, rebuild_policy)  # a collective when sharded
+                if acc.is_main_process:
+                    snapshot_dir(out, it + 1).parent.mkdir(exist_ok=True)
+                    save_model_atomic(snapshot, tok, snapshot_dir(out, it + 1))
             if it + 1 < cfg.iterations and clock.due(it + 1):
                 save_checkpoint(acc, out, {"iteration": it + 1, "run_key": key}, stateful)
                 clock.saved()
@@ -432,8 +437,7 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
         acc.end_training()
 
     ran = processes_report(acc, timer)
-    final = trained_model(acc, policy, lambda: make_trainable(load_causal_lm(sft_dir, params.model.dtype)[0], cfg.lora,
-                                                                "causal_lm", cfg.train_top_layers))
+    final = trained_model(acc, policy, rebuild_policy)
     value_final = trained_model(acc, value, lambda: ValueModel(make_trainable(
         load_reward_model(rm_dir, params.model.dtype)[0], cfg.lora, "score", cfg.train_top_layers)))
     if ema is not None:
