@@ -222,7 +222,9 @@ def _plan_table(p, device_gb: float) -> str:
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="Export folder (artifacts/export) or s3://bucket/prefix.")] = "artifacts/export",
+    model: Annotated[str, typer.Option(help="Export folder (artifacts/export) or s3://bucket/prefix; several, "
+                                            "comma-separated, or artifacts/reward_ensemble (with serve.backend: torch), "
+                                            "serve an ensemble: its mean, and each item's spread.")] = "artifacts/export",
     params: ParamsOpt = Path("params.yaml"),
     host: Annotated[str | None, typer.Option(help="Overrides serve.host.")] = None,
     port: Annotated[int | None, typer.Option(help="Overrides serve.port.")] = None,

@@ -1,6 +1,7 @@
 """The scoring endpoint: the exported RM on ONNX Runtime behind FastAPI.
 
     POST /v1/score    {"items": [{"prompt", "response"}, ...]} -> {"scores": [...], "model_version"}
+                      (an ensemble, `--model a,b,c` or a members.json: also "ensemble": [{"std", "members"}, ...])
     POST /v1/compare  {"prompt", "response_a", "response_b"} -> P(a preferred) = sigmoid(r_a - r_b)
     GET  /healthz     alive;  GET /readyz  model loaded, names the execution provider
     GET  /metrics     Prometheus;  GET /docs  OpenAPI
@@ -125,6 +126,34 @@ class TorchScorer(_Scorer):
             return reward_scores(self.model, ids.to(self.device), mask.to(self.device)).float().cpu().tolist()
 
 
+class EnsembleScorer(_Scorer):
+    """k reward models served as one (an RM ensemble, e.g. the reward_ensemble stage's members):
+    every item is scored by each member; the item's score is their mean, and `spread` gives
+    their standard deviation (population) and each member's score. The members must share a
+    tokenizer (they do when trained from one SFT model); items are encoded once, for the
+    shortest context among them."""
+
+    def __init__(self, members: list[_Scorer]):
+        first = members[0]
+        for i, m in enumerate(members[1:], 1):
+            if m.tokenizer.get_vocab() != first.tokenizer.get_vocab() or m.pad_id != first.pad_id:
+                raise ValueError(f"ensemble member {i} ({m.version}) has another tokenizer than member 0 ({first.version})")
+        self.members, self.tokenizer, self.pad_id = members, first.tokenizer, first.pad_id
+        self.max_length = min(m.max_length for m in members)
+        self.version = "ensemble(" + "+".join(m.version for m in members) + ")"
+        self.provider = first.provider
+
+    def score_batch(self, seqs: list[list[int]]) -> list[tuple[float, ...]]:
+        """Per item: (mean, std, score of member 0, member 1, ...)."""
+        each = [m.score_batch(seqs) for m in self.members]
+        out = []
+        for scores in zip(*each, strict=True):
+            mean = sum(scores) / len(scores)
+            std = math.sqrt(sum((x - mean) ** 2 for x in scores) / len(scores))
+            out.append((mean, std, *scores))
+        return out
+
+
 # --------------------------------------------------------------------------- micro-batching
 @dataclass
 class _Job:
@@ -233,8 +262,15 @@ class ScoreRequest(BaseModel):
     items: list[Item] = Field(min_length=1, description="Pairs to score.")
 
 
+class Spread(BaseModel):
+    std: float = Field(description="Standard deviation of the members' rewards (population): where they disagree.")
+    members: list[float] = Field(description="Each member's reward, in the order the ensemble was given.")
+
+
 class ScoreResponse(BaseModel):
-    scores: list[float] = Field(description="One reward per item, in order (demonstrations average 0).")
+    scores: list[float] = Field(description="One reward per item, in order (demonstrations average 0); an ensemble's "
+                                "is its members' mean.")
+    ensemble: list[Spread] | None = Field(None, description="Served as an ensemble: each item's spread over the members.")
     model_version: str
 
 
@@ -361,7 +397,7 @@ class BodyLimitAndMetrics:
                 return
 
 
-def create_app(model_dir: Path, cfg: ServeConfig):
+def create_app(model_dir: Path | list[Path], cfg: ServeConfig):
     registry = CollectorRegistry()
     requests_total = Counter("instructflow_requests_total", "HTTP requests", ["path", "status"], registry=registry)
     latency = Histogram("instructflow_request_seconds", "Request latency", ["path"], registry=registry,
@@ -376,7 +412,9 @@ def create_app(model_dir: Path, cfg: ServeConfig):
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scorer = (TorchScorer if cfg.backend == "torch" else OnnxScorer)(model_dir, cfg.provider)
+        kind = TorchScorer if cfg.backend == "torch" else OnnxScorer
+        dirs = model_dir if isinstance(model_dir, list) else [model_dir]
+        scorer = kind(dirs[0], cfg.provider) if len(dirs) == 1 else EnsembleScorer([kind(d, cfg.provider) for d in dirs])
         scorer.max_padding = cfg.max_padding
         batcher = MicroBatcher(scorer.score_ids, cfg.max_batch_size, cfg.max_wait_ms / 1000, batch_sizes.observe)
         batcher.start()
@@ -421,20 +459,28 @@ def create_app(model_dir: Path, cfg: ServeConfig):
         if len(text) > cfg.max_chars:
             raise LimitError(f"{name} has {len(text)} characters, more than max_chars={cfg.max_chars}")
 
-    async def scores_for(pairs: list[tuple[str, str]]) -> list[float]:
+    async def scored(pairs: list[tuple[str, str]]) -> list:
+        """Per pair: its reward, or with an ensemble (mean, std, each member's reward)."""
         scorer: OnnxScorer = state["scorer"]
         seqs = [scorer.encode(p, r) for p, r in pairs]
         return await state["batcher"].submit(seqs)
 
-    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)], responses=ERRORS)
+    async def scores_for(pairs: list[tuple[str, str]]) -> list[float]:
+        return [x[0] if isinstance(x, tuple) else x for x in await scored(pairs)]
+
+    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, dependencies=[Depends(authorize)],
+              responses=ERRORS)
     async def score(req: ScoreRequest) -> ScoreResponse:
         if len(req.items) > cfg.max_items:
             raise LimitError(f"{len(req.items)} items, more than max_items={cfg.max_items}")
         for i, it in enumerate(req.items):
             check_chars(f"items[{i}].prompt", it.prompt)
             check_chars(f"items[{i}].response", it.response)
-        scores = await scores_for([(it.prompt, it.response) for it in req.items])
-        return ScoreResponse(scores=scores, model_version=state["scorer"].version)
+        out = await scored([(it.prompt, it.response) for it in req.items])
+        if isinstance(state["scorer"], EnsembleScorer):
+            return ScoreResponse(scores=[x[0] for x in out], ensemble=[Spread(std=x[1], members=list(x[2:])) for x in out],
+                                 model_version=state["scorer"].version)
+        return ScoreResponse(scores=out, model_version=state["scorer"].version)
 
     @app.post("/v1/compare", response_model=CompareResponse, dependencies=[Depends(authorize)], responses=ERRORS)
     async def compare(req: CompareRequest) -> CompareResponse:
@@ -453,8 +499,9 @@ def create_app(model_dir: Path, cfg: ServeConfig):
         if "scorer" not in state:
             return JSONResponse({"ready": False}, 503)
         s: OnnxScorer = state["scorer"]
+        members = len(s.members) if isinstance(s, EnsembleScorer) else 1
         return {"ready": True, "model_version": s.version, "provider": s.provider, "max_length": s.max_length,
-                "max_batch_size": cfg.max_batch_size}
+                "max_batch_size": cfg.max_batch_size, "members": members}
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."}})
@@ -462,6 +509,21 @@ def create_app(model_dir: Path, cfg: ServeConfig):
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def resolve_models(model: str, cfg: ServeConfig) -> list[Path]:
+    """One model, or an ensemble: several given with commas, or the reward_ensemble stage's
+    members.json (or its folder), whose members are RM checkpoints: served by serve.backend
+    torch (give export folders, comma-separated, to serve an ensemble on ONNX Runtime)."""
+    listing = Path(model) / "members.json" if Path(model).is_dir() else Path(model)
+    if listing.name == "members.json" and listing.is_file():
+        if cfg.backend != "torch":
+            raise ValueError(f"{listing} lists RM checkpoints: serve them with serve.backend: torch, or export each "
+                             "member and give the export folders comma-separated")
+        import json
+
+        return [Path(m) for m in json.loads(listing.read_text())["members"]]
+    return [resolve_model(m.strip(), cfg) for m in model.split(",") if m.strip()]
 
 
 def resolve_model(model: str, cfg: ServeConfig) -> Path:
@@ -482,6 +544,6 @@ def resolve_model(model: str, cfg: ServeConfig) -> Path:
 def serve(model: str, cfg: ServeConfig) -> None:
     import uvicorn
 
-    folder = resolve_model(model, cfg)
-    app = create_app(folder, cfg)
+    folders = resolve_models(model, cfg)
+    app = create_app(folders if len(folders) > 1 else folders[0], cfg)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=30)

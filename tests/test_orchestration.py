@@ -174,6 +174,40 @@ def _assert_nothing_half_written(project: Path) -> None:
         verify_export(art / "export/rm")
 
 
+def test_make_methods_flow_compares_every_method_over_two_seeds_and_versions_replicate_0(project, env, tmp_path):
+    """flows.methods on a copy of the micro project after its first run, with the methods enabled:
+    replicate 0's pipeline stages are Cached, its methods' stages run and are recorded in dvc.lock and
+    pushed; replicate 1 (seed + 1) runs every stage under artifacts/seeds/1/; the pooled summary names
+    both. (Stages run in the flow's process here, one at a time: side by side, each would pay a
+    process start, and that path is the pipeline test's.)"""
+    proj = tmp_path / "methods"
+    shutil.copytree(project, proj, symlinks=True)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["methods"] = {**params["methods"], "enabled": True, "seeds": 2}
+    params["orchestrate"] = {**params["orchestrate"], "concurrent_stages": False}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([sys.executable, "-m", "instructflow.cli", "dvc-yaml"], proj)
+    run([*GIT, "commit", "-qam", "enable the methods"], proj)
+    proc = run([sys.executable, "-m", "flows.methods", "--params", "params.yaml"], proj, env, timeout=900)
+    main = json.loads((proj / "artifacts/pipeline/run.json").read_text())
+    assert {r["stage"]: r["state"] for r in main["stages"] if r["stage"] in ("pretrain", "sft", "ppo", "eval")} == \
+        {"pretrain": "Cached", "sft": "Cached", "ppo": "Cached", "eval": "Cached"}
+    assert {r["stage"] for r in main["stages"] if r["state"] == "Completed"} == \
+        {"reward_ensemble", "dpo", "best_of_n", "ppo_ensemble", "compare", "overoptimization"}
+    seed1 = json.loads((proj / "artifacts/seeds/1/pipeline/run.json").read_text())
+    assert {r["state"] for r in seed1["stages"]} == {"Completed"} and len(seed1["stages"]) == 16
+    assert yaml.safe_load((proj / "artifacts/seeds/1/params.yaml").read_text())["project"]["seed"] == 1
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    assert {"dpo", "compare", "overoptimization"} <= set(lock["stages"])
+    assert json.loads(run([str(BIN / "dvc"), "status", "--json"], proj, env).stdout or "{}") == {}
+    summary = json.loads((proj / "artifacts/methods/summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and len(summary["methods"]["dpo"]["win_rate"]["values"]) == 2
+    assert {"ppo", "ppo_ensemble", "best_of_n"} <= summary["overoptimization"].keys()
+    for f in ("summary.md", "figure1.png", "overoptimization.png"):
+        assert (proj / "artifacts/methods" / f).stat().st_size > 500
+    assert "Methods over 2 seeds" in proc.stdout
+
+
 def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_result(project, env, tmp_path):
     """The micro pipeline, killed with SIGKILL at nine points spread over the stages and
     rerun after each: the final run completes with the metrics of the uninterrupted run
@@ -257,37 +291,6 @@ def test_dvc_repro_on_a_fresh_clone_reproduces_the_run(project, env, tmp_path):
     run([str(BIN / "dvc"), "metrics", "diff"], clone, env)
     run([str(BIN / "dvc"), "plots", "show", "-o", "dvc_plots"], clone, env)
     assert (clone / "dvc_plots/index.html").stat().st_size > 1000
-
-
-def test_make_methods_flow_compares_every_method_over_two_seeds_and_versions_replicate_0(project, env, tmp_path):
-    """flows.methods on a copy of the finished micro project with the methods enabled: replicate 0's
-    pipeline stages are Cached, its methods' stages run and are recorded in dvc.lock and pushed;
-    replicate 1 (seed + 1) runs every stage under artifacts/seeds/1/; the pooled summary names both."""
-    proj = tmp_path / "methods"
-    shutil.copytree(project, proj, symlinks=True)
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["methods"] = {**params["methods"], "enabled": True, "seeds": 2}
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run([sys.executable, "-m", "instructflow.cli", "dvc-yaml"], proj)
-    run([*GIT, "commit", "-qam", "enable the methods"], proj)
-    proc = run([sys.executable, "-m", "flows.methods", "--params", "params.yaml"], proj, env, timeout=900)
-    main = json.loads((proj / "artifacts/pipeline/run.json").read_text())
-    assert {r["stage"]: r["state"] for r in main["stages"] if r["stage"] in ("pretrain", "sft", "ppo")} == \
-        {"pretrain": "Cached", "sft": "Cached", "ppo": "Cached"}
-    assert {r["stage"] for r in main["stages"] if r["state"] == "Completed"} == \
-        {"reward_ensemble", "dpo", "best_of_n", "ppo_ensemble", "compare", "overoptimization"}
-    seed1 = json.loads((proj / "artifacts/seeds/1/pipeline/run.json").read_text())
-    assert {r["state"] for r in seed1["stages"]} == {"Completed"} and len(seed1["stages"]) == 16
-    assert yaml.safe_load((proj / "artifacts/seeds/1/params.yaml").read_text())["project"]["seed"] == 1
-    lock = yaml.safe_load((proj / "dvc.lock").read_text())
-    assert {"dpo", "compare", "overoptimization"} <= set(lock["stages"])
-    assert json.loads(run([str(BIN / "dvc"), "status", "--json"], proj, env).stdout or "{}") == {}
-    summary = json.loads((proj / "artifacts/methods/summary.json").read_text())
-    assert summary["seeds"] == [0, 1] and len(summary["methods"]["dpo"]["win_rate"]["values"]) == 2
-    assert {"ppo", "ppo_ensemble", "best_of_n"} <= summary["overoptimization"].keys()
-    for f in ("summary.md", "figure1.png", "overoptimization.png"):
-        assert (proj / "artifacts/methods" / f).stat().st_size > 500
-    assert "Methods over 2 seeds" in proc.stdout
 
 
 def test_bad_data_stops_the_flow_before_any_training(tmp_path, env):

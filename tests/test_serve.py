@@ -141,6 +141,7 @@ def test_scores_equal_the_torch_model(server, rm_dir):
     r = httpx.post(server + "/v1/score", json={"items": [{"prompt": p, "response": a} for p, a in pairs]}, headers=AUTH)
     assert r.status_code == 200, r.text
     got = r.json()["scores"]
+    assert "ensemble" not in r.json()  # one model: no spread
     want = torch_scores(rm_dir, pairs)
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
     c = httpx.post(server + "/v1/compare", json={"prompt": pairs[0][0], "response_a": pairs[0][1], "response_b": "Blue."},
@@ -467,3 +468,43 @@ def test_graceful_shutdown_finishes_requests_in_flight(exported, rm_dir, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_an_ensemble_is_served_as_its_mean_with_each_items_spread(exported, rm_dir, tmp_path):
+    """Two exported RMs (same tokenizer, other weights) served as one ensemble over HTTP: each item's
+    score is the members' mean, with their spread; a reward_ensemble members.json (checkpoints) on the
+    ONNX backend is refused with a clear error."""
+    folder, _ = exported
+    model, tok = load_reward_model(rm_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    second = tmp_path / "rm2"
+    model.save_pretrained(second)
+    tok.save_pretrained(second)
+    export_reward_model(second, tmp_path / "export2", opset=18, tolerance=1e-4, cases=[(2, 9)])
+    proc, url = _start(f"{folder},{tmp_path / 'export2'}", tmp_path, {})
+    try:
+        wait_http(url + "/readyz", 120, proc)
+        pairs = [("What color is the ball?", "It is red."), ("Name 2 fruits.", "Apple and plum.")]
+        r = httpx.post(url + "/v1/score", json={"items": [{"prompt": p, "response": a} for p, a in pairs]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        a, b = torch_scores(rm_dir, pairs), torch_scores(second, pairs)
+        for i in range(2):
+            assert body["scores"][i] == pytest.approx((a[i] + b[i]) / 2, abs=1e-4)
+            assert body["ensemble"][i]["members"] == pytest.approx([a[i], b[i]], abs=1e-4)
+            assert body["ensemble"][i]["std"] == pytest.approx(abs(a[i] - b[i]) / 2, abs=1e-4)
+        ready = httpx.get(url + "/readyz").json()
+        assert ready["members"] == 2 and body["model_version"] == ready["model_version"] and \
+            ready["model_version"].startswith("ensemble(")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _output(proc, 30)
+    listing = tmp_path / "reward_ensemble"
+    listing.mkdir()
+    (listing / "members.json").write_text(json.dumps({"members": [str(rm_dir), str(second)]}))
+    proc, _ = _start(str(listing), tmp_path, {})
+    out = _output(proc, 120)
+    assert proc.returncode != 0 and "serve.backend: torch" in out and "Traceback" not in out
