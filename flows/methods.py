@@ -32,17 +32,21 @@ from instructflow.registry import stage_specs
 @flow(name="instructflow-methods", log_prints=True)
 def methods(params: str = "params.yaml") -> dict:
     p = load_params(params)
-    if not p.methods.enabled:
-        raise ConfigError(f"{params}: methods.enabled is false: this configuration has no method-comparison stages")
+    check_comparable(p, params)
     replicates = write_replicates(p, params)
-    names = {s.name for s in stage_specs(p)}
-    if not {"compare", "overoptimization"} <= names:
-        raise ConfigError(f"{params}: the comparison needs the compare and overoptimization stages, which need a judge "
-                          "that trained nothing and 0 < ppo.snapshot_every < ppo.iterations")
     with contextlib.ExitStack() as held:  # every replicate's folder, as the pipeline holds its own
         for _, r in replicates:
             held.enter_context(exclusive(r.project.artifacts_dir, "flows.methods"))
         return _methods(p, replicates)
+
+
+def check_comparable(p, params: str) -> None:
+    """A ConfigError unless this configuration has the compare and overoptimization stages."""
+    if not p.methods.enabled:
+        raise ConfigError(f"{params}: methods.enabled is false: this configuration has no method-comparison stages")
+    if not {"compare", "overoptimization"} <= {s.name for s in stage_specs(p)}:
+        raise ConfigError(f"{params}: the comparison needs the compare and overoptimization stages, which need a judge "
+                          "that trained nothing and 0 < ppo.snapshot_every < ppo.iterations")
 
 
 def _methods(p, replicates) -> dict:
@@ -63,7 +67,7 @@ def _methods(p, replicates) -> dict:
                              f"{out / 'overoptimization.png'}\n", key="instructflow-methods-report",
                              description="Every method against SFT over seeds")
     logger.info("methods: %.1f s wall; summary in %s", wall, out)
-    return {"wall_s": round(wall, 2), "summary": str(out / "summary.json")}
+    return {"wall_s": round(wall, 2), "summary": md}
 
 
 def main() -> None:
@@ -71,13 +75,15 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    try:
-        with exclusive(load_params(args.params).project.artifacts_dir, "checking"):
+    try:  # refuse before Prefect starts
+        p = load_params(args.params)
+        check_comparable(p, args.params)
+        with exclusive(p.project.artifacts_dir, "checking"):
             pass
     except (ArtifactsBusy, ConfigError) as err:
         raise SystemExit(f"error: {err}") from None
     result = methods(params=args.params)
-    print(open(result["summary"].replace("summary.json", "summary.md")).read())
+    print(result["summary"])
     print(f"methods finished in {time.perf_counter() - t0:.1f} s (process, Prefect start-up included); flow {result['wall_s']} s")
 
 

@@ -126,7 +126,7 @@ def run_overoptimization(params: Params, key: str = "") -> dict:
     texts, n_boot, seed = ctx.texts, params.eval.bootstrap, params.project.seed
     max_len = context_length(ctx.sft)
     rm_len = context_length(ctx.rm)
-    members = [load_reward_model(d, params.model.dtype)[0].eval() for d in member_dirs(params)]
+    members = [ctx.rm.eval(), *(load_reward_model(d, params.model.dtype)[0].eval() for d in member_dirs(params)[1:])]
     ens = params.ensemble
 
     def proxies(answers: list[str]) -> dict[str, float]:

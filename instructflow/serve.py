@@ -545,5 +545,12 @@ def serve(model: str, cfg: ServeConfig) -> None:
     import uvicorn
 
     folders = resolve_models(model, cfg)
+    if len(folders) > 1:  # refused here, in one line, rather than by the server's start-up
+        from transformers import AutoTokenizer
+
+        vocab = AutoTokenizer.from_pretrained(str(folders[0])).get_vocab()
+        for f in folders[1:]:
+            if AutoTokenizer.from_pretrained(str(f)).get_vocab() != vocab:
+                raise ValueError(f"ensemble member {f} has another tokenizer than {folders[0]}")
     app = create_app(folders if len(folders) > 1 else folders[0], cfg)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=30)

@@ -2,6 +2,7 @@
 loops: DPO's losses (Plackett-Luce and pairwise), the ensemble's conservative reward,
 best-of-n's KL and choice, the over-optimization peak and the pooling over seeds."""
 import math
+import os
 import random
 
 import pytest
@@ -192,3 +193,16 @@ def test_a_replicate_moves_the_seed_and_the_folder_and_nothing_else():
     r = replicate(p, 2)
     assert r.project.seed == 2 and r.project.artifacts_dir == "artifacts/seeds/2" and not r.orchestrate.version_with_dvc
     assert r.ppo == p.ppo and r.data == p.data and replicate(p, 0) is p
+
+
+def test_make_methods_refuses_a_configuration_without_the_comparison_before_prefect_starts(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "params.yaml").write_text("methods: {enabled: false}\n")
+    proc = subprocess.run([sys.executable, "-m", "flows.methods", "--params", "params.yaml"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "params.yaml: methods.enabled is false" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "artifacts/seeds").exists()
