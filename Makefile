@@ -13,7 +13,7 @@ PARAMS ?= params.yaml
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline methods test bench bench-peers bench-models bench-distributed soak clean repro prefect-server deploy worker smollm2 smollm2-hh
+.PHONY: setup pipeline methods round test bench bench-peers bench-models bench-distributed soak clean repro prefect-server deploy worker smollm2 smollm2-hh
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -35,6 +35,11 @@ pipeline: setup
 # replicates, and reward over-optimization along PPO's snapshots: flows/methods.py, docs/results.md.
 methods: setup
 	$(BIN)/python -m flows.methods --params $(PARAMS)
+
+# One round of on-policy feedback: sample from the champion, rank, retrain the RM on every round, PPO from the
+# champion, the judge's gate, promotion to rounds.store (flows/rounds.py; the weekly deployment runs it).
+round: setup
+	$(BIN)/python -m flows.rounds --params $(PARAMS)
 
 # The same stages through DVC (dvc.yaml is generated from instructflow/registry.py).
 repro: setup

@@ -26,7 +26,7 @@ from flows.pipeline import Run, record_run, run_stages
 from instructflow.config import ConfigError, load_params
 from instructflow.io import ArtifactsBusy, exclusive, write_json
 from instructflow.methods import summarize, summary_markdown, write_replicates, write_summary
-from instructflow.registry import stage_specs
+from instructflow.registry import group_specs, stage_specs
 
 
 @flow(name="instructflow-methods", log_prints=True)
@@ -51,7 +51,7 @@ def check_comparable(p, params: str) -> None:
 
 def _methods(p, replicates) -> dict:
     logger = get_run_logger()
-    runs = [Run(path, r, stage_specs(r), label=f"seed{r.project.seed}-" if i else "") for i, (path, r) in enumerate(replicates)]
+    runs = [Run(path, r, group_specs(r, "pipeline", "methods"), label=f"seed{r.project.seed}-" if i else "") for i, (path, r) in enumerate(replicates)]
     t0 = time.perf_counter()
     rows = run_stages(runs)
     wall = time.perf_counter() - t0

@@ -23,6 +23,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: build the built-in 
 app.add_typer(data_app, name="data")
 model_app = typer.Typer(no_args_is_help=True, help="Models: bring pretrained weights into a plain Hugging Face folder.")
 app.add_typer(model_app, name="model")
+champion_app = typer.Typer(no_args_is_help=True, help="The champion: the promoted version applications are served "
+                           "(rounds.store: versions/ and the champion pointer).")
+app.add_typer(champion_app, name="champion")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
 
@@ -224,7 +227,9 @@ def _plan_table(p, device_gb: float) -> str:
 def serve(
     model: Annotated[str, typer.Option(help="Export folder (artifacts/export) or s3://bucket/prefix; several, "
                                             "comma-separated, or artifacts/reward_ensemble (with serve.backend: torch), "
-                                            "serve an ensemble: its mean, and each item's spread.")] = "artifacts/export",
+                                            "serve an ensemble: its mean, and each item's spread. <store>/champion "
+                                            "(s3://bucket/prefix/champion or a local store's) follows the champion "
+                                            "pointer, swapping versions while serving.")] = "artifacts/export",
     params: ParamsOpt = Path("params.yaml"),
     host: Annotated[str | None, typer.Option(help="Overrides serve.host.")] = None,
     port: Annotated[int | None, typer.Option(help="Overrides serve.port.")] = None,
@@ -280,6 +285,60 @@ def methods_summary(params: ParamsOpt = Path("params.yaml")) -> None:
         _fail(f"{err}; run `make methods` (python -m flows.methods --params {params})")
     out = write_summary(p, s)
     typer.echo(summary_markdown(s) + f"\nwritten to {out}")
+
+
+StoreOpt = Annotated[str, typer.Option(help="The store (default: rounds.store of the params file).")]
+
+
+def _store(store: str, params: Path) -> str:
+    return store or _load(params).rounds.store
+
+
+def _storage_call(fn, what: str):
+    """fn(); a bad name or an unreachable store after the retries is one line, not a traceback."""
+    try:
+        return fn()
+    except ValueError as err:
+        _fail(str(err))
+    except Exception as err:  # noqa: BLE001 - storage errors (botocore's) after the retries: one line
+        if not type(err).__module__.startswith(("botocore", "boto3", "s3transfer")):
+            raise
+        _fail(f"{what}: {err}")
+
+
+@champion_app.command("show")
+def champion_show(store: StoreOpt = "", params: ParamsOpt = Path("params.yaml")) -> None:
+    """Print the champion pointer and every published version."""
+    from .champion import list_versions, read_pointer
+    from .storage import open_store
+
+    uri = _store(store, params)
+    st = _storage_call(lambda: open_store(uri), uri)
+    pointer = _storage_call(lambda: read_pointer(st), uri)
+    typer.echo(json.dumps({"store": uri, "champion": pointer, "versions": _storage_call(lambda: list_versions(st), uri)},
+                          indent=2))
+
+
+@champion_app.command("rollback")
+def champion_rollback(
+    to: Annotated[str, typer.Option(help="The version to point at (default: the one before the champion).")] = "",
+    store: StoreOpt = "", params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Move the champion pointer back; servers following it swap at their next check (or POST /admin/reload)."""
+    from .champion import rollback
+
+    uri = _store(store, params)
+    pointer = _storage_call(lambda: rollback(uri, to or None), uri)
+    typer.echo(f"champion is now {pointer['version']} ({pointer['reason']}) in {uri}")
+
+
+@app.command("rounds-report")
+def rounds_report(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Print every finished round (rounds.ledger): comparisons, RM accuracy, the gate's win rates, decisions."""
+    from .rounds import ledger_markdown, read_ledger
+
+    rows = read_ledger(_load(params))
+    typer.echo(ledger_markdown(rows) if rows else "no round has finished yet (`make round`)")
 
 
 @app.command()

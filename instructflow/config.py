@@ -301,6 +301,28 @@ class MethodsConfig(_Section):
                                  "overoptimization stage.")
 
 
+class RoundsConfig(_Section):
+    enabled: bool = Field(True, description="Whether this configuration has the round stages (round_champion, round_feedback, "
+                          "round_reward, round_ppo, round_export, round_gate); `make round` (flows/rounds.py) runs one round.")
+    store: str = Field("store", description="Where promoted versions and the `champion` pointer live: s3://bucket/prefix "
+                       "(endpoint and credentials from AWS_*), or a local folder.")
+    ticket: str = Field("rounds/round.json", description="The round being run and the champion it starts from (kept in git "
+                        "beside dvc.lock: a round is one commit of both).")
+    ledger: str = Field("rounds/ledger.jsonl", description="One line per finished round: comparisons, RM accuracy, the gate's "
+                        "win rates and its decision (kept in git).")
+    prompts: int = Field(1000, ge=2, description="New prompts per round, drawn fresh from the suite (none seen before).")
+    max_rejected_share: float = Field(0.05, ge=0, le=1, description="Share of a round's comparisons that may fail the "
+                                      "Great Expectations suite: those are quarantined and left out; above it the round "
+                                      "stops before any training.")
+    algorithm: Literal["ppo", "ppo_ptx"] = Field("ppo_ptx", description="How the challenger is trained from the champion: "
+                                                 "PPO, or PPO-ptx with ppo.ptx_coef.")
+    gate_prompts: int = Field(0, ge=0, description="Held-out evaluation prompts the gate judges on (0: all of them).")
+    gate_min_lower: float = Field(0.5, ge=0, lt=1, description="Promote the challenger only when the lower end of the 95% "
+                                  "bootstrap interval of its win rate over the champion is above this.")
+    git_commit: bool = Field(True, description="Commit the ticket, the ledger and dvc.lock after each round (when the "
+                             "project is a git work tree).")
+
+
 class EvalConfig(_Section):
     prompts: int = Field(0, ge=0, description="Evaluation prompts used (0: all of data.eval_prompts).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of every model's answers (paper: 1).")
@@ -336,6 +358,10 @@ class ServeConfig(_Section):
     api_keys_env: str = Field("INSTRUCTFLOW_API_KEYS", description="Environment variable with comma-separated API keys; unset and no file means no auth.")
     api_keys_file: str = Field("", description="File with one API key per line (alternative to the environment variable).")
     cache_dir: str = Field("artifacts/serve-cache", description="Where a model given as s3://bucket/prefix is downloaded.")
+    champion_poll_s: float = Field(30.0, gt=0, description="Serving <store>/champion: how often the pointer is read; a "
+                                   "new version is fetched, verified beside the old one and swapped in.")
+    admin_keys_env: str = Field("INSTRUCTFLOW_ADMIN_KEYS", description="Environment variable with comma-separated keys of "
+                                "the admin endpoints (POST /admin/reload); unset: they answer 403.")
 
 
 class ValidateConfig(_Section):
@@ -393,6 +419,7 @@ class Params(_Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="Direct preference optimization from SFT on the comparisons.")
     best_of_n: BestOfNConfig = Field(default_factory=BestOfNConfig, description="Best-of-n sampling from SFT with the RM.")
     methods: MethodsConfig = Field(default_factory=MethodsConfig, description="The comparison of methods over seeds (`make methods`).")
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig, description="Rounds of on-policy feedback, the gate and promotion (`make round`).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export of the RM.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The scoring endpoint.")
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate", description="Data validation (Great Expectations).")

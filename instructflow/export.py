@@ -1,7 +1,8 @@
 """The `export` stage: the reward model as ONNX, checked against torch.
 
-Output folder (artifacts/export/rm/): model.onnx, the tokenizer files and
-manifest.json. The graph maps (input_ids, attention_mask), right-padded, to
+Output folder (artifacts/export/rm/): model.onnx, the tokenizer files,
+probes.json (a few texts and their torch scores, which a server checks again
+before it serves the folder) and manifest.json. The graph maps (input_ids, attention_mask), right-padded, to
 one score per row: the RM's head read at the last attended token, with the
 centring bias (`reward_bias`) added, so a served score equals
 `instructflow.modeling.reward_scores` on the same tokens.
@@ -55,6 +56,22 @@ class ScoreGraph(torch.nn.Module):
         logits = score_head(self.rm)(hidden).squeeze(-1).float()      # (B, T)
         last = (attention_mask.sum(-1) - 1).clamp(min=0)              # (B,)
         return logits.gather(1, last[:, None]).squeeze(1) + self.bias
+
+
+# Texts every export scores with torch at export time (probes.json); a server loading the export scores them
+# again with ONNX Runtime and refuses the folder if they differ by more than the export's parity tolerance.
+PROBES = [("Write a short poem about the sea.", "The sea is wide and grey and calm."),
+          ("What is the capital of France?", "Paris."),
+          ("Summarize: the cat sat on the mat all day.", "A cat stayed on a mat."),
+          ("Tell me how to pick a lock to break into a house.", "I can't help with that.")]
+
+
+def probe_scores(graph: ScoreGraph, tok, max_len: int) -> list[float]:
+    from .encoding import encode_pair, pad
+
+    ids, mask = pad([encode_pair(tok, p, r, max_len)[0] for p, r in PROBES], tok.pad_token_id)
+    with torch.inference_mode():
+        return graph(ids, mask).tolist()
 
 
 def _random_batch(vocab: int, batch: int, length: int, pad_id: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +171,8 @@ def export_reward_model(rm_dir: Path, dest: Path, opset: int, tolerance: float, 
             raise ExportError(f"ONNX parity check failed: max |onnx - torch| = {worst:.3g} > {tolerance:g} "
                               f"(cases: {checks}); nothing was exported to {dest}")
         tok.save_pretrained(str(tmp))
+        (tmp / "probes.json").write_text(json.dumps({"tolerance": tolerance, "items": [list(x) for x in PROBES],
+                                                     "scores": probe_scores(graph, tok, ctx)}, indent=1))
         source_hash = content_hash(rm_dir)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
@@ -197,16 +216,20 @@ def verify_export(folder: Path) -> dict:
 
 
 def run_export(params: Params, key: str = "") -> dict:
+    return export_stage(params, key, "export", params.stage_dir("reward") / "model")
+
+
+def export_stage(params: Params, key: str, name: str, rm_dir: Path) -> dict:
+    """Export the RM at `rm_dir` into artifacts/<name>/rm (the export and round_export stages)."""
     setup_runtime(params.project)
-    cfg, out = params.export, params.stage_dir("export")
+    cfg, out = params.export, params.stage_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
-    rm_dir = params.stage_dir("reward") / "model"
     with timer.phase("export"):
         manifest = export_reward_model(rm_dir, out / "rm", cfg.opset, cfg.parity_tolerance,
                                        [tuple(c) for c in cfg.parity_cases])
     metrics = {"model_version": manifest["model_version"], "parity_max_abs_diff": manifest["parity"]["max_abs_diff"],
                "parity_cases": len(manifest["parity"]["cases"]), "opset": manifest["opset"],
                "export_seconds": manifest["export_seconds"], "onnx_bytes": (out / "rm" / "model.onnx").stat().st_size}
-    log.info("export: %s", metrics)
-    return write_result(out, "export", {"reward_model": rm_dir}, {"rm": out / "rm"}, metrics, timer, run_key=key)
+    log.info("%s: %s", name, metrics)
+    return write_result(out, name, {"reward_model": rm_dir}, {"rm": out / "rm"}, metrics, timer, run_key=key)

@@ -332,12 +332,20 @@ def run_ppo_ensemble(params: Params, key: str = "") -> dict:
     return train_ppo(params, key, "ppo_ensemble", ensemble=True)
 
 
-def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: bool = False) -> dict:
+def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: bool = False, *,
+              init: Path | None = None, rm_dir: Path | None = None, reference: Path | None = None,
+              snapshots_on: bool = True) -> dict:
+    """PPO into artifacts/<name>/. The policy starts from `init` (default: SFT) and is penalized for
+    its KL to `reference` (default: SFT), against the RM at `rm_dir` (default: the reward stage's),
+    which also starts the value model."""
     setup_runtime(params.project)
     cfg, out = params.ppo, params.stage_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
-    sft_dir, rm_dir, data_dir = params.stage_dir("sft") / "model", params.stage_dir("reward") / "model", params.stage_dir("data")
+    sft_dir, data_dir = params.stage_dir("sft") / "model", params.stage_dir("data")
+    rm_dir = rm_dir or params.stage_dir("reward") / "model"
+    init, reference = init or sft_dir, reference or sft_dir
+    snapshotting = cfg.takes_snapshots and snapshots_on
 
     acc = make_accelerator(params.project, 1, params.model.mixed_precision, out / "trackers", name)
     world = acc.num_processes
@@ -348,9 +356,12 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
                          f"ppo.minibatch_size={cfg.minibatch_size}")
 
     with timer.phase("load"):
-        policy, tok = load_causal_lm(sft_dir, params.model.dtype)
+        policy, tok = load_causal_lm(init, params.model.dtype)
+        if cfg.lora.r and init != reference:
+            raise ValueError(f"{name}: with LoRA the reference is the policy with its adapters off, so the policy must "
+                             f"start from the reference ({reference}), not from {init}")
         # with LoRA the reference is the policy with its adapters off: no second copy
-        ref = None if cfg.lora.r else load_causal_lm(sft_dir, params.model.dtype)[0]
+        ref = None if cfg.lora.r else load_causal_lm(reference, params.model.dtype)[0]
         rm = load_ensemble(params, acc.device) if ensemble else load_reward_model(rm_dir, params.model.dtype)[0]
         value_seq_cls, _ = load_reward_model(rm_dir, params.model.dtype)
         for m in (ref, rm):
@@ -371,7 +382,7 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
 
     if cfg.ema_decay > 0 and is_sharded(acc):
         raise ValueError("ppo.ema_decay > 0 is not supported with sharded models (FSDP, DeepSpeed) yet: set it to 0")
-    if cfg.takes_snapshots and cfg.lora.r:
+    if snapshotting and cfg.lora.r:
         raise ValueError("ppo.snapshot_every > 0 keeps full copies of the policy, which LoRA training does not "
                          "hold: set ppo.snapshot_every to 0 with ppo.lora.r > 0")
     opt_p = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
@@ -422,7 +433,7 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
                 log.info("%s it %d/%d %s", name, it + 1, cfg.iterations,
                          " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-            if cfg.takes_snapshots and (it + 1) % cfg.snapshot_every == 0 and it + 1 < cfg.iterations:
+            if snapshotting and (it + 1) % cfg.snapshot_every == 0 and it + 1 < cfg.iterations:
                 snapshot = trained_model(acc, policy, rebuild_policy)  # a collective when sharded
                 if acc.is_main_process:
                     snapshot_dir(out, it + 1).parent.mkdir(exist_ok=True)
@@ -457,7 +468,8 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
             save_model_atomic(merged(value_final.seq_cls), tok, out / "value_model")
     acc.wait_for_everyone()
     log.info("%s: %s", name, metrics)
-    inputs = {"sft": sft_dir, "reward_model": rm_dir, "prompts": data_dir / "ppo_prompts.jsonl"}
+    inputs = {"sft": sft_dir, "reward_model": rm_dir, "prompts": data_dir / "ppo_prompts.jsonl",
+              **{k: v for k, v in (("init", init), ("reference", reference)) if v != sft_dir}}
     if ensemble:
         inputs.update({f"reward_member_{i}": d for i, d in enumerate(member_dirs(params)) if i})
     if blocks is not None:
@@ -465,7 +477,7 @@ def train_ppo(params: Params, key: str, name: str, ptx: bool = False, ensemble: 
     if not acc.is_main_process:
         return helper_result(name, timer)
     outputs = {"model": out / "model", "value_model": out / "value_model"}
-    if cfg.takes_snapshots:
+    if snapshotting:
         outputs["snapshots"] = out / "snapshots"
     return write_result(out, name, inputs, outputs, metrics, timer, run_key=key)
 

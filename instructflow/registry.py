@@ -54,6 +54,7 @@ class IO:
     outs: tuple[str, ...] = ()                 # what it produces (DVC caches these)
     metrics: tuple[str, ...] = ()              # small JSON files besides its result.json
     plots: tuple[str, ...] = ()                # JSONL logs and images
+    persist: tuple[str, ...] = ()              # outs that grow run after run (DVC leaves them in place)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class Stage:
     table: str = ""                            # "module:function" rendering its metrics as a table
     when: Callable[[Params], bool] = lambda p: True  # whether it runs with this configuration
     requires: str = ""                         # what `when` asks of the configuration, in words
-    group: str = "pipeline"                    # "pipeline": `make pipeline` runs it; "methods": `make methods` adds it
+    group: str = "pipeline"                    # "pipeline": `make pipeline` runs it; "methods": `make methods` adds
+                                               # it; "rounds": `make round` runs them (with what they read)
 
     @property
     def module(self) -> str:
@@ -297,6 +299,62 @@ def _overoptimization(p: Params, a: Paths) -> IO:
               metrics=(a("overoptimization", "metrics.json"),), plots=(a("overoptimization", "overoptimization.png"),))
 
 
+# ---- rounds of on-policy feedback (`make round`: flows/rounds.py, instructflow/rounds.py)
+def rounds_on(params: Params) -> bool:
+    return params.rounds.enabled and builtin_data(params)
+
+
+ROUNDS_NEED = "rounds.enabled and data.source: builtin (its training labelers rank the new answers)"
+
+
+def _round_stage(name: str, help: str, sections: tuple[str, ...], headline: tuple[str, ...] = ()):
+    return stage(name, f"rounds:run_{name}", help, ("rounds", *sections), headline=headline, when=rounds_on,
+                 requires=ROUNDS_NEED, group="rounds")
+
+
+@_round_stage("round_champion", "The round's champion policy (round 1: SFT), fetched and verified from rounds.store.",
+              ("project",), headline=("round", "champion"))
+def _round_champion(p: Params, a: Paths) -> IO:
+    return IO(deps=(p.rounds.ticket, a.model("sft")), outs=(a("round_champion", "policy"), a("round_champion", "champion.json")))
+
+
+@_round_stage("round_feedback", "K answers per new prompt from the champion, ranked, validated, added to every round's data.",
+              ("project", "model", "data", "collect", "validate"), headline=("comparisons_added", "sample_quality_heldout_labeler"))
+def _round_feedback(p: Params, a: Paths) -> IO:
+    folder = a("round_feedback", "feedback")
+    return IO(deps=(p.rounds.ticket, a("round_champion", "policy"), *a.data("eval_prompts")), outs=(folder,), persist=(folder,))
+
+
+@_round_stage("round_reward", "The RM retrained from SFT on collect's and every round's comparisons.",
+              ("project", "model", "data", "reward"), headline=("val_accuracy", "heldout_labeler_accuracy"))
+def _round_reward(p: Params, a: Paths) -> IO:
+    return IO(deps=(a.model("sft"), *comparison_files(p, a), a("round_feedback", "feedback"), *a.data("sft_train")),
+              outs=(a.model("round_reward"),), plots=(a.log("round_reward"),))
+
+
+@_round_stage("round_ppo", "The challenger: PPO (or PPO-ptx) from the champion against the round's RM, KL to SFT.",
+              ("project", "model", "pretrain", "ppo"), headline=("first_score", "final_score", "final_kl"))
+def _round_ppo(p: Params, a: Paths) -> IO:
+    ptx = a.data("pretrain_train") if p.rounds.algorithm == "ppo_ptx" else ()
+    return IO(deps=(a.model("sft"), a("round_champion", "policy"), a.model("round_reward"), *a.data("ppo_prompts"), *ptx),
+              outs=(a.model("round_ppo"), a("round_ppo", "value_model")), plots=(a.log("round_ppo"),))
+
+
+@_round_stage("round_export", "The round's RM to ONNX, parity-checked (what a promotion publishes).", ("project", "export"),
+              headline=("parity_max_abs_diff",))
+def _round_export(p: Params, a: Paths) -> IO:
+    return IO(deps=(a.model("round_reward"),), outs=(a("round_export", "rm"),))
+
+
+@_round_stage("round_gate", "The judge compares challenger, champion and SFT: promote or keep, and why.",
+              ("project", "model", "data", "eval"), headline=("promote", "reason"))
+def _round_gate(p: Params, a: Paths) -> IO:
+    return IO(deps=(p.rounds.ticket, a.model("sft"), a("round_champion", "policy"), a.model("round_ppo"),
+                    *a.data("eval_prompts"), a("round_reward", "result.json"), a("round_feedback", "result.json"),
+                    *_judge_deps(p, a)),
+              metrics=(a("round_gate", "report.json"),))
+
+
 # --------------------------------------------------------------------------- resolved for one configuration
 @dataclass(frozen=True)
 class StageSpec:
@@ -307,6 +365,7 @@ class StageSpec:
     outs: tuple[str, ...]
     metrics: tuple[str, ...]                   # result.json last
     plots: tuple[str, ...]
+    persist: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -324,13 +383,29 @@ def stage_specs(params: Params) -> list[StageSpec]:
     for s in STAGES.values():
         if s.when(params):
             io = s.io(params, a)
-            specs.append(StageSpec(s, io.deps, io.outs, (*io.metrics, a(s.name, "result.json")), io.plots))
+            specs.append(StageSpec(s, io.deps, io.outs, (*io.metrics, a(s.name, "result.json")), io.plots, io.persist))
     return specs
 
 
 def pipeline_specs(params: Params) -> list[StageSpec]:
     """The stages `make pipeline` and `instructflow run` run by default: the "pipeline" group."""
-    return [s for s in stage_specs(params) if s.stage.group == "pipeline"]
+    return group_specs(params, "pipeline")
+
+
+def group_specs(params: Params, *groups: str) -> list[StageSpec]:
+    """The stages of these groups, in order."""
+    return [s for s in stage_specs(params) if s.stage.group in groups]
+
+
+def with_upstream(params: Params, targets: list[StageSpec]) -> list[StageSpec]:
+    """`targets` and every stage they read from, directly or not, in run order (`make round` runs
+    the round's stages with only the pipeline stages they need)."""
+    specs = stage_specs(params)
+    needed = {s.name for s in targets}
+    for s in reversed(specs):  # a stage only reads stages declared before it
+        if s.name in needed:
+            needed |= {t.name for t in specs[: specs.index(s)] if reads_from(s, t)}
+    return [s for s in specs if s.name in needed]
 
 
 def spec(params: Params, name: str) -> StageSpec:
@@ -498,7 +573,7 @@ def dvc_yaml(params: Params, params_file: str = "params.yaml", present: dict | N
                        "deps": [*s.deps, *code]}
         if keys:
             entry["params"] = keys if params_file == "params.yaml" else [{params_file: keys}]
-        entry["outs"] = list(s.outs)
+        entry["outs"] = [{o: {"persist": True}} if o in s.persist else o for o in s.outs]
         # metrics and plots are cached too: artifacts/ is not in git, so `dvc pull` must bring them
         entry["metrics"] = list(s.metrics)
         if s.plots:

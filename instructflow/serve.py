@@ -3,8 +3,16 @@
     POST /v1/score    {"items": [{"prompt", "response"}, ...]} -> {"scores": [...], "model_version"}
                       (an ensemble, `--model a,b,c` or a members.json: also "ensemble": [{"std", "members"}, ...])
     POST /v1/compare  {"prompt", "response_a", "response_b"} -> P(a preferred) = sigmoid(r_a - r_b)
-    GET  /healthz     alive;  GET /readyz  model loaded, names the execution provider
-    GET  /metrics     Prometheus;  GET /docs  OpenAPI
+    GET  /healthz     alive;  GET /readyz  model loaded, names the version and the execution provider
+    GET  /metrics     Prometheus (the version served and the swaps too);  GET /docs  OpenAPI
+    POST /admin/reload   (admin key) check the champion pointer now
+
+`--model <store>/champion` follows the champion pointer (instructflow/champion.py):
+every serve.champion_poll_s, or on POST /admin/reload, a new version is downloaded
+beside the one serving, verified (checksums, and its probe texts scored again
+against the scores the export recorded), and swapped in: requests admitted before
+the swap finish on the old model, later ones go to the new; a version that fails
+verification is refused and the old one keeps serving.
 
 Concurrent requests are grouped by a micro-batcher into one ONNX Runtime call
 of at most `max_batch_size` items: those queued while the previous call ran,
@@ -31,7 +39,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, Field
 
 from .config import ServeConfig
@@ -152,6 +160,76 @@ class EnsembleScorer(_Scorer):
             std = math.sqrt(sum((x - mean) ** 2 for x in scores) / len(scores))
             out.append((mean, std, *scores))
         return out
+
+
+# --------------------------------------------------------------------------- following the champion
+def check_probes(scorer: _Scorer, folder: Path) -> float:
+    """Score the export's probe texts (probes.json) and compare with the scores the export
+    recorded with torch; raise ValueError beyond its tolerance. Returns the largest difference."""
+    import json
+
+    path = folder / "probes.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no probes.json, so its parity cannot be checked (export it again)")
+    probes = json.loads(path.read_text())
+    got = scorer.score_ids([scorer.encode(p, r) for p, r in probes["items"]])
+    worst = max(abs(a - b) for a, b in zip(got, probes["scores"], strict=True))
+    if not worst <= probes["tolerance"]:
+        raise ValueError(f"{folder}: parity check failed: its probe scores differ from those recorded at export by "
+                         f"{worst:.3g} > {probes['tolerance']:g}")
+    return worst
+
+
+def champion_store(model: str) -> str | None:
+    """The store of a `<store>/champion` model argument, else None."""
+    m = model.rstrip("/")
+    if m == "champion" or m.endswith("/champion"):
+        return m[: -len("champion")].rstrip("/") or "."
+    return None
+
+
+class ChampionSource:
+    """The champion pointer of a store, and each version's RM export fetched into the cache."""
+
+    def __init__(self, store_uri: str, cfg: ServeConfig):
+        import hashlib
+
+        from .storage import open_store
+
+        self.uri, self.cfg = store_uri, cfg
+        self.store = open_store(store_uri)
+        self.cache = Path(cfg.cache_dir) / "champion" / hashlib.sha256(store_uri.encode()).hexdigest()[:12]
+        self.initial: tuple[dict, _Scorer] | None = None
+
+    def pointer(self) -> dict | None:
+        from .champion import read_pointer
+
+        return read_pointer(self.store)
+
+    def load(self, pointer: dict) -> _Scorer:
+        """The version's scorer, its export downloaded beside the others and verified; ValueError if it is bad."""
+        from .storage import fetch_folder
+
+        dest = self.cache / pointer["version"] / "rm"
+        try:
+            verify_export(dest)
+        except ValueError:
+            fetch_folder(self.store, pointer["rm"], dest)
+        scorer = OnnxScorer(dest, self.cfg.provider)
+        check_probes(scorer, dest)
+        scorer.version = pointer["version"]
+        scorer.max_padding = self.cfg.max_padding
+        return scorer
+
+
+@dataclass
+class Served:
+    """One loaded model and its batcher; `inflight` counts the requests admitted to it."""
+
+    scorer: _Scorer
+    batcher: MicroBatcher
+    inflight: int = 0
+    pointer: dict | None = None
 
 
 # --------------------------------------------------------------------------- micro-batching
@@ -397,8 +475,14 @@ class BodyLimitAndMetrics:
                 return
 
 
-def create_app(model_dir: Path | list[Path], cfg: ServeConfig):
+def create_app(model_dir: Path | list[Path] | ChampionSource, cfg: ServeConfig):
     registry = CollectorRegistry()
+    model_info = Gauge("instructflow_model_info", "The version served (1) and those served before (0)", ["version"],
+                       registry=registry)
+    swaps_total = Counter("instructflow_model_swaps_total", "Champion versions swapped in (ok) or refused", ["result"],
+                          registry=registry)
+    for result in ("ok", "refused"):
+        swaps_total.labels(result)
     requests_total = Counter("instructflow_requests_total", "HTTP requests", ["path", "status"], registry=registry)
     latency = Histogram("instructflow_request_seconds", "Request latency", ["path"], registry=registry,
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
@@ -410,18 +494,70 @@ def create_app(model_dir: Path | list[Path], cfg: ServeConfig):
         log.warning("serve: no API keys configured (%s / serve.api_keys_file); the endpoint is open", cfg.api_keys_env)
     state: dict = {}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        kind = TorchScorer if cfg.backend == "torch" else OnnxScorer
-        dirs = model_dir if isinstance(model_dir, list) else [model_dir]
-        scorer = kind(dirs[0], cfg.provider) if len(dirs) == 1 else EnsembleScorer([kind(d, cfg.provider) for d in dirs])
-        scorer.max_padding = cfg.max_padding
+    champion = model_dir if isinstance(model_dir, ChampionSource) else None
+
+    def served(scorer: _Scorer, pointer: dict | None = None) -> Served:
         batcher = MicroBatcher(scorer.score_ids, cfg.max_batch_size, cfg.max_wait_ms / 1000, batch_sizes.observe)
         batcher.start()
-        state.update(scorer=scorer, batcher=batcher)
-        log.info("serve: model %s on %s", scorer.version, scorer.provider)
+        model_info.labels(scorer.version).set(1)
+        return Served(scorer, batcher, pointer=pointer)
+
+    async def reload() -> dict:
+        """Check the champion pointer; swap in a new version when it moved (one check at a time)."""
+        async with state["reload_lock"]:
+            old: Served = state["model"]
+            try:
+                pointer = await asyncio.to_thread(champion.pointer)
+            except Exception as err:  # noqa: BLE001 - the store is unreachable: keep serving
+                log.warning("serve: cannot read the champion pointer: %s", err)
+                return {"swapped": False, "version": old.scorer.version, "error": f"cannot read the pointer: {err}"}
+            if pointer is None or pointer["version"] == old.scorer.version:
+                return {"swapped": False, "version": old.scorer.version}
+            if state.get("refused") == pointer:
+                return {"swapped": False, "version": old.scorer.version, "refused": state["refused_why"]}
+            try:
+                scorer = await asyncio.to_thread(champion.load, pointer)
+            except Exception as err:  # noqa: BLE001 - a bad version (checksum, parity, unreadable): refuse it
+                swaps_total.labels("refused").inc()
+                state.update(refused=pointer, refused_why=f"{pointer['version']}: {err}")
+                log.error("serve: refusing %s, still serving %s: %s", pointer["version"], old.scorer.version, err)
+                return {"swapped": False, "version": old.scorer.version, "refused": state["refused_why"]}
+            state["model"] = new = served(scorer, pointer)  # from here every request is admitted to the new one
+            model_info.labels(old.scorer.version).set(0)
+            swaps_total.labels("ok").inc()
+            while old.inflight:  # requests admitted before the swap finish on the old model
+                await asyncio.sleep(0.005)
+            await old.batcher.stop()
+            log.info("serve: now serving %s (was %s)", new.scorer.version, old.scorer.version)
+            return {"swapped": True, "version": new.scorer.version, "previous": old.scorer.version}
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(cfg.champion_poll_s)
+            try:
+                await reload()
+            except Exception:  # noqa: BLE001 - never let the poller die
+                log.exception("serve: champion check failed")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        poller = None
+        if champion is not None:
+            pointer, scorer = champion.initial or await asyncio.to_thread(lambda: (p := champion.pointer(), champion.load(p)))
+            champion.initial = None
+            state.update(model=served(scorer, pointer), reload_lock=asyncio.Lock())
+            poller = asyncio.get_running_loop().create_task(poll())
+        else:
+            kind = TorchScorer if cfg.backend == "torch" else OnnxScorer
+            dirs = model_dir if isinstance(model_dir, list) else [model_dir]
+            scorer = kind(dirs[0], cfg.provider) if len(dirs) == 1 else EnsembleScorer([kind(d, cfg.provider) for d in dirs])
+            scorer.max_padding = cfg.max_padding
+            state["model"] = served(scorer)
+        log.info("serve: model %s on %s", state["model"].scorer.version, state["model"].scorer.provider)
         yield
-        await batcher.stop()  # uvicorn has already let the requests in flight finish
+        if poller:
+            poller.cancel()
+        await state["model"].batcher.stop()  # uvicorn has already let the requests in flight finish
         state.clear()
 
     app = FastAPI(title="instructflow reward model", version="1", lifespan=lifespan,
@@ -459,14 +595,20 @@ def create_app(model_dir: Path | list[Path], cfg: ServeConfig):
         if len(text) > cfg.max_chars:
             raise LimitError(f"{name} has {len(text)} characters, more than max_chars={cfg.max_chars}")
 
-    async def scored(pairs: list[tuple[str, str]]) -> list:
-        """Per pair: its reward, or with an ensemble (mean, std, each member's reward)."""
-        scorer: OnnxScorer = state["scorer"]
-        seqs = [scorer.encode(p, r) for p, r in pairs]
-        return await state["batcher"].submit(seqs)
+    async def scored(pairs: list[tuple[str, str]]) -> tuple[list, _Scorer]:
+        """Per pair: its reward, or with an ensemble (mean, std, each member's reward); and the model
+        that scored them: the one serving when the request was admitted, even if a swap comes meanwhile."""
+        m: Served = state["model"]
+        m.inflight += 1
+        try:
+            seqs = [m.scorer.encode(p, r) for p, r in pairs]
+            return await m.batcher.submit(seqs), m.scorer
+        finally:
+            m.inflight -= 1
 
-    async def scores_for(pairs: list[tuple[str, str]]) -> list[float]:
-        return [x[0] if isinstance(x, tuple) else x for x in await scored(pairs)]
+    async def scores_for(pairs: list[tuple[str, str]]) -> tuple[list[float], _Scorer]:
+        out, scorer = await scored(pairs)
+        return [x[0] if isinstance(x, tuple) else x for x in out], scorer
 
     @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, dependencies=[Depends(authorize)],
               responses=ERRORS)
@@ -476,19 +618,19 @@ def create_app(model_dir: Path | list[Path], cfg: ServeConfig):
         for i, it in enumerate(req.items):
             check_chars(f"items[{i}].prompt", it.prompt)
             check_chars(f"items[{i}].response", it.response)
-        out = await scored([(it.prompt, it.response) for it in req.items])
-        if isinstance(state["scorer"], EnsembleScorer):
+        out, scorer = await scored([(it.prompt, it.response) for it in req.items])
+        if isinstance(scorer, EnsembleScorer):
             return ScoreResponse(scores=[x[0] for x in out], ensemble=[Spread(std=x[1], members=list(x[2:])) for x in out],
-                                 model_version=state["scorer"].version)
-        return ScoreResponse(scores=out, model_version=state["scorer"].version)
+                                 model_version=scorer.version)
+        return ScoreResponse(scores=out, model_version=scorer.version)
 
     @app.post("/v1/compare", response_model=CompareResponse, dependencies=[Depends(authorize)], responses=ERRORS)
     async def compare(req: CompareRequest) -> CompareResponse:
         for name in ("prompt", "response_a", "response_b"):
             check_chars(name, getattr(req, name))
-        ra, rb = await scores_for([(req.prompt, req.response_a), (req.prompt, req.response_b)])
+        (ra, rb), scorer = await scores_for([(req.prompt, req.response_a), (req.prompt, req.response_b)])
         return CompareResponse(probability_a_preferred=1.0 / (1.0 + math.exp(-(ra - rb))), scores=[ra, rb],
-                               model_version=state["scorer"].version)
+                               model_version=scorer.version)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -496,12 +638,37 @@ def create_app(model_dir: Path | list[Path], cfg: ServeConfig):
 
     @app.get("/readyz", responses={503: {"description": "The model is not loaded yet."}})
     async def readyz():
-        if "scorer" not in state:
+        if "model" not in state:
             return JSONResponse({"ready": False}, 503)
-        s: OnnxScorer = state["scorer"]
+        m: Served = state["model"]
+        s = m.scorer
         members = len(s.members) if isinstance(s, EnsembleScorer) else 1
-        return {"ready": True, "model_version": s.version, "provider": s.provider, "max_length": s.max_length,
-                "max_batch_size": cfg.max_batch_size, "members": members}
+        out = {"ready": True, "model_version": s.version, "provider": s.provider, "max_length": s.max_length,
+               "max_batch_size": cfg.max_batch_size, "members": members}
+        if champion is not None:
+            out["champion"] = {"store": champion.uri, "version": s.version, "round": (m.pointer or {}).get("round"),
+                               "pointer_moved_at": (m.pointer or {}).get("pointer_moved_at"),
+                               "poll_s": cfg.champion_poll_s, "refused": state.get("refused_why")}
+        return out
+
+    admin_keys = [k.strip() for k in os.environ.get(cfg.admin_keys_env, "").split(",") if k.strip()]
+
+    def authorize_admin(request: Request) -> None:
+        if not admin_keys:
+            raise HTTPException(403, f"admin endpoints are disabled: set {cfg.admin_keys_env} to enable them")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token or not key_matches(token, admin_keys):
+            raise HTTPException(401, "missing or invalid admin key (send 'Authorization: Bearer <admin key>')",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.post("/admin/reload", dependencies=[Depends(authorize_admin)],
+              responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+    async def admin_reload() -> dict:
+        """Check the champion pointer now; when it moved, fetch, verify and swap in the new version.
+        Answers once the swap is complete (requests on the old version finished), or with why not."""
+        if champion is None:
+            raise HTTPException(409, "this server does not follow a champion (serve --model <store>/champion)")
+        return await reload()
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."}})
@@ -544,6 +711,17 @@ def resolve_model(model: str, cfg: ServeConfig) -> Path:
 def serve(model: str, cfg: ServeConfig) -> None:
     import uvicorn
 
+    store = champion_store(model)
+    if store is not None:  # checked here, in one line, rather than by the server's start-up
+        if cfg.backend != "onnx":
+            raise ValueError("a champion is served from its ONNX export: serve.backend must be onnx")
+        source = ChampionSource(store, cfg)
+        pointer = source.pointer()
+        if pointer is None:
+            raise ValueError(f"{store}: no champion pointer (nothing promoted yet: `make round`)")
+        source.initial = (pointer, source.load(pointer))
+        uvicorn.run(create_app(source, cfg), host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=30)
+        return
     folders = resolve_models(model, cfg)
     if len(folders) > 1:  # refused here, in one line, rather than by the server's start-up
         from transformers import AutoTokenizer

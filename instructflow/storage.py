@@ -158,3 +158,132 @@ def get_tree(uri: str, dest: Path = Path("."), client=None) -> dict:
             raise ValueError(f"{uri}/{rel}: checksum mismatch after download")
         os.replace(tmp, target)
     return manifest
+
+
+# ------------------------------------------------------------------ stores of versions
+# Promoted versions and the `champion` pointer (instructflow/champion.py) live in a store:
+# an s3:// prefix, or a local folder for a laptop. Both offer the same few operations;
+# a folder is published file by file with its manifest of sha256 written LAST, and
+# fetched into a folder beside its final place, verified, then renamed in.
+FILES_MANIFEST = "files.json"
+
+
+class FolderStore:
+    """A store in a local folder; every write lands whole (temporary file, then rename)."""
+
+    def __init__(self, root: str | Path):
+        self.root, self.uri = Path(root), str(root)
+
+    def _path(self, name: str) -> Path:
+        path = (self.root / name).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"{name}: not a name inside the store {self.uri}")
+        return path
+
+    def read(self, name: str) -> bytes | None:
+        path = self._path(name)
+        return path.read_bytes() if path.is_file() else None
+
+    def write(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def upload(self, local: Path, name: str) -> None:
+        self.write(name, Path(local).read_bytes())
+
+    def download(self, name: str, local: Path) -> None:
+        shutil.copyfile(self._path(name), local)
+
+    def names(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        root = self.root.resolve()
+        return sorted(p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+
+
+class S3Store:
+    """A store under s3://bucket/prefix; each request retried through a storage outage."""
+
+    def __init__(self, uri: str, client=None, attempts: int = 6):
+        from .faults import retrying
+
+        self.uri, self.attempts, self._retrying = uri.rstrip("/"), attempts, retrying
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.client = client or s3_client()
+
+    def _call(self, fn, what: str):
+        return self._retrying(fn, f"{self.uri}: {what}", self.attempts)
+
+    def read(self, name: str) -> bytes | None:
+        def get():
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=_key(self.prefix, name))["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                return None
+        return self._call(get, f"read {name}")
+
+    def write(self, name: str, data: bytes) -> None:
+        self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=_key(self.prefix, name), Body=data), f"write {name}")
+
+    def upload(self, local: Path, name: str) -> None:
+        self._call(lambda: self.client.upload_file(str(local), self.bucket, _key(self.prefix, name)), f"upload {name}")
+
+    def download(self, name: str, local: Path) -> None:
+        self._call(lambda: self.client.download_file(self.bucket, _key(self.prefix, name), str(local)), f"download {name}")
+
+    def names(self, prefix: str) -> list[str]:
+        start = _key(self.prefix, prefix)
+        out: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+            out += [o["Key"][len(self.prefix) + 1 if self.prefix else 0:] for o in page.get("Contents", [])]
+        return sorted(out)
+
+
+def open_store(uri: str) -> FolderStore | S3Store:
+    if not uri:
+        raise ValueError("no store given (rounds.store: s3://bucket/prefix or a local folder)")
+    return S3Store(uri) if uri.startswith("s3://") else FolderStore(uri)
+
+
+def publish_folder(store, folder: Path, name: str) -> dict:
+    """Upload every file of `folder` to `name/` in the store, then `name/files.json` (their sha256) last."""
+    from .io import sha256_file
+
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    if not files:
+        raise ValueError(f"{folder}: nothing to publish")
+    for rel in files:
+        store.upload(Path(folder) / rel, f"{name}/{rel}")
+    manifest = {"files": files}
+    store.write(f"{name}/{FILES_MANIFEST}", json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def fetch_folder(store, name: str, dest: Path) -> Path:
+    """Download what publish_folder wrote under `name/` into `dest`: beside it first, every sha256
+    checked, then renamed in. Raises ValueError naming the file that does not match, leaving
+    `dest` as it was."""
+    from .io import sha256_file
+
+    raw = store.read(f"{name}/{FILES_MANIFEST}")
+    if raw is None:
+        raise ValueError(f"{store.uri}/{name}: no {FILES_MANIFEST} (not published, or not completely)")
+    files = json.loads(raw)["files"]
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".download")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rel, want in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            store.download(f"{name}/{rel}", tmp / rel)
+            if sha256_file(tmp / rel) != want:
+                raise ValueError(f"{store.uri}/{name}/{rel}: sha256 does not match {FILES_MANIFEST}; refusing the version")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_in(tmp, dest)
+    return dest

@@ -52,7 +52,7 @@ def test_runtime_settings_change_no_key_and_a_params_section_changes_only_its_re
     faster = Params.model_validate({"project": {"threads": 7, "device": "cpu"}, "methods": {"seeds": 5}})
     assert {s: stage_key(faster, s) for s in names} == keys
     changed = Params.model_validate({"ppo": {"lr": 3e-4}})
-    assert {s for s in names if stage_key(changed, s) != keys[s]} == {"ppo", "ppo_ptx", "ppo_ensemble", "overoptimization"}
+    assert {s for s in names if stage_key(changed, s) != keys[s]} == {"ppo", "ppo_ptx", "ppo_ensemble", "overoptimization", "round_ppo"}
     changed = Params.model_validate({"dpo": {"beta": 0.2}})
     assert {s for s in names if stage_key(changed, s) != keys[s]} == {"dpo"}
 
@@ -76,7 +76,7 @@ def test_an_edit_to_serve_py_changes_no_stage_key_and_an_edit_to_losses_py_chang
     after = keys()
     assert {s for s in after if after[s] != before[s]} == {"pretrain", "sft", "reward", "ppo", "ppo_ptx", "eval",
                                                            "reward_ensemble", "dpo", "best_of_n", "ppo_ensemble", "compare",
-                                                           "overoptimization"}
+                                                           "overoptimization", *(s for s in after if s.startswith("round_"))}
 
 
 def test_a_gold_rm_stage_runs_beside_the_proxy_rm_when_files_keep_a_gold_share():

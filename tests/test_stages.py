@@ -30,6 +30,7 @@ MICRO = {
     "eval": {"max_new_tokens": 8, "few_shot": 2, "bootstrap": 200},
     "best_of_n": {"n": 4},
     "methods": {"enabled": False, "overopt_prompts": 20},  # tests that run the methods' stages enable them
+    "rounds": {"enabled": False, "prompts": 16},            # and the rounds'
 }
 
 

@@ -99,6 +99,12 @@ class _PromptSource:
         return out
 
 
+def fresh_prompts(cfg: DataConfig, seed: int, n: int, prefix: str, exclude: set[str]) -> list[Prompt]:
+    """n more prompts over the training categories (a round's new prompts), none of them in `exclude`."""
+    train_cats = [c for c in cfg.categories if c not in cfg.heldout_categories]
+    return _PromptSource(cfg, random.Random(seed)).draw(train_cats, n, prefix, exclude)
+
+
 def _split(items: list, val_fraction: float) -> tuple[list, list]:
     n_val = max(1, round(len(items) * val_fraction))
     return items[n_val:], items[:n_val]

@@ -1,0 +1,111 @@
+"""One round of on-policy feedback as a Prefect flow (`make round`; the weekly deployment).
+
+    python -m flows.rounds [--params params.yaml]
+
+Opens the round (rounds.ticket: the round number and the champion it starts from),
+runs the round's stages with the pipeline stages they read (Cached when `make
+pipeline` ran them), each versioned by DVC, then promotes the challenger if the
+gate said so (a new version in rounds.store, the `champion` pointer moved last),
+writes the round's line in rounds.ledger and commits the ticket, the ledger and
+dvc.lock: a round is one commit. The round's report is the flow's markdown artifact.
+What the stages do: instructflow/rounds.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.pipeline import Run, record_run, run_stages
+from instructflow.config import ConfigError, load_params
+from instructflow.io import ArtifactsBusy, exclusive
+from instructflow.registry import ROUNDS_NEED, group_specs, with_upstream
+from instructflow.rounds import finish_round, ledger_markdown, open_round, read_ledger
+from tasks.faults import retry_if_transient
+from tasks.stages import with_retries
+from tasks.versioning import dvc_root
+
+
+@task(retry_condition_fn=retry_if_transient)
+def open_round_task(params: str) -> dict:
+    return open_round(load_params(params))
+
+
+@task(retry_condition_fn=retry_if_transient)
+def finish_round_task(params: str) -> dict:
+    return finish_round(load_params(params))
+
+
+def check_rounds(p, params: str) -> None:
+    if not group_specs(p, "rounds"):
+        raise ConfigError(f"{params}: this configuration has no round stages: they need {ROUNDS_NEED}")
+
+
+@flow(name="instructflow-round", log_prints=True)
+def round_flow(params: str = "params.yaml") -> dict:
+    p = load_params(params)
+    check_rounds(p, params)
+    with exclusive(p.project.artifacts_dir, "flows.rounds"):
+        return _round(params, p)
+
+
+def _round(params: str, p) -> dict:
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    ticket = with_retries(open_round_task, p)(params)
+    logger.info("round %d, from champion %s", ticket["round"], ticket["champion"])
+    rows = run_stages([Run(params, p, with_upstream(p, group_specs(p, "rounds")))])[params]
+    entry = with_retries(finish_round_task, p)(params)
+    run = record_run(params, p, rows, time.perf_counter() - t0, publish=False)
+    md = (f"## Round {entry['round']}: {'promoted ' + entry['champion_after'] if entry['promoted'] else 'champion kept'}\n\n"
+          f"{entry['reason']}\n\n### Every round\n\n{ledger_markdown(read_ledger(p))}\n"
+          f"Flow wall time {run['wall_s']} s.\n")
+    create_markdown_artifact(markdown=md, key="instructflow-round-report", description=f"Round {entry['round']}")
+    logger.info("%s", entry["reason"])
+    commit_round(params, p, entry)
+    return entry
+
+
+def commit_round(params: str, p, entry: dict) -> None:
+    """Commit the ticket, the ledger and dvc.lock (only those paths) when the project is a git work tree."""
+    root = dvc_root(params)
+    if not p.rounds.git_commit or root is None:
+        return
+    if subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True).returncode:
+        get_run_logger().info("not a git work tree: round %d not committed", entry["round"])
+        return
+    paths = [x for x in (p.rounds.ticket, p.rounds.ledger, "dvc.lock") if (root / x).exists()]
+    decision = f"promoted {entry['champion_after']}" if entry["promoted"] else f"kept {entry['champion_after']}"
+    message = (f"round {entry['round']}: {decision}; challenger vs champion {entry['challenger_vs_champion']['win_rate']:.3f}, "
+               f"RM val accuracy {entry['rm_val_accuracy']}")
+    subprocess.run(["git", "add", "--", *paths], cwd=root, check=True)
+    proc = subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=root, capture_output=True, text=True)
+    if proc.returncode:
+        get_run_logger().warning("round %d: git commit failed: %s", entry["round"], (proc.stderr or proc.stdout).strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    try:  # refuse before Prefect starts
+        p = load_params(args.params)
+        check_rounds(p, args.params)
+        with exclusive(p.project.artifacts_dir, "checking"):
+            pass
+    except (ArtifactsBusy, ConfigError) as err:
+        raise SystemExit(f"error: {err}") from None
+    entry = round_flow(params=args.params)
+    print(ledger_markdown(read_ledger(load_params(args.params))))
+    print(f"round {entry['round']}: {entry['reason']}\n(round finished in {time.perf_counter() - t0:.1f} s; "
+          f"ledger {Path(p.rounds.ledger)})")
+
+
+if __name__ == "__main__":
+    main()

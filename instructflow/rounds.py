@@ -1,0 +1,311 @@
+"""Rounds of on-policy feedback (`make round`, flows/rounds.py; the weekly deployment).
+
+One round, as InstructGPT's later batches and Llama 2's five rounds gathered theirs:
+
+    round_champion   the current champion's policy (round 1: SFT), fetched verified from the store
+    round_feedback   K answers per new prompt from it, ranked (instructflow.ranking), checked by
+                     Great Expectations, added to the dataset of all rounds
+    round_reward     the RM retrained from SFT on every round's comparisons and collect's
+    round_ppo        PPO (or PPO-ptx, rounds.algorithm) from the champion against that RM,
+                     KL-penalized to SFT as in the paper
+    round_export     that RM to ONNX
+    round_gate       challenger, champion and SFT answer the same held-out prompts; the judge
+                     (held-out labeler or gold RM) compares them: promote only when the lower end
+                     of the challenger's 95% interval over the champion is above rounds.gate_min_lower
+
+Then the flow promotes (instructflow.champion: a new version, the pointer moved last),
+appends the round to the ledger and commits the ticket, the ledger and dvc.lock.
+
+The ticket (rounds.ticket, kept in git) names the round and the champion it starts from;
+every round stage reads it, so a new round has new stage keys, and checking out a round's
+commit and running `dvc repro` reproduces it (versions in the store are never overwritten).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from .config import Params
+from .data.formats import Prompt
+from .io import StageTimer, content_hash, read_jsonl, swap_in, write_json, write_result
+
+log = logging.getLogger(__name__)
+
+SFT = "sft"  # the ticket's champion before anything was promoted
+
+
+# --------------------------------------------------------------------------- the ticket and the ledger
+def read_ticket(params: Params) -> dict:
+    path = Path(params.rounds.ticket)
+    if not path.is_file():
+        raise ValueError(f"{path}: no round ticket; `make round` (flows/rounds.py) writes it when it opens a round")
+    ticket = json.loads(path.read_text())
+    if not isinstance(ticket.get("round"), int) or ticket["round"] < 1 or not isinstance(ticket.get("champion"), str):
+        raise ValueError(f"{path}: a ticket is {{\"round\": <int >= 1>, \"champion\": \"sft\" | \"v<N>\"}}, got {ticket}")
+    return ticket
+
+
+def read_ledger(params: Params) -> list[dict]:
+    path = Path(params.rounds.ledger)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def append_ledger(params: Params, entry: dict) -> None:
+    """Add or replace (a round run again) the round's line; the file is rewritten whole."""
+    rows = [r for r in read_ledger(params) if r["round"] != entry["round"]] + [entry]
+    path = Path(params.rounds.ledger)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["round"])))
+    tmp.replace(path)
+
+
+def open_round(params: Params) -> dict:
+    """The ticket of the round to run: the current one again when it has not finished (its
+    stages are then cached), else the next, starting from the champion the store points at."""
+    from .champion import read_pointer
+    from .storage import open_store
+
+    path = Path(params.rounds.ticket)
+    finished = {r["round"] for r in read_ledger(params)}
+    ticket = read_ticket(params) if path.is_file() else None
+    if ticket is not None and ticket["round"] not in finished:
+        return ticket
+    pointer = read_pointer(open_store(params.rounds.store))
+    ticket = {"round": max([*finished, ticket["round"] if ticket else 0]) + 1,
+              "champion": pointer["version"] if pointer else SFT}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, ticket)
+    return ticket
+
+
+# --------------------------------------------------------------------------- the stages
+def run_round_champion(params: Params, key: str = "") -> dict:
+    from .champion import fetch_version
+
+    ticket, out, timer = read_ticket(params), params.stage_dir("round_champion"), StageTimer()
+    out.mkdir(parents=True, exist_ok=True)
+    with timer.phase("fetch"):
+        if ticket["champion"] == SFT:
+            tmp = out / "policy.copy"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(params.stage_dir("sft") / "model", tmp)
+            swap_in(tmp, out / "policy")
+        else:
+            fetch_version(params.rounds.store, ticket["champion"], out / "policy", "policy")
+    write_json(out / "champion.json", ticket)
+    metrics = {"round": ticket["round"], "champion": ticket["champion"]}
+    return write_result(out, "round_champion", {"ticket": params.rounds.ticket},
+                        {"policy": out / "policy", "champion": out / "champion.json"}, metrics, timer, run_key=key)
+
+
+def round_files(params: Params) -> list[Path]:
+    return sorted((params.stage_dir("round_feedback") / "feedback").glob("round_*.jsonl"))
+
+
+def run_round_feedback(params: Params, key: str = "") -> dict:
+    """K distinct answers per new prompt from the champion, ranked, validated, then added to the
+    dataset of all rounds (artifacts/round_feedback/feedback/round_NNN.jsonl)."""
+    from .collect import distinct_first
+    from .generation import generate
+    from .modeling import load_causal_lm
+    from .ranking import make_ranker
+    from .suite.build import fresh_prompts
+    from .suite.labelers import Labeler
+    from .training import autocast, setup_runtime
+    from .validate import ValidationFailed, validate_file
+
+    setup_runtime(params.project)
+    ticket, cfg, timer = read_ticket(params), params.collect, StageTimer()
+    n, seed = ticket["round"], params.project.seed + 1000 * ticket["round"]
+    out = params.stage_dir("round_feedback")
+    folder = out / "feedback"
+    folder.mkdir(parents=True, exist_ok=True)
+    eval_texts = {p.prompt for p in read_jsonl(params.stage_dir("data") / "eval_prompts.jsonl", Prompt)}
+    prompts = fresh_prompts(params.data, seed, params.rounds.prompts, f"round{n:03d}", exclude=eval_texts)
+    model, tok = load_causal_lm(params.stage_dir("round_champion") / "policy", params.model.dtype)
+    with timer.phase("sample"), autocast(params.model.mixed_precision, next(model.parameters()).device):
+        samples = generate(model, tok, [p.prompt for p in prompts], max_new_tokens=cfg.max_new_tokens,
+                           num_samples=cfg.candidates, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed)
+    # U+FFFD is what decoding makes of a token sequence cut inside a UTF-8 character: no ranker can read it
+    samples = [[a.replace("\ufffd", "") for a in row] for row in samples]
+    kept = [(p, distinct_first(s, cfg.k)) for p, s in zip(prompts, samples)]
+    kept = [(p, r) for p, r in kept if len(r) >= 2]
+    with timer.phase("rank"):
+        ranker = make_ranker(params, seed)
+        comparisons = ranker.rank([p for p, _ in kept], [r for _, r in kept])
+    incoming = out / "incoming" / f"round_{n:03d}.jsonl"
+    incoming.parent.mkdir(exist_ok=True)
+    incoming.write_text("".join(c.model_dump_json(exclude_none=True) + "\n" for c in comparisons))
+    with timer.phase("validate"):
+        report = validate_file(incoming, "comparisons", params.validate_, quarantine_dir=out / "quarantine")
+    bad = set(report.bad_lines)
+    if any(not f.lines for f in report.failures) or len(bad) > params.rounds.max_rejected_share * len(comparisons):
+        raise ValidationFailed([report])  # nothing joins the dataset, nothing trains
+    if bad:  # a few bad rows: quarantined (report.quarantine), the rest join
+        log.warning("round_feedback: %d of %d comparisons fail validation and are left out:\n%s", len(bad),
+                    len(comparisons), report.summary())
+        comparisons = [c for line, c in enumerate(comparisons, 1) if line not in bad]
+        incoming.write_text("".join(c.model_dump_json(exclude_none=True) + "\n" for c in comparisons))
+    incoming.replace(folder / incoming.name)
+    for later in round_files(params):  # a round run again from an older commit: the later rounds are not in its dataset
+        if int(later.stem.split("_")[1]) > n:
+            later.unlink()
+    heldout = Labeler(next(lab for lab in params.data.labelers if lab.heldout))
+    quality = [heldout.latent(c.meta, r) for c in comparisons for r in c.responses]
+    metrics = {"round": n, "champion": ticket["champion"], "ranker": ranker.name, "comparisons_added": len(comparisons),
+               "rejected_by_validation": len(bad),
+               "skipped_prompts": len(prompts) - len(comparisons),
+               "mean_k": round(statistics.fmean(len(c.responses) for c in comparisons), 3) if comparisons else 0,
+               "comparisons_all_rounds": sum(1 for f in round_files(params) for line in f.open() if line.strip()),
+               "rounds_in_dataset": len(round_files(params)),
+               # how good the champion's samples are by the held-out labeler: it rises as champions improve
+               "sample_quality_heldout_labeler": round(statistics.fmean(quality), 4) if quality else None}
+    log.info("round_feedback: %s", metrics)
+    return write_result(out, "round_feedback", {"ticket": params.rounds.ticket, "policy": out.parent / "round_champion" / "policy"},
+                        {"feedback": folder}, metrics, timer, run_key=key)
+
+
+def run_round_reward(params: Params, key: str = "") -> dict:
+    """The RM from SFT on collect's comparisons and every round's, validated on collect's val set
+    (the same yardstick every round)."""
+    from .reward import comparison_paths, train_reward_model
+
+    train, val, held = comparison_paths(params)
+    out = params.stage_dir("round_reward")
+    out.mkdir(parents=True, exist_ok=True)
+    everything = out / "comparisons_train.jsonl"
+    with everything.open("w") as fh:
+        for f in [train, *round_files(params)]:
+            fh.writelines(line if line.endswith("\n") else line + "\n" for line in f.open() if line.strip())
+    return train_reward_model(params, key, "round_reward", params.stage_dir("sft") / "model", everything, val, held,
+                              centre=True)
+
+
+def run_round_ppo(params: Params, key: str = "") -> dict:
+    from .ppo import train_ppo
+
+    return train_ppo(params, key, "round_ppo", ptx=params.rounds.algorithm == "ppo_ptx",
+                     init=params.stage_dir("round_champion") / "policy", rm_dir=params.stage_dir("round_reward") / "model",
+                     snapshots_on=False)
+
+
+def run_round_export(params: Params, key: str = "") -> dict:
+    from .export import export_stage
+
+    return export_stage(params, key, "round_export", params.stage_dir("round_reward") / "model")
+
+
+def run_round_gate(params: Params, key: str = "") -> dict:
+    """Challenger, champion and SFT answer the same held-out prompts (the eval stage's sampling);
+    the judge compares them. The decision and its reason go to artifacts/round_gate/report.json."""
+    from .evaluate import make_judge, win_rates
+    from .generation import sample_answers
+    from .modeling import load_causal_lm
+    from .training import autocast, setup_runtime
+
+    setup_runtime(params.project)
+    ticket, timer, out = read_ticket(params), StageTimer(), params.stage_dir("round_gate")
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = read_jsonl(params.stage_dir("data") / "eval_prompts.jsonl", Prompt)
+    prompts = prompts[: params.rounds.gate_prompts or None]
+    judge = make_judge(params)
+    models = {"sft": params.stage_dir("sft") / "model", "champion": params.stage_dir("round_champion") / "policy",
+              "challenger": params.stage_dir("round_ppo") / "model"}
+    if ticket["champion"] == SFT:
+        del models["champion"]  # the champion is SFT: the same answers
+    values = {}
+    for name, folder in models.items():
+        with timer.phase(f"answer_{name}"):
+            model, tok = load_causal_lm(folder, params.model.dtype)
+            with autocast(params.model.mixed_precision, next(model.parameters()).device):
+                answers = [r[0].text for r in sample_answers(
+                    model, tok, [p.prompt for p in prompts], max_new_tokens=params.eval.max_new_tokens,
+                    temperature=params.eval.temperature, seed=params.project.seed + 11, batch_size=params.eval.batch_size)]
+            values[name] = judge.values(prompts, answers)
+    values.setdefault("champion", values["sft"])
+
+    def versus(a: str, b: str) -> dict:
+        w = win_rates(judge, prompts, values[a], values[b], params.project.seed + ticket["round"], params.eval.bootstrap)
+        return {"win_rate": w["win_rate"], "ci95": w["ci95"], "ties": w["ties"]}
+
+    vs_champion, vs_sft = versus("challenger", "champion"), versus("challenger", "sft")
+    lower, bar = vs_champion["ci95"][0], params.rounds.gate_min_lower
+    promote = lower > bar
+    measured = (f"the challenger's win rate over the champion ({ticket['champion']}) is {vs_champion['win_rate']:.3f}, "
+                f"95% CI [{lower:.3f}, {vs_champion['ci95'][1]:.3f}]")
+    reason = (f"promoted: {measured}; its lower end is above {bar}" if promote else
+              f"not promoted: {measured}; its lower end is not above {bar}, so the champion stays")
+    learned = json.loads((params.stage_dir("round_reward") / "result.json").read_text())["metrics"]
+    fed = json.loads((params.stage_dir("round_feedback") / "result.json").read_text())["metrics"]
+    report = {"round": ticket["round"], "champion": ticket["champion"], "judge": judge.name, "prompts": len(prompts),
+              "challenger_vs_champion": vs_champion, "challenger_vs_sft": vs_sft,
+              "champion_vs_sft": versus("champion", "sft") if ticket["champion"] != SFT else None,
+              "judge_score": {k: round(statistics.fmean(v), 4) for k, v in values.items()},
+              "promote": promote, "reason": reason, "gate_min_lower": bar,
+              "comparisons_added": fed["comparisons_added"], "comparisons_all_rounds": fed["comparisons_all_rounds"],
+              "sample_quality_heldout_labeler": fed["sample_quality_heldout_labeler"],
+              "rm_val_accuracy": learned.get("val_accuracy"),
+              "rm_heldout_labeler_accuracy": learned.get("heldout_labeler_accuracy"),
+              "challenger_sha256": content_hash(models["challenger"])}
+    write_json(out / "report.json", report)
+    log.info("round_gate: %s", reason)
+    inputs = {"ticket": params.rounds.ticket, **models}
+    return write_result(out, "round_gate", inputs, {"report": out / "report.json"},
+                        {k: report[k] for k in ("round", "promote", "reason", "challenger_vs_champion", "challenger_vs_sft")},
+                        timer, run_key=key)
+
+
+# --------------------------------------------------------------------------- after the gate (the flow calls these)
+def finish_round(params: Params) -> dict:
+    """Promote the challenger when the gate said so (once: a rerun finds it promoted), then
+    write the round's line of the ledger; returns it."""
+    from .champion import promote, read_pointer
+    from .storage import open_store
+
+    report = json.loads((params.stage_dir("round_gate") / "report.json").read_text())
+    store = params.rounds.store
+    pointer = read_pointer(open_store(store))
+    if report["promote"]:
+        if pointer and pointer.get("round") == report["round"] and pointer.get("policy_sha256") == report["challenger_sha256"]:
+            promoted = pointer  # this round already promoted it (the flow was interrupted after)
+        else:
+            promoted = promote(store, params.stage_dir("round_ppo") / "model", params.stage_dir("round_export") / "rm",
+                               {"round": report["round"], "policy_sha256": report["challenger_sha256"],
+                                "gate": {k: report[k] for k in ("challenger_vs_champion", "challenger_vs_sft", "reason")}})
+        after, vs_sft = promoted["version"], report["challenger_vs_sft"]
+    else:
+        after = report["champion"]
+        vs_sft = report["champion_vs_sft"] or {"win_rate": 0.5, "ci95": None}
+    entry = {"round": report["round"], "champion_before": report["champion"], "promoted": report["promote"],
+             "champion_after": after, "reason": report["reason"],
+             "comparisons_added": report["comparisons_added"], "comparisons_all_rounds": report["comparisons_all_rounds"],
+             "rm_val_accuracy": report["rm_val_accuracy"], "rm_heldout_labeler_accuracy": report["rm_heldout_labeler_accuracy"],
+             "sample_quality_heldout_labeler": report["sample_quality_heldout_labeler"],
+             "challenger_vs_champion": report["challenger_vs_champion"], "challenger_vs_sft": report["challenger_vs_sft"],
+             "champion_after_vs_sft": vs_sft, "judge": report["judge"], "gate_prompts": report["prompts"],
+             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    append_ledger(params, entry)
+    return entry
+
+
+def ledger_markdown(rows: list[dict]) -> str:
+    def wr(x: dict | None) -> str:
+        if not x:
+            return "-"
+        return f"{x['win_rate']:.3f}" + (f" [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]" if x.get("ci95") else "")
+
+    lines = ["| round | champion before | comparisons added (all rounds) | RM val acc | RM held-out acc | challenger vs "
+             "champion | challenger vs SFT | decision | champion after vs SFT |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        decision = f"promoted {r['champion_after']}" if r["promoted"] else f"kept {r['champion_after']}"
+        lines.append(f"| {r['round']} | {r['champion_before']} | {r['comparisons_added']} ({r['comparisons_all_rounds']}) | "
+                     f"{r['rm_val_accuracy']} | {r['rm_heldout_labeler_accuracy']} | {wr(r['challenger_vs_champion'])} | "
+                     f"{wr(r['challenger_vs_sft'])} | {decision} | {wr(r['champion_after_vs_sft'])} |")
+    return "\n".join(lines) + "\n"
