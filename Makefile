@@ -52,7 +52,7 @@ prefect-server: setup
 
 deploy: setup
 	$(BIN)/prefect work-pool create instructflow-local --type process --overwrite
-	INSTRUCTFLOW_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --name weekly-retrain --name nightly-eval
+	INSTRUCTFLOW_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --name weekly-round --name nightly-eval
 
 worker: setup
 	$(BIN)/prefect worker start --pool instructflow-local

@@ -332,6 +332,21 @@ def champion_rollback(
     typer.echo(f"champion is now {pointer['version']} ({pointer['reason']}) in {uri}")
 
 
+@champion_app.command("compare")
+def champion_compare(
+    a: Annotated[str, typer.Argument(help="A version (v3), or sft.")],
+    b: Annotated[str, typer.Argument(help="The version it is compared with (v1), or sft.")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """A's win rate over B by the judge on the gate's prompts (e.g. round 3's champion against round 1's)."""
+    from .rounds import compare_versions
+
+    _setup_logging()
+    p = _load(params)
+    out = _storage_call(lambda: compare_versions(p, a, b, p.stage_dir("champion-compare")), p.rounds.store)
+    typer.echo(json.dumps(out, indent=2))
+
+
 @app.command("rounds-report")
 def rounds_report(params: ParamsOpt = Path("params.yaml")) -> None:
     """Print every finished round (rounds.ledger): comparisons, RM accuracy, the gate's win rates, decisions."""

@@ -201,13 +201,49 @@ def run_round_export(params: Params, key: str = "") -> dict:
     return export_stage(params, key, "round_export", params.stage_dir("round_reward") / "model")
 
 
+def judged_answers(params: Params, judge, prompts: list[Prompt], models: dict[str, Path]) -> dict[str, list[float]]:
+    """Each model answers the prompts as the eval stage samples (same seed, temperature, length);
+    the judge's value of every answer, per model."""
+    from .generation import sample_answers
+    from .modeling import load_causal_lm
+    from .training import autocast
+
+    values = {}
+    for name, folder in models.items():
+        model, tok = load_causal_lm(folder, params.model.dtype)
+        with autocast(params.model.mixed_precision, next(model.parameters()).device):
+            answers = [r[0].text for r in sample_answers(
+                model, tok, [p.prompt for p in prompts], max_new_tokens=params.eval.max_new_tokens,
+                temperature=params.eval.temperature, seed=params.project.seed + 11, batch_size=params.eval.batch_size)]
+        values[name] = judge.values(prompts, answers)
+    return values
+
+
+def compare_versions(params: Params, a: str, b: str, cache: Path) -> dict:
+    """Version `a` against version `b` of the store ("sft": the pipeline's SFT model) by the judge, on the
+    gate's prompts: a's win rate with its 95% interval (e.g. round 3's champion against round 1's)."""
+    from .champion import fetch_version
+    from .evaluate import make_judge, win_rates
+    from .training import setup_runtime
+
+    setup_runtime(params.project)
+    folders = {}
+    for v in (a, b):
+        folders[v] = (params.stage_dir("sft") / "model" if v == SFT else
+                      fetch_version(params.rounds.store, v, cache / v / "policy", "policy"))
+    prompts = read_jsonl(params.stage_dir("data") / "eval_prompts.jsonl", Prompt)[: params.rounds.gate_prompts or None]
+    judge = make_judge(params)
+    values = judged_answers(params, judge, prompts, folders)
+    w = win_rates(judge, prompts, values[a], values[b], params.project.seed, params.eval.bootstrap)
+    return {"a": a, "b": b, "judge": judge.name, "prompts": len(prompts), "win_rate": w["win_rate"], "ci95": w["ci95"],
+            "ties": w["ties"], "judge_score": {v: round(statistics.fmean(x), 4) for v, x in values.items()}}
+
+
 def run_round_gate(params: Params, key: str = "") -> dict:
     """Challenger, champion and SFT answer the same held-out prompts (the eval stage's sampling);
     the judge compares them. The decision and its reason go to artifacts/round_gate/report.json."""
     from .evaluate import make_judge, win_rates
-    from .generation import sample_answers
-    from .modeling import load_causal_lm
-    from .training import autocast, setup_runtime
+    from .training import setup_runtime
 
     setup_runtime(params.project)
     ticket, timer, out = read_ticket(params), StageTimer(), params.stage_dir("round_gate")
@@ -219,15 +255,8 @@ def run_round_gate(params: Params, key: str = "") -> dict:
               "challenger": params.stage_dir("round_ppo") / "model"}
     if ticket["champion"] == SFT:
         del models["champion"]  # the champion is SFT: the same answers
-    values = {}
-    for name, folder in models.items():
-        with timer.phase(f"answer_{name}"):
-            model, tok = load_causal_lm(folder, params.model.dtype)
-            with autocast(params.model.mixed_precision, next(model.parameters()).device):
-                answers = [r[0].text for r in sample_answers(
-                    model, tok, [p.prompt for p in prompts], max_new_tokens=params.eval.max_new_tokens,
-                    temperature=params.eval.temperature, seed=params.project.seed + 11, batch_size=params.eval.batch_size)]
-            values[name] = judge.values(prompts, answers)
+    with timer.phase("answer"):
+        values = judged_answers(params, judge, prompts, models)
     values.setdefault("champion", values["sft"])
 
     def versus(a: str, b: str) -> dict:

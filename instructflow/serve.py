@@ -230,6 +230,7 @@ class Served:
     batcher: MicroBatcher
     inflight: int = 0
     pointer: dict | None = None
+    since: float = 0.0          # wall-clock time it began to serve
 
 
 # --------------------------------------------------------------------------- micro-batching
@@ -500,7 +501,7 @@ def create_app(model_dir: Path | list[Path] | ChampionSource, cfg: ServeConfig):
         batcher = MicroBatcher(scorer.score_ids, cfg.max_batch_size, cfg.max_wait_ms / 1000, batch_sizes.observe)
         batcher.start()
         model_info.labels(scorer.version).set(1)
-        return Served(scorer, batcher, pointer=pointer)
+        return Served(scorer, batcher, pointer=pointer, since=time.time())
 
     async def reload() -> dict:
         """Check the champion pointer; swap in a new version when it moved (one check at a time)."""
@@ -647,7 +648,7 @@ def create_app(model_dir: Path | list[Path] | ChampionSource, cfg: ServeConfig):
                "max_batch_size": cfg.max_batch_size, "members": members}
         if champion is not None:
             out["champion"] = {"store": champion.uri, "version": s.version, "round": (m.pointer or {}).get("round"),
-                               "pointer_moved_at": (m.pointer or {}).get("pointer_moved_at"),
+                               "pointer_moved_at": (m.pointer or {}).get("pointer_moved_at"), "since": m.since,
                                "poll_s": cfg.champion_poll_s, "refused": state.get("refused_why")}
         return out
 

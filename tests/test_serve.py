@@ -508,3 +508,136 @@ def test_an_ensemble_is_served_as_its_mean_with_each_items_spread(exported, rm_d
     proc, _ = _start(str(listing), tmp_path, {})
     out = _output(proc, 120)
     assert proc.returncode != 0 and "serve.backend: torch" in out and "Traceback" not in out
+
+
+def _variant(rm_dir, dest, bias: float):
+    """The same RM with another reward_bias: its every score is shifted by that much."""
+    import shutil
+
+    shutil.copytree(rm_dir, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**cfg, "reward_bias": bias}))
+    return dest
+
+
+def test_the_server_follows_the_champion_under_load_through_two_promotions_and_a_rollback(
+        exported, rm_dir, s3_server, tmp_path, monkeypatch):
+    """32 clients score all along while the pointer moves v1 -> v2 -> v3 -> v2 (two promotions, one rollback):
+    no request fails, and each response names a version that was serving while it was in flight, and carries
+    that version's score (versions differ by reward_bias, so the score tells which model answered). Then a
+    version whose file was tampered with in the store, and one whose probe scores do not match, are refused
+    while the old one keeps serving; the poller follows a pointer moved without the admin call."""
+    import threading
+    import time
+
+    import boto3
+
+    from instructflow.champion import promote, rollback
+    from instructflow.io import sha256_file
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="champ")
+    store = "s3://champ/prod"
+    exports = {"v1": exported[0]}
+    for v, bias in (("v2", 1.25), ("v3", 2.25)):
+        exports[v] = tmp_path / v / "rm"
+        export_reward_model(_variant(rm_dir, tmp_path / v / "model", bias), exports[v], 18, 1e-4, [(2, 9)])
+    item = ("Name a colour.", "Blue.")
+    expected = {"v1": torch_scores(rm_dir, [item])[0]}
+    expected["v2"], expected["v3"] = expected["v1"] + 1.0, expected["v1"] + 2.0
+    assert promote(store, rm_dir, exports["v1"], {"round": 1})["version"] == "v1"
+
+    proc, url = _start(f"{store}/champion", tmp_path, {**s3_server, "INSTRUCTFLOW_ADMIN_KEYS": "admin-key"},
+                       {**LIMITS, "champion_poll_s": 1.0})
+    admin = {"Authorization": "Bearer admin-key"}
+    try:
+        wait_http(url + "/readyz", 120, proc)
+        ready = httpx.get(url + "/readyz").json()
+        assert ready["model_version"] == "v1" and ready["champion"]["round"] == 1
+        served = [("v1", ready["champion"]["since"])]  # (version, serving from)
+        assert httpx.post(url + "/admin/reload").status_code == 401
+        assert httpx.post(url + "/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+        stop_at, results = threading.Event(), []
+
+        def client():
+            with httpx.Client(timeout=30) as c:
+                while not stop_at.is_set():
+                    t0 = time.time()
+                    try:
+                        r = c.post(url + "/v1/score", json={"items": [{"prompt": item[0], "response": item[1]}]})
+                        results.append((t0, time.time(), r.status_code, r.json()))
+                    except httpx.HTTPError as err:
+                        results.append((t0, time.time(), None, repr(err)))
+
+        threads = [threading.Thread(target=client) for _ in range(32)]
+        for t in threads:
+            t.start()
+
+        def move(step):
+            time.sleep(0.8)
+            pointer = step()
+            answer = httpx.post(url + "/admin/reload", headers=admin, timeout=60).json()
+            champion = httpx.get(url + "/readyz").json()["champion"]
+            assert answer["version"] == champion["version"] == pointer["version"], (answer, champion, pointer)
+            served.append((champion["version"], champion["since"]))
+
+        move(lambda: promote(store, rm_dir, exports["v2"], {"round": 2}))
+        move(lambda: promote(store, rm_dir, exports["v3"], {"round": 3}))
+        move(lambda: rollback(store))
+        time.sleep(0.8)
+        stop_at.set()
+        for t in threads:
+            t.join()
+    finally:
+        stop_at.set()
+    try:
+        assert [v for v, _ in served] == ["v1", "v2", "v3", "v2"]
+        failed = [r for r in results if r[2] != 200]
+        assert len(results) > 200 and not failed, failed[:3]
+        bounds = [(v, start, served[i + 1][1] if i + 1 < len(served) else float("inf")) for i, (v, start) in enumerate(served)]
+        seen = set()
+        for t_send, t_recv, _, body in results:
+            v = body["model_version"]
+            seen.add(v)
+            assert body["scores"][0] == pytest.approx(expected[v], abs=1e-4)  # the version named is the model that scored
+            assert any(v == bv and start <= t_recv and t_send <= end for bv, start, end in bounds), (v, t_send, t_recv, bounds)
+        assert seen == {"v1", "v2", "v3"}
+        text = httpx.get(url + "/metrics").text
+        assert 'instructflow_model_info{version="v2"} 1.0' in text and 'instructflow_model_info{version="v3"} 0.0' in text
+        assert 'instructflow_model_swaps_total{result="ok"} 3.0' in text
+
+        # a bad version is refused, and the old one keeps serving
+        client_s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name="us-east-1")
+        promote(store, rm_dir, exports["v3"], {"round": 4})  # v4
+        client_s3.put_object(Bucket="champ", Key="prod/versions/v4/rm/model.onnx", Body=b"not the model")
+        answer = httpx.post(url + "/admin/reload", headers=admin, timeout=60).json()
+        assert answer["swapped"] is False and answer["version"] == "v2" and "model.onnx" in answer["refused"]
+        bad = tmp_path / "v5" / "rm"
+        import shutil
+
+        shutil.copytree(exports["v3"], bad)
+        probes = json.loads((bad / "probes.json").read_text())
+        (bad / "probes.json").write_text(json.dumps({**probes, "scores": [s + 0.5 for s in probes["scores"]]}))
+        manifest = json.loads((bad / "manifest.json").read_text())
+        manifest["files"]["probes.json"] = sha256_file(bad / "probes.json")
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+        promote(store, rm_dir, bad, {"round": 5})  # v5: checksums consistent, parity not
+        answer = httpx.post(url + "/admin/reload", headers=admin, timeout=60).json()
+        assert answer["swapped"] is False and "parity check failed" in answer["refused"]
+        r = httpx.post(url + "/v1/score", json={"items": [{"prompt": item[0], "response": item[1]}]}).json()
+        assert r["model_version"] == "v2" and r["scores"][0] == pytest.approx(expected["v2"], abs=1e-4)
+        assert 'instructflow_model_swaps_total{result="refused"} 2.0' in httpx.get(url + "/metrics").text
+        assert httpx.get(url + "/readyz").json()["champion"]["refused"].startswith("v5")
+
+        # the poller follows a pointer moved without the admin call
+        rollback(store, "v1")
+        deadline = time.time() + 20
+        while httpx.get(url + "/readyz").json()["model_version"] != "v1":
+            assert time.time() < deadline, "the poller did not follow the pointer"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = _output(proc, 30)
+    assert "admin-key" not in out and "Traceback" not in out
