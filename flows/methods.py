@@ -22,9 +22,9 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import Run, record_run, run_stages
+from flows.pipeline import Run, checked_params, record_run, run_stages
 from instructflow.config import ConfigError, load_params
-from instructflow.io import ArtifactsBusy, exclusive, write_json
+from instructflow.io import exclusive, write_json
 from instructflow.methods import summarize, summary_markdown, write_replicates, write_summary
 from instructflow.registry import group_specs, stage_specs
 
@@ -75,13 +75,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    try:  # refuse before Prefect starts
-        p = load_params(args.params)
-        check_comparable(p, args.params)
-        with exclusive(p.project.artifacts_dir, "checking"):
-            pass
-    except (ArtifactsBusy, ConfigError) as err:
-        raise SystemExit(f"error: {err}") from None
+    checked_params(args.params, check_comparable)
     result = methods(params=args.params)
     print(result["summary"])
     print(f"methods finished in {time.perf_counter() - t0:.1f} s (process, Prefect start-up included); flow {result['wall_s']} s")

@@ -140,17 +140,27 @@ def run_wave(jobs: list[tuple[StageSpec, Run]]) -> dict[tuple[str, str], tuple[d
     return outcomes
 
 
+def checked_params(path: str, check=None) -> Params:
+    """The params file, refused in one line before Prefect starts (an invalid file, one `check(params, path)`
+    refuses with a ConfigError, or an artifacts folder another run holds); the flow then holds the lock itself."""
+    try:
+        p = load_params(path)
+        if check is not None:
+            check(p, path)
+        with exclusive(p.project.artifacts_dir, "checking"):
+            pass
+    except (ArtifactsBusy, ConfigError) as err:
+        raise SystemExit(f"error: {err}") from None
+    return p
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--stages", default="", help="comma-separated subset (default: all)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    try:  # refuse before Prefect starts; the flow holds the lock itself while it runs
-        with exclusive(load_params(args.params).project.artifacts_dir, "checking"):
-            pass
-    except (ArtifactsBusy, ConfigError) as err:
-        raise SystemExit(f"error: {err}") from None
+    checked_params(args.params)
     run = pipeline(params=args.params, stages=[s for s in args.stages.split(",") if s] or None)
     p = load_params(args.params)
     for r in run["stages"]:

@@ -21,9 +21,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import Run, record_run, run_stages
+from flows.pipeline import Run, checked_params, record_run, run_stages
 from instructflow.config import ConfigError, load_params
-from instructflow.io import ArtifactsBusy, exclusive
+from instructflow.io import exclusive
 from instructflow.registry import ROUNDS_NEED, group_specs, with_upstream
 from instructflow.rounds import finish_round, ledger_markdown, open_round, read_ledger
 from tasks.faults import retry_if_transient
@@ -94,13 +94,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    try:  # refuse before Prefect starts
-        p = load_params(args.params)
-        check_rounds(p, args.params)
-        with exclusive(p.project.artifacts_dir, "checking"):
-            pass
-    except (ArtifactsBusy, ConfigError) as err:
-        raise SystemExit(f"error: {err}") from None
+    p = checked_params(args.params, check_rounds)
     entry = round_flow(params=args.params)
     print(ledger_markdown(read_ledger(load_params(args.params))))
     print(f"round {entry['round']}: {entry['reason']}\n(round finished in {time.perf_counter() - t0:.1f} s; "

@@ -250,6 +250,10 @@ def serve(
         run_server(model, cfg)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         _fail(f"not serving {model}: {err}")
+    except Exception as err:  # noqa: BLE001 - the store unreachable after the retries: one line
+        if not _storage_error(err):
+            raise
+        _fail(f"not serving {model}: {err}")
 
 
 @app.command()
@@ -261,14 +265,7 @@ def publish(
     from .storage import publish_export
 
     _setup_logging()
-    try:
-        m = publish_export(folder, uri)
-    except ValueError as err:
-        _fail(str(err))
-    except Exception as err:  # noqa: BLE001 - storage errors (botocore's) after the retries: one line
-        if not type(err).__module__.startswith(("botocore", "boto3", "s3transfer")):
-            raise
-        _fail(f"{uri}: {err} (nothing is published there until every file is up: rerun to finish)")
+    m = _storage_call(lambda: publish_export(folder, uri), uri, " (nothing is published there until every file is up: rerun to finish)")
     typer.echo(f"published {m['model_version']} ({len(m['files'])} files + manifest) to {uri}")
 
 
@@ -294,16 +291,20 @@ def _store(store: str, params: Path) -> str:
     return store or _load(params).rounds.store
 
 
-def _storage_call(fn, what: str):
+def _storage_call(fn, what: str, hint: str = ""):
     """fn(); a bad name or an unreachable store after the retries is one line, not a traceback."""
     try:
         return fn()
     except ValueError as err:
         _fail(str(err))
     except Exception as err:  # noqa: BLE001 - storage errors (botocore's) after the retries: one line
-        if not type(err).__module__.startswith(("botocore", "boto3", "s3transfer")):
+        if not _storage_error(err):
             raise
-        _fail(f"{what}: {err}")
+        _fail(f"{what}: {err}{hint}")
+
+
+def _storage_error(err: Exception) -> bool:
+    return type(err).__module__.startswith(("botocore", "boto3", "s3transfer"))
 
 
 @champion_app.command("show")
