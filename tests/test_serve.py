@@ -81,7 +81,7 @@ def _output(proc, timeout: float) -> str:
 def server(exported, tmp_path_factory):
     folder, _ = exported
     work = tmp_path_factory.mktemp("serve")
-    proc, url = _start(str(folder), work, {"INSTRUCTFLOW_API_KEYS": f"other-key,{KEY}"})
+    proc, url = _start(str(folder), work, {"INSTRUCTFLOW_API_KEYS": f"other-key,{KEY}", "INSTRUCTFLOW_ADMIN_KEYS": KEY})
     try:
         wait_http(url + "/healthz", 120, proc)
         yield url
@@ -371,7 +371,7 @@ def test_openapi_fuzz_finds_no_server_error(server, tmp_path):
                          env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
     tail = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail
-    assert "Tested: 5" in run.stdout and "No issues found" in run.stdout, tail  # all five operations were exercised
+    assert "Tested: 6" in run.stdout and "No issues found" in run.stdout, tail  # all six operations were exercised
 
 
 def _hostile_bodies():
