@@ -133,12 +133,10 @@ def test_prefect_run_survives_a_storage_fault_and_pushes_every_stage(project, en
 KILL_POINTS = [
     "atomic_write#4",                 # the data stage, between writing a file and renaming it in
     "checkpoint_written#2",           # SFT: a checkpoint's tensors written, its trainer state not yet
-    "swap_in:model#1",                # SFT's model: the old folder renamed aside, the new one not yet in
     "dvc_push#4",                     # a stage recorded in dvc.lock, its outputs not yet pushed
     "iteration:ppo#2",                # PPO (in its own process, beside export and PPO-ptx), after iteration 2
-    "eval_answers#2",                 # evaluation, between two models' answers
-]  # (pretraining mid-epoch, the checkpoint's and the export's folder swaps: the same mechanisms, tested in
-   # test_reliability.py without a whole pipeline per kill)
+]  # (pretraining mid-epoch, a model's, a checkpoint's and the export's folder swaps: the same mechanisms, tested
+   # in test_reliability.py without a whole pipeline per kill; the evaluation keeps nothing between its runs)
 VOLATILE = ("per_s", "seconds", "rss", "resumed", "gpu", "_s")  # metrics of time and memory, not of results
 
 
@@ -207,7 +205,7 @@ def test_make_methods_flow_compares_every_method_over_two_seeds_and_versions_rep
 
 
 def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_result(project, env, tmp_path):
-    """The micro pipeline, killed with SIGKILL at six points spread over the stages and
+    """The micro pipeline, killed with SIGKILL at four points spread over the stages and
     rerun after each: the final run completes with the metrics of the uninterrupted run
     (`project`'s first run), `dvc status` is clean, and no kill left a half-written artifact."""
     reference = _results(project)
@@ -289,20 +287,23 @@ def test_dvc_repro_on_a_fresh_clone_reproduces_the_run(project, env, tmp_path):
     assert (clone / "dvc_plots/index.html").stat().st_size > 1000
 
 
-def _round(project, env, ok=True, **rounds):
+def _round(project, env, ok=True, run_flow=True, **rounds):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["rounds"] = {**params.get("rounds", {}), **rounds}
     params["orchestrate"] = {**params["orchestrate"], "concurrent_stages": False}  # micro stages: no process starts
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run([sys.executable, "-m", "instructflow.cli", "dvc-yaml"], project)
     run([*GIT, "commit", "-qm", f"rounds: {rounds}", "--", "params.yaml", "dvc.yaml"], project)
+    if not run_flow:
+        return None
     who = {f"GIT_{role}_{k}": v for role in ("AUTHOR", "COMMITTER") for k, v in (("NAME", "rounds"), ("EMAIL", "r@x.invalid"))}
     return run([sys.executable, "-m", "flows.rounds", "--params", "params.yaml"], project, {**env, **who}, ok=ok)
 
 
 def test_rounds_stop_on_bad_feedback_then_promote_keep_and_commit_each_round(project, env, bucket, s3_server, tmp_path):
     """Rounds on the micro project, with the store in SeaweedFS. The champion's micro answers hold control
-    characters: with no rejected share allowed, Great Expectations stops the round before any training.
+    characters: with no rejected share allowed, Great Expectations stops the round's feedback stage (the
+    flow stops on a failed stage before the next: test_bad_data_stops_the_flow_before_any_training).
     Round 1 (gate at 0) promotes v1: policy and RM published, pointer moved, ledger line, one git commit
     of ticket, ledger and dvc.lock. Round 2 starts from v1 with a challenger forced bad (PPO at lr 0.05)
     and the default gate: not promoted, the pointer stays, the report says why. Round 1's commit,
@@ -310,9 +311,13 @@ def test_rounds_stop_on_bad_feedback_then_promote_keep_and_commit_each_round(pro
     s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name=s3_server["AWS_REGION"],
                       aws_access_key_id=s3_server["AWS_ACCESS_KEY_ID"], aws_secret_access_key=s3_server["AWS_SECRET_ACCESS_KEY"])
     store = f"s3://{bucket}/store"
-    proc = _round(project, env, ok=False, enabled=True, store=store, max_rejected_share=0.0)
+    _round(project, env, run_flow=False, enabled=True, store=store, max_rejected_share=0.0)
+    (project / "rounds").mkdir()
+    (project / "rounds/round.json").write_text('{"round": 1, "champion": "sft"}')  # as the flow opens round 1
+    run([sys.executable, "-m", "instructflow.cli", "run", "--stages", "round_champion"], project, env)
+    proc = run([sys.executable, "-m", "instructflow.cli", "round-feedback"], project, env, ok=False)
     log = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "responses have no control characters or U+FFFD" in log and "quarantined to" in log
+    assert proc.returncode == 2 and "responses have no control characters or U+FFFD" in log and "quarantined to" in log
     assert not (project / "artifacts/round_reward/result.json").exists() and "Contents" not in s3.list_objects_v2(
         Bucket=bucket, Prefix="store/")
 

@@ -3,9 +3,6 @@ round ticket and ledger, the ranker interface and which stages a round runs. The
 through Prefect, DVC, git and SeaweedFS is in test_orchestration.py and test_deployments.py;
 the server following the champion in test_serve.py."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -138,18 +135,21 @@ def test_a_round_runs_its_stages_and_only_the_pipeline_stages_they_read():
     assert not group_specs(Params.model_validate({"rounds": {"enabled": False}}), "rounds")
 
 
-def test_the_champion_commands_answer_in_one_line(tmp_path, rm_export):
-    env = {**os.environ, "INSTRUCTFLOW_LOG": "WARNING"}
+def test_the_champion_commands_answer_in_one_line(tmp_path, rm_export, monkeypatch):
+    from typer.testing import CliRunner
+
+    from instructflow.cli import app
+
+    monkeypatch.chdir(tmp_path)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "instructflow.cli", "champion", *args, "--store", str(tmp_path / "s")],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        return CliRunner().invoke(app, ["champion", *args, "--store", str(tmp_path / "s")])
 
     out = cli("rollback")
-    assert out.returncode == 2 and "no champion to roll back" in out.stderr and "Traceback" not in out.stderr
+    assert out.exit_code == 2 and "no champion to roll back" in out.output and out.exception.__class__ is SystemExit
     promote(str(tmp_path / "s"), _folder(tmp_path, "policy", "x"), rm_export, {"round": 1})
     promote(str(tmp_path / "s"), tmp_path / "policy", rm_export, {"round": 2})
-    shown = json.loads(cli("show").stdout)
+    shown = json.loads(cli("show").output)
     assert shown["champion"]["version"] == "v2" and shown["versions"] == ["v1", "v2"]
     out = cli("rollback")
-    assert out.returncode == 0 and "champion is now v1 (rolled back from v2)" in out.stdout
+    assert out.exit_code == 0 and "champion is now v1 (rolled back from v2)" in out.output
