@@ -197,12 +197,8 @@ class EvalContext:
 
     def answer(self, model, mtok, few_shot: bool = False, seed_offset: int = 11) -> tuple[list[str], list[Answer]]:
         """One sampled answer per prompt (eval.temperature), as every evaluated model answers."""
-        cfg = self.params.eval
         asked = [few_shot_prompt(self.shots, t) for t in self.texts] if few_shot else self.texts
-        raw: list[Answer] = [r[0] for r in sample_answers(
-            model, mtok, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            seed=self.params.project.seed + seed_offset, batch_size=cfg.batch_size)]
-        return [a.text.split(STOP)[0].strip() or a.text for a in raw], raw
+        return eval_answers(self.params, model, mtok, asked, seed_offset)
 
     def measure(self, answers: list[str], values: list[float], tokens: list[int], ended: list[bool], *,
                 model=None, mtok=None, few_shot: bool = False, kl_to_sft: float | None = None) -> dict:
@@ -225,6 +221,16 @@ class EvalContext:
             "response_tokens": round(statistics.fmean(tokens), 2),
             "ended_rate": round(statistics.fmean(ended), 4),
         }
+
+
+def eval_answers(params: Params, model, tok, asked: list[str], seed_offset: int = 11) -> tuple[list[str], list[Answer]]:
+    """One sampled answer per prompt with the evaluation's settings and seed: (texts, raw answers).
+    Every judged model answers this way (eval, compare, the rounds' gate), so equal models give equal answers."""
+    cfg = params.eval
+    raw: list[Answer] = [r[0] for r in sample_answers(
+        model, tok, asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        seed=params.project.seed + seed_offset, batch_size=cfg.batch_size)]
+    return [a.text.split(STOP)[0].strip() or a.text for a in raw], raw
 
 
 def run_eval(params: Params, key: str = "") -> dict:

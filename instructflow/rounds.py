@@ -202,9 +202,9 @@ def run_round_export(params: Params, key: str = "") -> dict:
 
 
 def judged_answers(params: Params, judge, prompts: list[Prompt], models: dict[str, Path]) -> dict[str, list[float]]:
-    """Each model answers the prompts as the eval stage samples (same seed, temperature, length);
+    """Each model answers the prompts as the eval stage has them answer (evaluate.eval_answers);
     the judge's value of every answer, per model."""
-    from .generation import sample_answers
+    from .evaluate import eval_answers
     from .modeling import load_causal_lm
     from .training import autocast
 
@@ -212,9 +212,7 @@ def judged_answers(params: Params, judge, prompts: list[Prompt], models: dict[st
     for name, folder in models.items():
         model, tok = load_causal_lm(folder, params.model.dtype)
         with autocast(params.model.mixed_precision, next(model.parameters()).device):
-            answers = [r[0].text for r in sample_answers(
-                model, tok, [p.prompt for p in prompts], max_new_tokens=params.eval.max_new_tokens,
-                temperature=params.eval.temperature, seed=params.project.seed + 11, batch_size=params.eval.batch_size)]
+            answers, _ = eval_answers(params, model, tok, [p.prompt for p in prompts])
         values[name] = judge.values(prompts, answers)
     return values
 

@@ -583,14 +583,15 @@ def create_app(model_dir: Path | list[Path] | ChampionSource, cfg: ServeConfig):
         return JSONResponse({"detail": [{"loc": _printable(e.get("loc", ())), "msg": _printable(e.get("msg", "")),
                                          "type": _printable(e.get("type", ""))} for e in err.errors()]}, 422)
 
-    def authorize(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token or not key_matches(token, keys):
-            raise HTTPException(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+    def require_bearer(request: Request, accepted: list[str], what: str) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token or not key_matches(token, accepted):
+            raise HTTPException(401, f"missing or invalid {what} (send 'Authorization: Bearer <{what}>')",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    def authorize(request: Request) -> None:
+        if keys:
+            require_bearer(request, keys, "API key")
 
     def check_chars(name: str, text: str) -> None:
         if len(text) > cfg.max_chars:
@@ -657,10 +658,7 @@ def create_app(model_dir: Path | list[Path] | ChampionSource, cfg: ServeConfig):
     def authorize_admin(request: Request) -> None:
         if not admin_keys:
             raise HTTPException(403, f"admin endpoints are disabled: set {cfg.admin_keys_env} to enable them")
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token or not key_matches(token, admin_keys):
-            raise HTTPException(401, "missing or invalid admin key (send 'Authorization: Bearer <admin key>')",
-                                headers={"WWW-Authenticate": "Bearer"})
+        require_bearer(request, admin_keys, "admin key")
 
     @app.post("/admin/reload", dependencies=[Depends(authorize_admin)],
               responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
