@@ -50,7 +50,8 @@ def start(model: str, backend: str, work: Path, max_padding: float = 0.25) -> tu
     (work / "params.yaml").write_text(yaml.safe_dump({"serve": {"port": port, "backend": backend, "max_padding": max_padding}}))
     env = {**os.environ, "INSTRUCTFLOW_LOG": "WARNING"}
     env.pop("INSTRUCTFLOW_API_KEYS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", model, "--params", "params.yaml"],
+    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", model, "--params", "params.yaml",
+                             "--insecure-no-auth"],
                             cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

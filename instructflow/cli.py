@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .config import ConfigError, load_params
+from .config import ConfigError, load_params, parse_params
 from .io import ArtifactsBusy, DataError, DiskFull, exclusive
 from .registry import STAGES, dvc_yaml_text, pipeline_specs, resolve, run_stage, stage_specs
 from .report import format_table, key_metrics
@@ -48,12 +48,13 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(params_path: Path, overrides: list[str] | None = None):
-    """The params file, with `key.path=value` overrides (values read as YAML)."""
+def _load(params_path: Path, sets: list[str] | None = None, overrides: dict | None = None):
+    """The params file, with `key.path=value` overrides (values read as YAML) and `overrides` (dotted keys),
+    validated together."""
     import yaml
 
-    given = {}
-    for item in overrides or []:
+    given = dict(overrides or {})
+    for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             _fail(f"--set {item!r}: expected KEY=VALUE, e.g. --set sft.lora.r=16")
@@ -230,22 +231,30 @@ def serve(
                                             "serve an ensemble: its mean, and each item's spread. <store>/champion "
                                             "(s3://bucket/prefix/champion or a local store's) follows the champion "
                                             "pointer, swapping versions while serving.")] = "artifacts/export",
-    params: ParamsOpt = Path("params.yaml"),
+    params: Annotated[Path | None, typer.Option("--params", "-p", help="The params file (default: params.yaml when "
+                                                "there is one, else the defaults); a file named here must exist.")] = None,
     host: Annotated[str | None, typer.Option(help="Overrides serve.host.")] = None,
-    port: Annotated[int | None, typer.Option(help="Overrides serve.port.")] = None,
+    port: Annotated[int | None, typer.Option(help="Overrides serve.port (validated as in the params file).")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option("--insecure-no-auth", help="Serve without API keys: anyone who "
+                                                   "reaches the port can score. Without it, no keys is an error.")] = False,
 ) -> None:
     """Serve the exported RM over HTTP (POST /v1/score, /v1/compare; /healthz, /readyz, /metrics, /docs)."""
-    from .serve import serve as run_server
+    from .serve import load_api_keys, serve as run_server
 
     _setup_logging()
-    try:
-        cfg = load_params(params).serve if params.exists() else None
-    except ConfigError as err:
-        _fail(str(err))
-    from .config import ServeConfig
-
-    cfg = cfg or ServeConfig()
-    cfg = cfg.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    overrides = {f"serve.{k}": v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if params is None and not Path("params.yaml").exists():
+        cfg = _checked(lambda: parse_params(_dotted(overrides), "command line")).serve
+    else:
+        cfg = _load(params or Path("params.yaml"), overrides=overrides).serve
+    keys = _checked(lambda: load_api_keys(cfg))
+    if not keys and not insecure_no_auth:
+        _fail(f"no API keys: set {cfg.api_keys_env} (comma-separated) or serve.api_keys_file, or pass "
+              "--insecure-no-auth to serve without authentication")
+    if not keys:
+        logging.getLogger("instructflow").warning(
+            "serve: --insecure-no-auth: serving WITHOUT authentication on %s:%d; anyone who reaches it can score",
+            cfg.host, cfg.port)
     try:
         run_server(model, cfg)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
@@ -254,6 +263,26 @@ def serve(
         if not _storage_error(err):
             raise
         _fail(f"not serving {model}: {err}")
+
+
+def _checked(fn):
+    """fn(), with a configuration or file error as one line."""
+    try:
+        return fn()
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+
+
+def _dotted(overrides: dict) -> dict:
+    """{"serve.port": 1} -> {"serve": {"port": 1}}."""
+    out: dict = {}
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 @app.command()

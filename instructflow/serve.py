@@ -386,7 +386,10 @@ class LimitError(Exception):
 def load_api_keys(cfg: ServeConfig) -> list[str]:
     keys = [k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()]
     if cfg.api_keys_file:
-        keys += [line.strip() for line in Path(cfg.api_keys_file).read_text().splitlines() if line.strip()]
+        path = Path(cfg.api_keys_file)
+        if not path.is_file():
+            raise ValueError(f"serve.api_keys_file: {path} not found")
+        keys += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return keys
 
 

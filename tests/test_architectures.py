@@ -95,7 +95,8 @@ def test_every_stage_runs_on_the_architecture(arch, tokenizer, micro_data, tmp_p
     # the export, served: a score over HTTP equals the torch RM's
     port = free_port()
     env = {**os.environ, "INSTRUCTFLOW_LOG": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", "artifacts/export", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", "artifacts/export", "--port", str(port),
+                             "--insecure-no-auth"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 60, proc)

@@ -91,7 +91,8 @@ def test_every_stage_on_smollm2_with_real_preferences(smollm2, shared_data, tmp_
         assert result[stage]["peak_rss_mb"] > 500
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", "artifacts/export", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", "artifacts/export", "--port", str(port),
+                             "--insecure-no-auth"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 120, proc)

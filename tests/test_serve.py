@@ -65,8 +65,9 @@ def _start(model: str, tmp_path, env_extra: dict, limits: dict = LIMITS):
     env = {**os.environ, **env_extra}
     log_path = tmp_path / "server.log"  # a file, not a pipe: thousands of access-log lines would fill a pipe and stall the server
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", model, "--params", "params.yaml"],
-                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        open_ = [] if "INSTRUCTFLOW_API_KEYS" in env_extra else ["--insecure-no-auth"]
+        proc = subprocess.Popen([sys.executable, "-m", "instructflow.cli", "serve", "--model", model, "--params", "params.yaml",
+                                 *open_], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log_path = log_path
     return proc, f"http://127.0.0.1:{port}"
 
@@ -643,3 +644,25 @@ def test_the_server_follows_the_champion_under_load_through_two_promotions_and_a
         proc.send_signal(signal.SIGTERM)
         out = _output(proc, 30)
     assert "admin-key" not in out and "Traceback" not in out
+
+
+def test_serve_refuses_a_missing_params_file_an_invalid_override_and_no_keys(exported, tmp_path, monkeypatch):
+    """A named params file that does not exist is an error (not the defaults, open); --port goes through
+    the config's validation; no API keys is an error unless --insecure-no-auth says so."""
+    from typer.testing import CliRunner
+
+    from instructflow.cli import app
+
+    folder, _ = exported
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("INSTRUCTFLOW_API_KEYS", raising=False)
+    run = CliRunner().invoke
+    out = run(app, ["serve", "--model", str(folder), "--params", "typo.yaml"])
+    assert out.exit_code == 2 and "typo.yaml: params file not found" in out.output
+    out = run(app, ["serve", "--model", str(folder), "--port", "99999"])
+    assert out.exit_code == 2 and "serve.port" in out.output and "65535" in out.output
+    out = run(app, ["serve", "--model", str(folder)])
+    assert out.exit_code == 2 and "no API keys" in out.output and "--insecure-no-auth" in out.output
+    (tmp_path / "params.yaml").write_text("serve:\n  api_keys_file: keys.txt\n")
+    out = run(app, ["serve", "--model", str(folder)])
+    assert out.exit_code == 2 and "serve.api_keys_file: keys.txt not found" in out.output
