@@ -91,7 +91,7 @@ bench: bench-models bench-distributed
 	$(BIN)/python bench/serve_load.py --clients 32 --seconds 30
 	$(BIN)/python bench/peers.py
 
-# DDP against FSDP2 on 2 processes, each case's peak memory against instructflow/memory.py (docs/results.md)
+# DDP against FSDP2 on 2 processes, each case's peak memory against instructflow/lm/memory.py (docs/results.md)
 bench-distributed: setup smollm2
 	$(BIN)/python bench/distributed.py
 	test -f artifacts/pretrain/model/config.json || $(BIN)/instructflow run --params $(PARAMS) --stages data,validate,pretrain

@@ -1,5 +1,5 @@
 """Peak memory per process of SFT (and the RM and PPO) under DDP and FSDP2, against the memory
-model (instructflow/memory.py).
+model (instructflow/lm/memory.py).
 
     python bench/distributed.py [--model models/SmolLM2-135M-Instruct] [--batch 4] [--seq 128] [--steps 3]
                                 [--cases single,ddp,fsdp2,fsdp2-lora,fsdp2-gc,reward-fsdp2,ppo-fsdp2,tiny]
@@ -8,7 +8,7 @@ Each case runs a real stage through its CLI, launched by `accelerate launch --co
 infra/accelerate/<ddp|fsdp2>.yaml` on 2 processes (1 thread each), on HH-RLHF dialogs and Alpaca
 tasks from ../shared/data cut to --seq tokens, so every micro-batch is --batch x --seq. The
 stage reports each process's peak RSS after training (before the final model is gathered on
-the main process). The prediction is instructflow.memory.predict for the same stage, batch
+the main process). The prediction is instructflow.lm.memory.predict for the same stage, batch
 and length, plus the runtime measured here: the RSS of a process that has imported
 everything a stage imports and joined a gloo group, before it loads a model. Writes
 bench/results/distributed.json and prints a markdown table.
@@ -56,7 +56,7 @@ CASES = {
 
 RUNTIME_PROBE = """
 import os, resource, torch.distributed as dist
-import accelerate, transformers, instructflow.cli, instructflow.sft, instructflow.reward, instructflow.ppo
+import accelerate, transformers, instructflow.cli, instructflow.stages.sft, instructflow.stages.reward, instructflow.stages.ppo
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
@@ -130,7 +130,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from instructflow.memory import Shape, Workload, predict
+    from instructflow.lm.memory import Shape, Workload, predict
 
     shape = Shape.of(AutoConfig.from_pretrained(args.model))
     work = Path(tempfile.mkdtemp(prefix="instructflow-distributed-"))

@@ -34,9 +34,9 @@ def child(args) -> dict:
     import torch
 
     from instructflow.config import LoraConfig
-    from instructflow.losses import LMLoss, causal_lm_loss
-    from instructflow.modeling import add_lora, load_causal_lm, trainable_parameters
-    from instructflow.training import autocast, enable_gradient_checkpointing
+    from instructflow.lm.losses import LMLoss, causal_lm_loss
+    from instructflow.lm.modeling import add_lora, load_causal_lm, trainable_parameters
+    from instructflow.lm.training import autocast, enable_gradient_checkpointing
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

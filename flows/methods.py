@@ -9,7 +9,7 @@ overoptimization), versioned by DVC like the pipeline's. Replicates 1 ..
 methods.seeds - 1 run every stage again with project.seed + i under
 <artifacts_dir>/seeds/<seed>/ (cached by Prefect, not versioned by DVC:
 dvc.yaml describes replicate 0). The replicates' waves run side by side. The
-pooled figures (instructflow/methods.py) go to <artifacts_dir>/methods/ and to
+pooled figures (instructflow/replicates.py) go to <artifacts_dir>/methods/ and to
 the run's markdown report in Prefect.
 """
 
@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.pipeline import Run, checked_params, record_run, run_stages
 from instructflow.config import ConfigError, load_params
 from instructflow.io import exclusive, write_json
-from instructflow.methods import summarize, summary_markdown, write_replicates, write_summary
+from instructflow.replicates import summarize, summary_markdown, write_replicates, write_summary
 from instructflow.registry import group_specs, stage_specs
 
 

@@ -8,7 +8,7 @@ pipeline` ran them), each versioned by DVC, then promotes the challenger if the
 gate said so (a new version in rounds.store, the `champion` pointer moved last),
 writes the round's line in rounds.ledger and commits the ticket, the ledger and
 dvc.lock: a round is one commit. The round's report is the flow's markdown artifact.
-What the stages do: instructflow/rounds.py.
+What the stages do: instructflow/rounds/stages.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from flows.pipeline import Run, checked_params, record_run, run_stages
 from instructflow.config import ConfigError, load_params
 from instructflow.io import exclusive
 from instructflow.registry import ROUNDS_NEED, group_specs, with_upstream
-from instructflow.rounds import finish_round, ledger_markdown, open_round, read_ledger
+from instructflow.rounds.stages import finish_round, ledger_markdown, open_round, read_ledger
 from tasks.faults import retry_if_transient
 from tasks.stages import with_retries
 from tasks.versioning import dvc_root

@@ -21,7 +21,7 @@ from prefect.deployments import run_deployment
 
 from instructflow.config import Params, load_params
 from instructflow.registry import spec, stage_key
-from instructflow.storage import get_tree, put_tree
+from instructflow.serving.storage import get_tree, put_tree
 from tasks.faults import retry_if_transient
 from tasks.stages import stage, with_retries
 

@@ -131,7 +131,7 @@ def data_validate(
     """Check one dataset against its Great Expectations suite; exit 1 with a report naming the rows when it fails."""
     from .config import ValidateConfig
     from .io import write_json
-    from .validate import KINDS, validate_file
+    from .data.validate import KINDS, validate_file
 
     if kind not in KINDS:
         _fail(f"unknown kind '{kind}'; choose one of {', '.join(KINDS)}")
@@ -154,7 +154,7 @@ def model_import_gguf(
     out: Annotated[Path, typer.Argument(help="The folder to write (safetensors, config, tokenizer).")],
 ) -> None:
     """Dequantize a GGUF checkpoint into a safetensors folder that transformers loads as it is."""
-    from .modeling import import_gguf
+    from .lm.modeling import import_gguf
 
     _setup_logging()
     try:
@@ -188,8 +188,8 @@ def plan(
                                             "smollm2-135m, llama-3.2-1b, llama-3.1-8b, llama-3.1-70b.")] = "",
     table: Annotated[bool, typer.Option(help="The docs' table instead: 135M, 1B, 8B and 70B on 1x, 8x and 2x8x devices.")] = False,
 ) -> None:
-    """Predict each training stage's memory per device under DDP, FSDP2, FSDP2 + LoRA and FSDP2 with CPU offload (instructflow/memory.py)."""
-    from .memory import plan_rows, shape_of_params, workloads
+    """Predict each training stage's memory per device under DDP, FSDP2, FSDP2 + LoRA and FSDP2 with CPU offload (instructflow/lm/memory.py)."""
+    from .lm.memory import plan_rows, shape_of_params, workloads
 
     p = _load(params)
     try:
@@ -207,7 +207,7 @@ def plan(
 
 
 def _plan_table(p, device_gb: float) -> str:
-    from .memory import PRESETS, STRATEGIES, Shape, predict, workloads
+    from .lm.memory import PRESETS, STRATEGIES, Shape, predict, workloads
 
     clusters = {"1x80GB": 1, "8x80GB": 8, "2x8x80GB": 16}
     head = ["model", "stage", "strategy", *[f"{c} (GB/device)" for c in clusters]]
@@ -239,7 +239,7 @@ def serve(
                                                    "reaches the port can score. Without it, no keys is an error.")] = False,
 ) -> None:
     """Serve the exported RM over HTTP (POST /v1/score, /v1/compare; /healthz, /readyz, /metrics, /docs)."""
-    from .serve import load_api_keys, serve as run_server
+    from .serving.endpoint import load_api_keys, serve as run_server
 
     _setup_logging()
     overrides = {f"serve.{k}": v for k, v in {"host": host, "port": port}.items() if v is not None}
@@ -291,7 +291,7 @@ def publish(
     folder: Annotated[Path, typer.Option(help="The export folder.")] = Path("artifacts/export/rm"),
 ) -> None:
     """Upload the exported RM to object storage, manifest last (endpoint/credentials from AWS_* variables)."""
-    from .storage import publish_export
+    from .serving.storage import publish_export
 
     _setup_logging()
     m = _storage_call(lambda: publish_export(folder, uri), uri, " (nothing is published there until every file is up: rerun to finish)")
@@ -302,7 +302,7 @@ def publish(
 def methods_summary(params: ParamsOpt = Path("params.yaml")) -> None:
     """Pool the methods' figures over the seeds that have run (`make methods` does this itself):
     <artifacts_dir>/methods/summary.md, summary.json, figure1.png, overoptimization.png."""
-    from .methods import replicate, summarize, summary_markdown, write_summary
+    from .replicates import replicate, summarize, summary_markdown, write_summary
 
     p = _load(params)
     try:
@@ -339,8 +339,8 @@ def _storage_error(err: Exception) -> bool:
 @champion_app.command("show")
 def champion_show(store: StoreOpt = "", params: ParamsOpt = Path("params.yaml")) -> None:
     """Print the champion pointer and every published version."""
-    from .champion import list_versions, read_pointer
-    from .storage import open_store
+    from .rounds.champion import list_versions, read_pointer
+    from .serving.storage import open_store
 
     uri = _store(store, params)
     st = _storage_call(lambda: open_store(uri), uri)
@@ -355,7 +355,7 @@ def champion_rollback(
     store: StoreOpt = "", params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Move the champion pointer back; servers following it swap at their next check (or POST /admin/reload)."""
-    from .champion import rollback
+    from .rounds.champion import rollback
 
     uri = _store(store, params)
     pointer = _storage_call(lambda: rollback(uri, to or None), uri)
@@ -369,7 +369,7 @@ def champion_compare(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """A's win rate over B by the judge on the gate's prompts (e.g. round 3's champion against round 1's)."""
-    from .rounds import compare_versions
+    from .rounds.stages import compare_versions
 
     _setup_logging()
     p = _load(params)
@@ -380,7 +380,7 @@ def champion_compare(
 @app.command("rounds-report")
 def rounds_report(params: ParamsOpt = Path("params.yaml")) -> None:
     """Print every finished round (rounds.ledger): comparisons, RM accuracy, the gate's win rates, decisions."""
-    from .rounds import ledger_markdown, read_ledger
+    from .rounds.stages import ledger_markdown, read_ledger
 
     rows = read_ledger(_load(params))
     typer.echo(ledger_markdown(rows) if rows else "no round has finished yet (`make round`)")

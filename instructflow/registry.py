@@ -115,7 +115,7 @@ def builtin_data(params: Params) -> bool:
 
 
 def builtin_model(params: Params) -> bool:
-    from .modeling import BUILTIN
+    from .lm.modeling import BUILTIN
 
     return params.model.name_or_path == BUILTIN
 
@@ -155,20 +155,20 @@ def comparison_files(params: Params, a: Paths) -> tuple[str, ...]:
     return a.data("comparisons_train", "comparisons_val")
 
 
-@stage("data", "data.stage:run_data", "Write the datasets under artifacts/data/ (built-in suite or validated files).",
+@stage("data", "stages.data:run_data", "Write the datasets under artifacts/data/ (built-in suite or validated files).",
        ("project", "data"), command=("data", "build"), headline=("rows",))
 def _data(p: Params, a: Paths) -> IO:
     given = tuple(getattr(p.data, k) for k in ("demonstrations", "comparisons", "pretrain_text") if getattr(p.data, k))
     return IO(deps=given, outs=a.data(*datasets(p)))
 
 
-@stage("validate", "validate:run_validate", "Validate every dataset (Great Expectations); fails before any training.",
+@stage("validate", "data.validate:run_validate", "Validate every dataset (Great Expectations); fails before any training.",
        ("validate",), headline=("rows",))
 def _validate(p: Params, a: Paths) -> IO:
     return IO(deps=a.data(*datasets(p)), outs=(a("validate", "report.json"),))
 
 
-@stage("pretrain", "pretrain:run_pretrain", "Build (or load) the base model; artifacts/pretrain/model.",
+@stage("pretrain", "stages.pretrain:run_pretrain", "Build (or load) the base model; artifacts/pretrain/model.",
        ("project", "model", "pretrain"), headline=("heldout_ppl",))
 def _pretrain(p: Params, a: Paths) -> IO:
     trains = builtin_model(p) or p.pretrain.train_external
@@ -176,13 +176,13 @@ def _pretrain(p: Params, a: Paths) -> IO:
               outs=(a.model("pretrain"),), plots=(a.log("pretrain"),) if trains else ())
 
 
-@stage("sft", "sft:run_sft", "Supervised fine-tuning on demonstrations; artifacts/sft/model.",
+@stage("sft", "stages.sft:run_sft", "Supervised fine-tuning on demonstrations; artifacts/sft/model.",
        ("project", "model", "data", "sft"), headline=("val_loss", "likert_base", "likert_sft"))
 def _sft(p: Params, a: Paths) -> IO:
     return IO(deps=(a.model("pretrain"), *a.data("sft_train", "sft_val")), outs=(a.model("sft"),), plots=(a.log("sft"),))
 
 
-@stage("collect", "collect:run_collect", "Sample K responses per prompt from SFT and have labelers rank them.",
+@stage("collect", "stages.collect:run_collect", "Sample K responses per prompt from SFT and have labelers rank them.",
        ("project", "model", "data", "collect"), headline=("labeler_agreement", "labeler_agreement_heldout"),
        when=builtin_data, requires="data.source: builtin (its simulated labelers rank the samples)")
 def _collect(p: Params, a: Paths) -> IO:
@@ -190,14 +190,14 @@ def _collect(p: Params, a: Paths) -> IO:
               outs=(*comparison_files(p, a), a("collect", "agreement.json")))
 
 
-@stage("reward", "reward:run_reward", "Train the reward model on K-wise rankings; artifacts/reward/model.",
+@stage("reward", "stages.reward:run_reward", "Train the reward model on K-wise rankings; artifacts/reward/model.",
        ("project", "model", "data", "reward"), headline=("val_accuracy", "heldout_labeler_accuracy"))
 def _reward(p: Params, a: Paths) -> IO:
     return IO(deps=(a.model("sft"), *comparison_files(p, a), *a.data("sft_train")), outs=(a.model("reward"),),
               plots=(a.log("reward"),))
 
 
-@stage("gold_reward", "reward:run_gold_reward", "A second RM, on comparisons the proxy RM never sees: the evaluation's judge.",
+@stage("gold_reward", "stages.reward:run_gold_reward", "A second RM, on comparisons the proxy RM never sees: the evaluation's judge.",
        ("project", "model", "data", "reward"), headline=("val_accuracy",), when=gold_judge,
        requires="data.source: files with data.comparisons and data.gold_fraction > 0")
 def _gold_reward(p: Params, a: Paths) -> IO:
@@ -205,7 +205,7 @@ def _gold_reward(p: Params, a: Paths) -> IO:
               plots=(a.log("gold_reward"),))
 
 
-@stage("export", "export:run_export", "Export the RM to ONNX with a parity check against torch; artifacts/export/rm/.",
+@stage("export", "stages.export:run_export", "Export the RM to ONNX with a parity check against torch; artifacts/export/rm/.",
        ("project", "export"), headline=("parity_max_abs_diff",))
 def _export(p: Params, a: Paths) -> IO:
     return IO(deps=(a.model("reward"),), outs=(a("export", "rm"),))
@@ -225,15 +225,15 @@ def _ppo_io(name: str, extra: tuple[str, ...], ensemble: bool = False) -> Callab
     return io
 
 
-stage("ppo", "ppo:run_ppo", "PPO against the RM with a per-token KL penalty to SFT (no pretraining mix); artifacts/ppo/.",
+stage("ppo", "stages.ppo:run_ppo", "PPO against the RM with a per-token KL penalty to SFT (no pretraining mix); artifacts/ppo/.",
       ("project", "model", "pretrain", "ppo"), headline=("first_score", "final_score", "final_kl"))(_ppo_io("ppo", ()))
-stage("ppo_ptx", "ppo:run_ppo_ptx", "PPO-ptx: PPO plus ppo.ptx_coef x the pretraining log-likelihood; artifacts/ppo_ptx/.",
+stage("ppo_ptx", "stages.ppo:run_ppo_ptx", "PPO-ptx: PPO plus ppo.ptx_coef x the pretraining log-likelihood; artifacts/ppo_ptx/.",
       ("project", "model", "pretrain", "ppo"), headline=("first_score", "final_score", "final_kl"))(
     _ppo_io("ppo_ptx", ("pretrain_train",)))
 
 
 # ---- the methods beside PPO (`make methods`: flows/methods.py), before eval so that they share its waves
-@stage("reward_ensemble", "ensemble:run_reward_ensemble", "Train the RM ensemble's other members (seeds + 1 .. k-1).",
+@stage("reward_ensemble", "stages.reward_ensemble:run_reward_ensemble", "Train the RM ensemble's other members (seeds + 1 .. k-1).",
        ("project", "model", "data", "reward", "ensemble"), headline=("val_accuracy", "mean_member_val_accuracy"),
        when=methods_on, requires=METHODS_NEED, group="methods")
 def _reward_ensemble(p: Params, a: Paths) -> IO:
@@ -242,21 +242,21 @@ def _reward_ensemble(p: Params, a: Paths) -> IO:
               plots=tuple(a("reward_ensemble", f"member_{i}", "train_log.jsonl") for i in range(1, p.ensemble.members)))
 
 
-@stage("dpo", "dpo:run_dpo", "DPO from SFT on the comparisons (Plackett-Luce over each ranking); artifacts/dpo/model.",
+@stage("dpo", "stages.dpo:run_dpo", "DPO from SFT on the comparisons (Plackett-Luce over each ranking); artifacts/dpo/model.",
        ("project", "model", "data", "dpo"), headline=("val_loss", "val_accuracy"), when=methods_on, requires=METHODS_NEED,
        group="methods")
 def _dpo(p: Params, a: Paths) -> IO:
     return IO(deps=(a.model("sft"), *comparison_files(p, a)[:2]), outs=(a.model("dpo"),), plots=(a.log("dpo"),))
 
 
-@stage("best_of_n", "bestofn:run_best_of_n", "n SFT samples per evaluation prompt, scored by the RM (no training).",
+@stage("best_of_n", "stages.best_of_n:run_best_of_n", "n SFT samples per evaluation prompt, scored by the RM (no training).",
        ("project", "model", "eval", "best_of_n"), headline=("rm_score_best_of_1", "kl_to_sft"),
        when=lambda p: methods_on(p) and judged(p), requires=f"{METHODS_NEED}, and {JUDGE_NEEDS}", group="methods")
 def _best_of_n(p: Params, a: Paths) -> IO:
     return IO(deps=(a.model("sft"), a.model("reward"), *a.data("eval_prompts")), outs=(a("best_of_n", "samples.jsonl"),))
 
 
-stage("ppo_ensemble", "ppo:run_ppo_ensemble", "PPO against the RM ensemble's conservative reward; artifacts/ppo_ensemble/.",
+stage("ppo_ensemble", "stages.ppo:run_ppo_ensemble", "PPO against the RM ensemble's conservative reward; artifacts/ppo_ensemble/.",
       ("project", "model", "pretrain", "ppo", "ensemble"), headline=("first_score", "final_score", "final_kl"),
       when=methods_on, requires=METHODS_NEED, group="methods")(_ppo_io("ppo_ensemble", (), ensemble=True))
 
@@ -265,8 +265,8 @@ def _judge_deps(p: Params, a: Paths) -> tuple[str, ...]:
     return (a("collect", "agreement.json"),) if builtin_data(p) else (a.model("gold_reward"), a("gold_reward", "result.json"))
 
 
-@stage("eval", "evaluate:run_eval", "Judge base (few-shot), SFT, PPO and PPO-ptx on held-out prompts; artifacts/eval/.",
-       ("project", "model", "data", "pretrain", "reward", "eval"), table="evaluate:summary_table",
+@stage("eval", "stages.evaluate:run_eval", "Judge base (few-shot), SFT, PPO and PPO-ptx on held-out prompts; artifacts/eval/.",
+       ("project", "model", "data", "pretrain", "reward", "eval"), table="stages.evaluate:summary_table",
        when=judged, requires=JUDGE_NEEDS)
 def _eval(p: Params, a: Paths) -> IO:
     models = tuple(a.model(s) for s in ("pretrain", "sft", "reward", "ppo", "ppo_ptx"))
@@ -276,8 +276,8 @@ def _eval(p: Params, a: Paths) -> IO:
               plots=(a("eval", "winrate.png"), a("eval", "ppo_curves.png")))
 
 
-@stage("compare", "compare:run_compare", "Every method against SFT by the judge (Figure 1 with DPO, best-of-n, ensembles).",
-       ("project", "model", "data", "pretrain", "reward", "eval", "best_of_n"), table="evaluate:summary_table",
+@stage("compare", "stages.compare:run_compare", "Every method against SFT by the judge (Figure 1 with DPO, best-of-n, ensembles).",
+       ("project", "model", "data", "pretrain", "reward", "eval", "best_of_n"), table="stages.evaluate:summary_table",
        when=lambda p: methods_on(p) and judged(p), requires=f"{METHODS_NEED}, and {JUDGE_NEEDS}", group="methods")
 def _compare(p: Params, a: Paths) -> IO:
     return IO(deps=(*a.data("eval_prompts", "pretrain_heldout", "sft_train"), a.model("sft"), a.model("reward"),
@@ -286,7 +286,7 @@ def _compare(p: Params, a: Paths) -> IO:
               metrics=(a("compare", "metrics.json"),), plots=(a("compare", "figure1.png"),))
 
 
-@stage("overoptimization", "compare:run_overoptimization",
+@stage("overoptimization", "stages.compare:run_overoptimization",
        "Proxy reward and the judge against sqrt(KL) along PPO's snapshots, one RM and the ensemble (Gao et al. 2022).",
        ("project", "model", "data", "pretrain", "reward", "eval", "ppo", "ensemble", "best_of_n", "methods"),
        headline=("peak_kl_ppo", "peak_win_rate_ppo", "peak_kl_ppo_ensemble", "peak_win_rate_ppo_ensemble"),
@@ -299,7 +299,7 @@ def _overoptimization(p: Params, a: Paths) -> IO:
               metrics=(a("overoptimization", "metrics.json"),), plots=(a("overoptimization", "overoptimization.png"),))
 
 
-# ---- rounds of on-policy feedback (`make round`: flows/rounds.py, instructflow/rounds.py)
+# ---- rounds of on-policy feedback (`make round`: flows/rounds.py, instructflow/rounds/stages.py)
 def rounds_on(params: Params) -> bool:
     return params.rounds.enabled and builtin_data(params)
 
@@ -308,7 +308,7 @@ ROUNDS_NEED = "rounds.enabled and data.source: builtin (its training labelers ra
 
 
 def _round_stage(name: str, help: str, sections: tuple[str, ...], headline: tuple[str, ...] = ()):
-    return stage(name, f"rounds:run_{name}", help, ("rounds", *sections), headline=headline, when=rounds_on,
+    return stage(name, f"rounds.stages:run_{name}", help, ("rounds", *sections), headline=headline, when=rounds_on,
                  requires=ROUNDS_NEED, group="rounds")
 
 

@@ -20,7 +20,7 @@ from conftest import free_port, stop, wait_http
 from instructflow.config import load_params
 from instructflow.data.formats import PretrainText
 from instructflow.io import read_jsonl
-from instructflow.modeling import load_reward_model, train_tokenizer
+from instructflow.lm.modeling import load_reward_model, train_tokenizer
 from instructflow.registry import run_stage
 from test_stages import MICRO
 from tiny import CHATML
@@ -104,7 +104,7 @@ def test_every_stage_runs_on_the_architecture(arch, tokenizer, micro_data, tmp_p
         got = httpx.post(f"http://127.0.0.1:{port}/v1/score", json={"items": [item]}, timeout=30).json()["scores"][0]
     finally:
         stop(proc)
-    from instructflow.reward import score_texts
+    from instructflow.stages.reward import score_texts
 
     rm, rm_tok = load_reward_model("artifacts/reward/model")
     want = float(score_texts(rm, rm_tok, [item["prompt"]], [item["response"]], 160)[0])

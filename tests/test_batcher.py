@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from instructflow.serve import MicroBatcher
+from instructflow.serving.endpoint import MicroBatcher
 
 
 class Engine:
@@ -83,7 +83,7 @@ def test_a_lone_job_waits_at_most_max_wait(max_wait_s):
 
 
 def test_length_groups_bound_the_padding_and_cover_every_sequence():
-    from instructflow.serve import length_groups
+    from instructflow.serving.endpoint import length_groups
 
     lengths = [30, 5, 6, 300, 7, 31, 290, 5]
     groups = length_groups(lengths, max_padding=0.25)
@@ -94,7 +94,7 @@ def test_length_groups_bound_the_padding_and_cover_every_sequence():
 
 
 def test_grouped_scoring_returns_each_score_in_its_place():
-    from instructflow.serve import _Scorer
+    from instructflow.serving.endpoint import _Scorer
 
     class Lengths(_Scorer):
         calls = []

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import peers  # noqa: E402
 import serve_load  # noqa: E402
 from instructflow.config import OptimConfig, ProjectConfig  # noqa: E402
-from instructflow.training import make_accelerator, train_loop  # noqa: E402
+from instructflow.lm.training import make_accelerator, train_loop  # noqa: E402
 
 
 def test_our_order_is_the_order_train_loop_visits(tmp_path):

@@ -1,11 +1,11 @@
-"""The decoding loop (instructflow.generation.sample_tokens) against Hugging Face's `generate`:
+"""The decoding loop (instructflow.lm.generation.sample_tokens) against Hugging Face's `generate`:
 token for token when greedy, including rows that finish at different steps and leave the batch,
 and in distribution when sampling at a temperature."""
 import pytest
 import torch
 
-from instructflow.encoding import encode_prompt, pad
-from instructflow.generation import sample_tokens
+from instructflow.lm.encoding import encode_prompt, pad
+from instructflow.lm.generation import sample_tokens
 from tiny import tiny_lm
 
 PROMPTS = ["What color is the ball?", "Hi", "Ana has a green kite. Ben has a pink hat."]  # unequal: left padding

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from instructflow.cli import app
 from instructflow.data.importers import import_alpaca, import_hh_rlhf, import_trl_preference, split_hh_dialog
 from instructflow.io import BOM, DataError
-from instructflow.encoding import format_prompt
+from instructflow.lm.encoding import format_prompt
 
 
 def test_hh_split_keeps_the_dialog_and_round_trips_through_the_template():

@@ -1,4 +1,4 @@
-"""The memory model (instructflow/memory.py): architecture counts against real models, each part
+"""The memory model (instructflow/lm/memory.py): architecture counts against real models, each part
 against hand-computed values, and `instructflow plan` through its CLI. Its predictions against
 measured peaks are bench/distributed.py's job (docs/results.md)."""
 import subprocess
@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from instructflow.config import LoraConfig
-from instructflow.memory import MB, PRESETS, Shape, Workload, predict, trained_parameters
-from instructflow.modeling import add_lora, trainable_parameters
+from instructflow.lm.memory import MB, PRESETS, Shape, Workload, predict, trained_parameters
+from instructflow.lm.modeling import add_lora, trainable_parameters
 from tiny import tiny_lm
 
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from instructflow.bestofn import best_of_n_kl, pick, powers_of_two
-from instructflow.compare import gold_peak
+from instructflow.stages.best_of_n import best_of_n_kl, pick, powers_of_two
+from instructflow.stages.compare import gold_peak
 from instructflow.config import EnsembleConfig, Params
 from instructflow.data.formats import Comparison
-from instructflow.dpo import DPOExample, collate_dpo, dpo_loss, rank_levels, response_logps
-from instructflow.ensemble import RewardEnsemble
-from instructflow.losses import LMLoss, conservative_reward, kwise_loss, plackett_luce_loss
-from instructflow.methods import replicate, spread
-from instructflow.modeling import reward_scores
+from instructflow.stages.dpo import DPOExample, collate_dpo, dpo_loss, rank_levels, response_logps
+from instructflow.stages.reward_ensemble import RewardEnsemble
+from instructflow.lm.losses import LMLoss, conservative_reward, kwise_loss, plackett_luce_loss
+from instructflow.replicates import replicate, spread
+from instructflow.lm.modeling import reward_scores
 from tiny import tiny_lm
 
 

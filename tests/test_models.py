@@ -6,11 +6,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from instructflow.config import LoraConfig, OptimConfig, ProjectConfig
-from instructflow.encoding import dialog_messages, encode_prompt, encode_response, end_of_turn_id
-from instructflow.losses import LMLoss, causal_lm_loss
-from instructflow.modeling import (MAX_LEN_KEY, add_lora, build_tiny_llama, context_length, ensure_pad_token,
+from instructflow.lm.encoding import dialog_messages, encode_prompt, encode_response, end_of_turn_id
+from instructflow.lm.losses import LMLoss, causal_lm_loss
+from instructflow.lm.modeling import (MAX_LEN_KEY, add_lora, build_tiny_llama, context_length, ensure_pad_token,
                                    load_causal_lm, merged, position_limit)
-from instructflow.training import make_accelerator, save_model_atomic, train_loop
+from instructflow.lm.training import make_accelerator, save_model_atomic, train_loop
 from tiny import MICRO, TEXTS, chatml_tokenizer, tiny_lm
 
 

@@ -153,7 +153,7 @@ def _assert_nothing_half_written(project: Path) -> None:
     model and ONNX export that exists reads in full."""
     from safetensors import safe_open
 
-    from instructflow.export import verify_export
+    from instructflow.stages.export import verify_export
 
     art = project / "artifacts"
     for f in art.rglob("*.json"):
@@ -230,10 +230,10 @@ def test_second_run_is_all_cached_and_a_ppo_change_reruns_only_what_follows(proj
     assert set(states(rec).values()) == {"Cached"}, states(rec)
     assert rec["stage_compute_s"] == 0
     # an edit to code no stage runs (the endpoint) changes no key (test_registry.py) and no DVC stage
-    serve = project / "instructflow/serve.py"
+    serve = project / "instructflow/serving/endpoint.py"
     serve.write_text(serve.read_text().replace('"""The scoring endpoint', '"""The scoring endpoint (edited)', 1))
     assert "up to date" in run([str(BIN / "dvc"), "status"], project, env).stdout
-    run([*GIT, "checkout", "instructflow/serve.py"], project)
+    run([*GIT, "checkout", "instructflow/serving/endpoint.py"], project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["ppo"]["lr"] = 3e-4
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from instructflow.evaluate import bootstrap_interval
-from instructflow.ppo import (
+from instructflow.stages.evaluate import bootstrap_interval
+from instructflow.stages.ppo import (
     KLController,
     apply_no_eos_score,
     gae,
@@ -16,7 +16,7 @@ from instructflow.ppo import (
     value_loss,
     whiten,
 )
-from instructflow.losses import causal_lm_loss
+from instructflow.lm.losses import causal_lm_loss
 from tiny import tiny_lm
 
 
@@ -150,8 +150,8 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
 
 
 def test_sequence_logprobs_sums_only_the_response_tokens():
-    from instructflow.encoding import encode_prompt, encode_response
-    from instructflow.evaluate import sequence_logprobs
+    from instructflow.lm.encoding import encode_prompt, encode_response
+    from instructflow.stages.evaluate import sequence_logprobs
 
     model, tok = tiny_lm()
     model.eval()
@@ -168,8 +168,8 @@ def test_sequence_logprobs_sums_only_the_response_tokens():
 def _padded_rollout(tok, prompts, responses):
     """A Rollout of left-padded prompts and right-padded responses (EOS included), plus the
     unpadded rows, built the way `rollout` lays them out."""
-    from instructflow.encoding import encode_prompt, encode_response, pad
-    from instructflow.ppo import Rollout
+    from instructflow.lm.encoding import encode_prompt, encode_response, pad
+    from instructflow.stages.ppo import Rollout
 
     p_ids, p_attn = pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id, side="left")
     resp = [encode_response(tok, r) for r in responses]
@@ -188,7 +188,7 @@ def _padded_rollout(tok, prompts, responses):
 def test_response_logprobs_match_a_plain_loop_over_unpadded_rows():
     """Left-padded prompts, right-padded responses and the LM head on the response only
     (`logits_to_keep`) give each row the log-probabilities it has unpadded."""
-    from instructflow.ppo import response_logprobs
+    from instructflow.stages.ppo import response_logprobs
 
     model, tok = tiny_lm()
     model.eval()
@@ -217,7 +217,7 @@ def test_response_logprobs_match_a_plain_loop_over_unpadded_rows():
 
 
 def test_minibatch_drops_all_padding_columns_and_changes_no_logprob():
-    from instructflow.ppo import minibatch, response_logprobs
+    from instructflow.stages.ppo import minibatch, response_logprobs
 
     model, tok = tiny_lm()
     model.eval()

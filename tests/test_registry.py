@@ -37,11 +37,12 @@ def test_a_stage_runs_the_code_its_module_imports_and_nothing_else():
         return {f.relative_to(PACKAGE_DIR).as_posix() for f in code_files(STAGES[stage].module)}
 
     sft = rel("sft")
-    assert {"sft.py", "losses.py", "encoding.py", "training.py", "modeling.py", "__init__.py", "suite/__init__.py"} <= sft
-    assert not sft & {"serve.py", "export.py", "ppo.py", "cli.py", "registry.py"}
-    assert "validate.py" in rel("data")  # imported inside a function: still code the stage runs
+    assert {"stages/sft.py", "lm/losses.py", "lm/encoding.py", "lm/training.py", "lm/modeling.py", "__init__.py",
+            "stages/__init__.py", "data/suite/__init__.py"} <= sft
+    assert not sft & {"serving/endpoint.py", "stages/export.py", "stages/ppo.py", "cli.py", "registry.py"}
+    assert "data/validate.py" in rel("data")  # imported inside a function: still code the stage runs
     for stage in TRAINING:
-        assert "serve.py" not in rel(stage) and "cli.py" not in rel(stage)
+        assert "serving/endpoint.py" not in rel(stage) and "cli.py" not in rel(stage)
 
 
 def test_runtime_settings_change_no_key_and_a_params_section_changes_only_its_readers(tmp_path, monkeypatch):
@@ -68,10 +69,10 @@ def test_an_edit_to_serve_py_changes_no_stage_key_and_an_edit_to_losses_py_chang
         return yaml.safe_load(out.stdout)
 
     before = keys()
-    serve = tmp_path / "instructflow/serve.py"
+    serve = tmp_path / "instructflow/serving/endpoint.py"
     serve.write_text(serve.read_text().replace('"""The scoring endpoint', '"""The scoring endpoint (edited)', 1))
     assert keys() == before
-    losses = tmp_path / "instructflow/losses.py"
+    losses = tmp_path / "instructflow/lm/losses.py"
     losses.write_text(losses.read_text() + "\n# an edit\n")
     after = keys()
     assert {s for s in after if after[s] != before[s]} == {"pretrain", "sft", "reward", "ppo", "ppo_ptx", "eval",

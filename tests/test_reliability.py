@@ -16,7 +16,7 @@ import torch
 from tiny import tiny_lm
 
 from instructflow.config import OptimConfig, ProjectConfig
-from instructflow.training import CheckpointClock, load_checkpoint, make_accelerator, save_checkpoint, save_model_atomic
+from instructflow.lm.training import CheckpointClock, load_checkpoint, make_accelerator, save_checkpoint, save_model_atomic
 
 
 class _Stop(RuntimeError):
@@ -58,7 +58,7 @@ def test_a_checkpoint_is_saved_by_time_when_steps_alone_would_save_none(monkeypa
 
 
 def test_train_loop_saves_by_time_and_resumes_from_it(tmp_path):
-    from instructflow.training import train_loop
+    from instructflow.lm.training import train_loop
 
     model, _ = tiny_lm()
     data = [torch.randint(3, 250, (16,)) for _ in range(32)]
@@ -155,7 +155,7 @@ DISK_FULL_SCRIPT = textwrap.dedent('''
     import torch
     from tiny import tiny_lm
     from instructflow.config import ProjectConfig
-    from instructflow.training import load_checkpoint, make_accelerator, save_checkpoint, save_model_atomic
+    from instructflow.lm.training import load_checkpoint, make_accelerator, save_checkpoint, save_model_atomic
 
     out = Path(sys.argv[1])
     model, tok = tiny_lm()

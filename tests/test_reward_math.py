@@ -5,10 +5,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from instructflow.data.formats import Comparison, Demonstration
-from instructflow.encoding import pad
-from instructflow.losses import kwise_loss
-from instructflow.modeling import reward_scores
-from instructflow.reward import (centre_on_demonstrations, collate_comparisons, comparison_rewards, encode_comparison,
+from instructflow.lm.encoding import pad
+from instructflow.lm.losses import kwise_loss
+from instructflow.lm.modeling import reward_scores
+from instructflow.stages.reward import (centre_on_demonstrations, collate_comparisons, comparison_rewards, encode_comparison,
                                  rm_loss, score_texts)
 from tiny import tiny_lm
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from instructflow.champion import list_versions, promote, read_pointer, read_version, rollback
+from instructflow.rounds.champion import list_versions, promote, read_pointer, read_version, rollback
 from instructflow.config import Params
-from instructflow.storage import FolderStore, fetch_folder, publish_folder
+from instructflow.serving.storage import FolderStore, fetch_folder, publish_folder
 
 
 def _folder(root: Path, name: str, text: str) -> Path:
@@ -88,7 +88,7 @@ def test_nothing_unverified_is_promoted_and_a_tampered_file_is_refused_on_fetch(
 
 
 def test_a_round_opens_after_the_last_finished_one_from_the_champion_the_store_points_at(tmp_path, rm_export, monkeypatch):
-    from instructflow.rounds import append_ledger, open_round, read_ledger
+    from instructflow.rounds.stages import append_ledger, open_round, read_ledger
 
     monkeypatch.chdir(tmp_path)
     p = Params.model_validate({"rounds": {"store": str(tmp_path / "store")}})
@@ -102,15 +102,15 @@ def test_a_round_opens_after_the_last_finished_one_from_the_champion_the_store_p
     append_ledger(p, {"round": 2, "promoted": False})  # a round run again replaces its line
     assert read_ledger(p) == [{"round": 1, "promoted": False}, {"round": 2, "promoted": False}]
     Path("rounds/round.json").write_text('{"round": 0}')
-    from instructflow.rounds import read_ticket
+    from instructflow.rounds.stages import read_ticket
 
     with pytest.raises(ValueError, match="a ticket is"):
         read_ticket(p)
 
 
 def test_simulated_labelers_rank_behind_the_ranker_interface():
-    from instructflow.ranking import Ranker, make_ranker
-    from instructflow.suite.build import fresh_prompts
+    from instructflow.rounds.ranking import Ranker, make_ranker
+    from instructflow.data.suite.build import fresh_prompts
 
     p = Params()
     ranker: Ranker = make_ranker(p, seed=3)

@@ -13,10 +13,10 @@ import yaml
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from conftest import free_port, wait_http
-from instructflow.export import ExportError, export_reward_model, ort_session, verify_export
-from instructflow.encoding import encode_pair, pad
-from instructflow.modeling import load_reward_model, reward_scores
-from instructflow.serve import TorchScorer
+from instructflow.stages.export import ExportError, export_reward_model, ort_session, verify_export
+from instructflow.lm.encoding import encode_pair, pad
+from instructflow.lm.modeling import load_reward_model, reward_scores
+from instructflow.serving.endpoint import TorchScorer
 from tiny import MICRO, TEXTS
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ LIMITS = {"max_items": 8, "max_chars": 2000, "max_body_bytes": 40000, "max_batch
 
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory):
-    from instructflow.modeling import train_tokenizer
+    from instructflow.lm.modeling import train_tokenizer
 
     tok = train_tokenizer(TEXTS, MICRO.vocab_size)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=MICRO.hidden_size, intermediate_size=MICRO.intermediate_size,
@@ -237,7 +237,7 @@ def test_a_tampered_model_is_refused(exported, tmp_path):
 def test_model_served_from_s3_and_tampering_there_is_refused(exported, s3_server, tmp_path):
     import boto3
 
-    from instructflow.storage import publish_export
+    from instructflow.serving.storage import publish_export
 
     folder, manifest = exported
     client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], aws_access_key_id="x", aws_secret_access_key="y",
@@ -290,7 +290,7 @@ def test_publishing_through_a_storage_outage_retries_and_no_reader_sees_a_partia
     from botocore.exceptions import ClientError
 
     from conftest import FlakyProxy
-    from instructflow.storage import fetch_export, publish_export
+    from instructflow.serving.storage import fetch_export, publish_export
 
     folder, manifest = exported
     client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], aws_access_key_id="x", aws_secret_access_key="y",
@@ -533,7 +533,7 @@ def test_the_server_follows_the_champion_under_load_through_two_promotions_and_a
 
     import boto3
 
-    from instructflow.champion import promote, rollback
+    from instructflow.rounds.champion import promote, rollback
     from instructflow.io import sha256_file
 
     for k, v in s3_server.items():

@@ -5,10 +5,10 @@ import torch
 
 from instructflow.config import OptimConfig
 from instructflow.data.formats import Demonstration
-from instructflow.encoding import join_truncated
-from instructflow.modeling import add_residual_dropout
-from instructflow.sft import encode_demonstration, sft_batch
-from instructflow.training import cosine_with_warmup, make_accelerator, train_loop
+from instructflow.lm.encoding import join_truncated
+from instructflow.lm.modeling import add_residual_dropout
+from instructflow.stages.sft import encode_demonstration, sft_batch
+from instructflow.lm.training import cosine_with_warmup, make_accelerator, train_loop
 from instructflow.config import ProjectConfig
 from tiny import tiny_lm
 
@@ -26,7 +26,7 @@ def test_prompt_tokens_carry_no_sft_loss():
     # the loss gradient w.r.t. the logits that predict prompt tokens is exactly zero
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits.retain_grad()
-    from instructflow.losses import causal_lm_loss
+    from instructflow.lm.losses import causal_lm_loss
     causal_lm_loss(logits, batch["labels"]).backward()
     for i, (ids, n_prompt) in enumerate(ex):
         # position t predicts token t+1: positions 0..n_prompt-2 predict prompt tokens
@@ -105,7 +105,7 @@ def test_tiny_model_initial_weight_scale_follows_init_std(tmp_path):
     config (initializer_range), so plain transformers reloads the same model."""
     from transformers import AutoModelForCausalLM
 
-    from instructflow.modeling import build_tiny_llama, train_tokenizer
+    from instructflow.lm.modeling import build_tiny_llama, train_tokenizer
     from tiny import MICRO, TEXTS
 
     tok = train_tokenizer(TEXTS, MICRO.vocab_size)
@@ -125,7 +125,7 @@ def test_length_grouped_batches_cover_every_item_once_with_less_padding():
     batching, a function of (seed, epoch) alone, and less padding on mixed lengths."""
     import random
 
-    from instructflow.training import epoch_batches
+    from instructflow.lm.training import epoch_batches
 
     rng = random.Random(0)
     n, bs = 1003, 16
@@ -151,7 +151,7 @@ def test_length_grouped_batches_cover_every_item_once_with_less_padding():
 def test_train_loop_visits_the_length_grouped_batches(tmp_path):
     """With group_by_length and a size_fn, train_loop takes exactly epoch_batches' grouped
     batches; without a size_fn (pretraining) it keeps random ones."""
-    from instructflow.training import epoch_batches
+    from instructflow.lm.training import epoch_batches
 
     lengths = [3, 30] * 40
 

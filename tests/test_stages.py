@@ -130,7 +130,7 @@ def test_saved_models_load_with_plain_transformers(micro_run):
     rm = AutoModelForSequenceClassification.from_pretrained(root / "artifacts/reward/model")
     assert rm.config.num_labels == 1 and isinstance(rm.config.reward_bias, float)
     # the saved bias centres the demonstrations: plain logits + config.reward_bias average to 0
-    from instructflow.encoding import encode_prompt, encode_response
+    from instructflow.lm.encoding import encode_prompt, encode_response
     demos = read_jsonl(root / "artifacts/data/sft_train.jsonl", Demonstration)
     scores = []
     with torch.no_grad():

@@ -6,9 +6,9 @@ import pytest
 from instructflow.config import DataConfig, LabelerConfig
 from instructflow.data.formats import Demonstration, Prompt
 from instructflow.io import read_jsonl
-from instructflow.suite import instructions as T
-from instructflow.suite.build import build_builtin
-from instructflow.suite.labelers import Labeler, pairwise_agreement
+from instructflow.data.suite import instructions as T
+from instructflow.data.suite.build import build_builtin
+from instructflow.data.suite.labelers import Labeler, pairwise_agreement
 
 CATS = DataConfig().categories
 

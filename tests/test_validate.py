@@ -10,7 +10,7 @@ import pytest
 from instructflow.config import ValidateConfig
 from instructflow.data.formats import Comparison, Demonstration, PretrainText, Prompt
 from instructflow.io import BOM, DataError, read_jsonl
-from instructflow.validate import ValidationFailed, validate_dataset_dir, validate_file, validate_inputs
+from instructflow.data.validate import ValidationFailed, validate_dataset_dir, validate_file, validate_inputs
 
 
 def good(kind: str, i: int) -> dict:

@@ -1,6 +1,6 @@
 """A very small model and tokenizer for unit tests (built in well under a second)."""
 from instructflow.config import TinyModelConfig
-from instructflow.modeling import build_tiny_llama, train_tokenizer
+from instructflow.lm.modeling import build_tiny_llama, train_tokenizer
 
 TEXTS = ["Human: What color is the ball?\n\nAssistant: It is red.", "The blue fox runs near the lake.",
          "Ana has a green kite. Ben has a pink hat.", "Positive. Negative. I do not know."] * 20

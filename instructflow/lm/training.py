@@ -30,8 +30,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .config import OptimConfig, ProjectConfig
-from .io import crash_point, restore_aside, swap_in, writing_folder
+from ..config import OptimConfig, ProjectConfig
+from ..io import crash_point, restore_aside, swap_in, writing_folder
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import itertools
 import math
 import random
 
-from ..config import LabelerConfig
+from ...config import LabelerConfig
 from .instructions import Grade, flawed_response, gold_response, grade
 
 

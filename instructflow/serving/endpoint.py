@@ -7,7 +7,7 @@
     GET  /metrics     Prometheus (the version served and the swaps too);  GET /docs  OpenAPI
     POST /admin/reload   (admin key) check the champion pointer now
 
-`--model <store>/champion` follows the champion pointer (instructflow/champion.py):
+`--model <store>/champion` follows the champion pointer (instructflow/rounds/champion.py):
 every serve.champion_poll_s, or on POST /admin/reload, a new version is downloaded
 beside the one serving, verified (checksums, and its probe texts scored again
 against the scores the export recorded), and swapped in: requests admitted before
@@ -42,9 +42,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, Field
 
-from .config import ServeConfig
-from .encoding import encode_pair, pad
-from .export import MANIFEST, ort_session, verify_export
+from ..config import ServeConfig
+from ..lm.encoding import encode_pair, pad
+from ..stages.export import MANIFEST, ort_session, verify_export
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class TorchScorer(_Scorer):
     def __init__(self, folder: Path, provider: str = "auto"):
         import torch
 
-        from .modeling import context_length, load_reward_model
+        from ..lm.modeling import context_length, load_reward_model
 
         self.torch = torch
         # The same device rule as ONNX Runtime's provider, so a GPU host compares GPU with GPU.
@@ -127,7 +127,7 @@ class TorchScorer(_Scorer):
         self.provider = f"torch-eager-{self.device.type}"
 
     def score_batch(self, seqs: list[list[int]]) -> list[float]:
-        from .modeling import reward_scores
+        from ..lm.modeling import reward_scores
 
         ids, mask = pad(seqs, self.pad_id)
         with self.torch.inference_mode():
@@ -202,7 +202,7 @@ class ChampionSource:
         self.initial: tuple[dict, _Scorer] | None = None
 
     def pointer(self) -> dict | None:
-        from .champion import read_pointer
+        from ..rounds.champion import read_pointer
 
         return read_pointer(self.store)
 

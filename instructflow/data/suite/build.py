@@ -17,9 +17,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..config import DataConfig
-from ..data.formats import Demonstration, PretrainText, Prompt, split_by_prompt
-from ..io import write_jsonl
+from ...config import DataConfig
+from ..formats import Demonstration, PretrainText, Prompt, split_by_prompt
+from ...io import write_jsonl
 from . import world as W
 from .instructions import grade, harmful_probability, make_prompt
 from .labelers import Labeler

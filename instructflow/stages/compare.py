@@ -31,16 +31,16 @@ from pathlib import Path
 
 import torch
 
-from .bestofn import best_of_n_kl, pick, powers_of_two
-from .config import Params
-from .ensemble import member_dirs
+from .best_of_n import best_of_n_kl, pick, powers_of_two
+from ..config import Params
+from .reward_ensemble import member_dirs
 from .evaluate import EvalContext, _headline, finish_measures, sequence_logprobs, summary_table, win_rates, winrate_chart
-from .io import StageTimer, read_jsonl_dicts, write_json, write_result
-from .losses import conservative_reward
-from .modeling import context_length, load_causal_lm, load_reward_model
+from ..io import StageTimer, read_jsonl_dicts, write_json, write_result
+from ..lm.losses import conservative_reward
+from ..lm.modeling import context_length, load_causal_lm, load_reward_model
 from .ppo import snapshots
 from .reward import score_texts
-from .training import autocast, setup_runtime
+from ..lm.training import autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 

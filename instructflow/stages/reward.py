@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from .config import Params
-from .data.formats import Comparison, Demonstration
-from .encoding import encode_pair, encode_prompt, encode_response, pad
-from .io import StageTimer, helper_result, read_jsonl, write_result
-from .losses import kwise_loss
-from .modeling import (
+from ..config import Params
+from ..data.formats import Comparison, Demonstration
+from ..lm.encoding import encode_pair, encode_prompt, encode_response, pad
+from ..io import StageTimer, helper_result, read_jsonl, write_result
+from ..lm.losses import kwise_loss
+from ..lm.modeling import (
     MAX_LEN_KEY,
     REWARD_BIAS_KEY,
     is_fsdp,
@@ -49,7 +49,7 @@ from .modeling import (
     trainable_parameters,
     unwrap,
 )
-from .training import (
+from ..lm.training import (
     autocast,
     enable_gradient_checkpointing,
     make_accelerator,

@@ -38,14 +38,14 @@ from pathlib import Path
 
 import torch
 
-from .config import Params, PPOConfig
-from .data.formats import PretrainText, Prompt
-from .encoding import encode_prompt, end_of_turn_id, pack, pad
-from .ensemble import RewardEnsemble, load_ensemble, member_dirs
-from .generation import sample_tokens
-from .io import StageTimer, crash_point, helper_result, read_jsonl, write_result
-from .losses import causal_lm_loss, token_logprobs
-from .modeling import (
+from ..config import Params, PPOConfig
+from ..data.formats import PretrainText, Prompt
+from ..lm.encoding import encode_prompt, end_of_turn_id, pack, pad
+from .reward_ensemble import RewardEnsemble, load_ensemble, member_dirs
+from ..lm.generation import sample_tokens
+from ..io import StageTimer, crash_point, helper_result, read_jsonl, write_result
+from ..lm.losses import causal_lm_loss, token_logprobs
+from ..lm.modeling import (
     accepts_logits_to_keep,
     backbone,
     context_length,
@@ -60,7 +60,7 @@ from .modeling import (
     score_head,
     trainable_parameters,
 )
-from .training import (
+from ..lm.training import (
     CheckpointClock,
     all_done_across,
     enable_gradient_checkpointing,

@@ -26,15 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Params
-from .data.formats import Comparison
-from .encoding import encode_pair
-from .io import StageTimer, helper_result, read_jsonl, write_result
-from .losses import LMLoss, kwise_loss, plackett_luce_loss
-from .modeling import MAX_LEN_KEY, disable_dropout, load_causal_lm, make_trainable, merged, position_limit, trainable_parameters
+from ..config import Params
+from ..data.formats import Comparison
+from ..lm.encoding import encode_pair
+from ..io import StageTimer, helper_result, read_jsonl, write_result
+from ..lm.losses import LMLoss, kwise_loss, plackett_luce_loss
+from ..lm.modeling import MAX_LEN_KEY, disable_dropout, load_causal_lm, make_trainable, merged, position_limit, trainable_parameters
 from .reward import comparison_paths, ranking_accuracy
 from .sft import sft_batch
-from .training import (
+from ..lm.training import (
     enable_gradient_checkpointing,
     make_accelerator,
     processes_report,

@@ -5,7 +5,7 @@ probes.json (a few texts and their torch scores, which a server checks again
 before it serves the folder) and manifest.json. The graph maps (input_ids, attention_mask), right-padded, to
 one score per row: the RM's head read at the last attended token, with the
 centring bias (`reward_bias`) added, so a served score equals
-`instructflow.modeling.reward_scores` on the same tokens.
+`instructflow.lm.modeling.reward_scores` on the same tokens.
 
 A parity check is part of the export: ONNX Runtime (CPU, and CUDA where it
 runs) against the torch RM on several batch sizes and sequence lengths,
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .config import Params
-from .io import StageTimer, content_hash, sha256_file, swap_in, write_result, writing_folder
-from .modeling import backbone, context_length, load_reward_model, position_ids_from_mask, reward_bias, score_head
-from .training import setup_runtime
+from ..config import Params
+from ..io import StageTimer, content_hash, sha256_file, swap_in, write_result, writing_folder
+from ..lm.modeling import backbone, context_length, load_reward_model, position_ids_from_mask, reward_bias, score_head
+from ..lm.training import setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ PROBES = [("Write a short poem about the sea.", "The sea is wide and grey and ca
 
 
 def probe_scores(graph: ScoreGraph, tok, max_len: int) -> list[float]:
-    from .encoding import encode_pair, pad
+    from ..lm.encoding import encode_pair, pad
 
     ids, mask = pad([encode_pair(tok, p, r, max_len)[0] for p, r in PROBES], tok.pad_token_id)
     with torch.inference_mode():

@@ -6,9 +6,9 @@ import random
 import statistics
 from collections import defaultdict
 
-from .data.formats import Prompt
-from .suite.instructions import grade
-from .suite.labelers import Labeler
+from ..formats import Prompt
+from .instructions import grade
+from .labelers import Labeler
 
 
 def judge(labeler: Labeler, prompts: list[Prompt], responses: list[str], seed: int = 0) -> dict:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .config import EnsembleConfig, Params
-from .data.formats import Comparison
-from .io import StageTimer, read_jsonl, write_json, write_result
-from .losses import conservative_reward
-from .modeling import load_reward_model, position_limit, reward_scores
+from ..config import EnsembleConfig, Params
+from ..data.formats import Comparison
+from ..io import StageTimer, read_jsonl, write_json, write_result
+from ..lm.losses import conservative_reward
+from ..lm.modeling import load_reward_model, position_limit, reward_scores
 from .reward import comparison_paths, comparison_scores, ranking_accuracy, train_reward_model
-from .training import setup_runtime
+from ..lm.training import setup_runtime
 
 log = logging.getLogger(__name__)
 

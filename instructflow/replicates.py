@@ -177,7 +177,7 @@ def _charts(s: dict, out: Path) -> None:
     fig.savefig(out / "figure1.png", dpi=100)
     plt.close(fig)
 
-    from .compare import overopt_plot
+    from .stages.compare import overopt_plot
 
     overopt_plot(s["curves"], out / "overoptimization.png", s["judge"],
                  f"Over-optimization, {len(s['seeds'])} seeds (one line each)")

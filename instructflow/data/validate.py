@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Params, ValidateConfig
-from .data.formats import MAX_K, MIN_K
-from .io import BOM, DataError, LineError, StageTimer, parse_json_line, write_json, write_jsonl, write_result
+from ..config import Params, ValidateConfig
+from .formats import MAX_K, MIN_K
+from ..io import BOM, DataError, LineError, StageTimer, parse_json_line, write_json, write_jsonl, write_result
 
 log = logging.getLogger(__name__)
 

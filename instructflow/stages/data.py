@@ -13,10 +13,10 @@ import random
 from pathlib import Path
 
 from ..config import Params
-from ..encoding import format_prompt
+from ..lm.encoding import format_prompt
 from ..io import DataError, StageTimer, read_jsonl, write_jsonl, write_result
-from ..suite.build import build_builtin
-from .formats import Comparison, Demonstration, PretrainText, Prompt, split_by_prompt
+from ..data.suite.build import build_builtin
+from ..data.formats import Comparison, Demonstration, PretrainText, Prompt, split_by_prompt
 
 
 def _best(c: Comparison) -> str:
@@ -34,7 +34,7 @@ def build_from_files(params: Params, out: Path) -> dict:
     d, seed = params.data, params.project.seed
     if not (d.demonstrations or d.comparisons):
         raise DataError("data.source=files needs data.demonstrations or data.comparisons (params.yaml)")
-    from ..validate import validate_inputs
+    from ..data.validate import validate_inputs
 
     kinds = {"demonstrations": "demonstrations", "comparisons": "comparisons", "pretrain_text": "pretrain"}
     validate_inputs({k: (getattr(d, k), kind) for k, kind in kinds.items() if getattr(d, k)},

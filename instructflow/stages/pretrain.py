@@ -15,13 +15,13 @@ import math
 
 import torch
 
-from .config import Params
-from .data.formats import Demonstration, PretrainText
-from .encoding import format_prompt, pack
-from .io import StageTimer, read_jsonl, write_result
-from .losses import LMLoss
-from .modeling import BUILTIN, build_tiny_llama, load_causal_lm, position_limit, train_tokenizer
-from .training import autocast, make_accelerator, save_model_atomic, setup_runtime, train_loop
+from ..config import Params
+from ..data.formats import Demonstration, PretrainText
+from ..lm.encoding import format_prompt, pack
+from ..io import StageTimer, read_jsonl, write_result
+from ..lm.losses import LMLoss
+from ..lm.modeling import BUILTIN, build_tiny_llama, load_causal_lm, position_limit, train_tokenizer
+from ..lm.training import autocast, make_accelerator, save_model_atomic, setup_runtime, train_loop
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .config import TinyModelConfig
+from ..config import TinyModelConfig
 
 log = logging.getLogger(__name__)
 

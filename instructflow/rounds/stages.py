@@ -3,7 +3,7 @@
 One round, as InstructGPT's later batches and Llama 2's five rounds gathered theirs:
 
     round_champion   the current champion's policy (round 1: SFT), fetched verified from the store
-    round_feedback   K answers per new prompt from it, ranked (instructflow.ranking), checked by
+    round_feedback   K answers per new prompt from it, ranked (instructflow.rounds.ranking), checked by
                      Great Expectations, added to the dataset of all rounds
     round_reward     the RM retrained from SFT on every round's comparisons and collect's
     round_ppo        PPO (or PPO-ptx, rounds.algorithm) from the champion against that RM,
@@ -13,7 +13,7 @@ One round, as InstructGPT's later batches and Llama 2's five rounds gathered the
                      (held-out labeler or gold RM) compares them: promote only when the lower end
                      of the challenger's 95% interval over the champion is above rounds.gate_min_lower
 
-Then the flow promotes (instructflow.champion: a new version, the pointer moved last),
+Then the flow promotes (instructflow.rounds.champion: a new version, the pointer moved last),
 appends the round to the ledger and commits the ticket, the ledger and dvc.lock.
 
 The ticket (rounds.ticket, kept in git) names the round and the champion it starts from;
@@ -30,9 +30,9 @@ import statistics
 import time
 from pathlib import Path
 
-from .config import Params
-from .data.formats import Prompt
-from .io import StageTimer, content_hash, read_jsonl, swap_in, write_json, write_result
+from ..config import Params
+from ..data.formats import Prompt
+from ..io import StageTimer, content_hash, read_jsonl, swap_in, write_json, write_result
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def open_round(params: Params) -> dict:
     """The ticket of the round to run: the current one again when it has not finished (its
     stages are then cached), else the next, starting from the champion the store points at."""
     from .champion import read_pointer
-    from .storage import open_store
+    from ..serving.storage import open_store
 
     path = Path(params.rounds.ticket)
     finished = {r["round"] for r in read_ledger(params)}
@@ -111,14 +111,14 @@ def round_files(params: Params) -> list[Path]:
 def run_round_feedback(params: Params, key: str = "") -> dict:
     """K distinct answers per new prompt from the champion, ranked, validated, then added to the
     dataset of all rounds (artifacts/round_feedback/feedback/round_NNN.jsonl)."""
-    from .collect import distinct_first
-    from .generation import generate
-    from .modeling import load_causal_lm
+    from ..stages.collect import distinct_first
+    from ..lm.generation import generate
+    from ..lm.modeling import load_causal_lm
     from .ranking import make_ranker
-    from .suite.build import fresh_prompts
-    from .suite.labelers import Labeler
-    from .training import autocast, setup_runtime
-    from .validate import ValidationFailed, validate_file
+    from ..data.suite.build import fresh_prompts
+    from ..data.suite.labelers import Labeler
+    from ..lm.training import autocast, setup_runtime
+    from ..data.validate import ValidationFailed, validate_file
 
     setup_runtime(params.project)
     ticket, cfg, timer = read_ticket(params), params.collect, StageTimer()
@@ -174,7 +174,7 @@ def run_round_feedback(params: Params, key: str = "") -> dict:
 def run_round_reward(params: Params, key: str = "") -> dict:
     """The RM from SFT on collect's comparisons and every round's, validated on collect's val set
     (the same yardstick every round)."""
-    from .reward import comparison_paths, train_reward_model
+    from ..stages.reward import comparison_paths, train_reward_model
 
     train, val, held = comparison_paths(params)
     out = params.stage_dir("round_reward")
@@ -188,7 +188,7 @@ def run_round_reward(params: Params, key: str = "") -> dict:
 
 
 def run_round_ppo(params: Params, key: str = "") -> dict:
-    from .ppo import train_ppo
+    from ..stages.ppo import train_ppo
 
     return train_ppo(params, key, "round_ppo", ptx=params.rounds.algorithm == "ppo_ptx",
                      init=params.stage_dir("round_champion") / "policy", rm_dir=params.stage_dir("round_reward") / "model",
@@ -196,7 +196,7 @@ def run_round_ppo(params: Params, key: str = "") -> dict:
 
 
 def run_round_export(params: Params, key: str = "") -> dict:
-    from .export import export_stage
+    from ..stages.export import export_stage
 
     return export_stage(params, key, "round_export", params.stage_dir("round_reward") / "model")
 
@@ -204,9 +204,9 @@ def run_round_export(params: Params, key: str = "") -> dict:
 def judged_answers(params: Params, judge, prompts: list[Prompt], models: dict[str, Path]) -> dict[str, list[float]]:
     """Each model answers the prompts as the eval stage has them answer (evaluate.eval_answers);
     the judge's value of every answer, per model."""
-    from .evaluate import eval_answers
-    from .modeling import load_causal_lm
-    from .training import autocast
+    from ..stages.evaluate import eval_answers
+    from ..lm.modeling import load_causal_lm
+    from ..lm.training import autocast
 
     values = {}
     for name, folder in models.items():
@@ -221,8 +221,8 @@ def compare_versions(params: Params, a: str, b: str, cache: Path) -> dict:
     """Version `a` against version `b` of the store ("sft": the pipeline's SFT model) by the judge, on the
     gate's prompts: a's win rate with its 95% interval (e.g. round 3's champion against round 1's)."""
     from .champion import fetch_version
-    from .evaluate import make_judge, win_rates
-    from .training import setup_runtime
+    from ..stages.evaluate import make_judge, win_rates
+    from ..lm.training import setup_runtime
 
     setup_runtime(params.project)
     folders = {}
@@ -240,8 +240,8 @@ def compare_versions(params: Params, a: str, b: str, cache: Path) -> dict:
 def run_round_gate(params: Params, key: str = "") -> dict:
     """Challenger, champion and SFT answer the same held-out prompts (the eval stage's sampling);
     the judge compares them. The decision and its reason go to artifacts/round_gate/report.json."""
-    from .evaluate import make_judge, win_rates
-    from .training import setup_runtime
+    from ..stages.evaluate import make_judge, win_rates
+    from ..lm.training import setup_runtime
 
     setup_runtime(params.project)
     ticket, timer, out = read_ticket(params), StageTimer(), params.stage_dir("round_gate")
@@ -293,7 +293,7 @@ def finish_round(params: Params) -> dict:
     """Promote the challenger when the gate said so (once: a rerun finds it promoted), then
     write the round's line of the ledger; returns it."""
     from .champion import promote, read_pointer
-    from .storage import open_store
+    from ..serving.storage import open_store
 
     report = json.loads((params.stage_dir("round_gate") / "report.json").read_text())
     store = params.rounds.store

@@ -16,13 +16,13 @@ import logging
 import random
 import statistics
 
-from .config import Params
-from .data.formats import Comparison, Prompt
-from .generation import generate
-from .io import StageTimer, read_jsonl, write_json, write_jsonl, write_result
-from .modeling import load_causal_lm
-from .suite.labelers import Labeler, pairwise_agreement
-from .training import autocast, setup_runtime
+from ..config import Params
+from ..data.formats import Comparison, Prompt
+from ..lm.generation import generate
+from ..io import StageTimer, read_jsonl, write_json, write_jsonl, write_result
+from ..lm.modeling import load_causal_lm
+from ..data.suite.labelers import Labeler, pairwise_agreement
+from ..lm.training import autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from .config import Params
-from .data.formats import Comparison, Prompt
-from .suite.labelers import Labeler
+from ..config import Params
+from ..data.formats import Comparison, Prompt
+from ..data.suite.labelers import Labeler
 
 
 class Ranker(Protocol):

@@ -14,14 +14,14 @@ import logging
 
 import torch
 
-from .config import Params
-from .data.formats import Demonstration
-from .encoding import encode_pair, pad
-from .generation import generate
-from .io import StageTimer, helper_result, read_jsonl, write_result
-from .judge import judge
-from .losses import LMLoss
-from .modeling import (
+from ..config import Params
+from ..data.formats import Demonstration
+from ..lm.encoding import encode_pair, pad
+from ..lm.generation import generate
+from ..io import StageTimer, helper_result, read_jsonl, write_result
+from ..data.suite.judge import judge
+from ..lm.losses import LMLoss
+from ..lm.modeling import (
     MAX_LEN_KEY,
     add_residual_dropout,
     load_causal_lm,
@@ -30,8 +30,8 @@ from .modeling import (
     position_limit,
     trainable_parameters,
 )
-from .suite.labelers import Labeler
-from .training import (
+from ..data.suite.labelers import Labeler
+from ..lm.training import (
     autocast,
     enable_gradient_checkpointing,
     make_accelerator,

@@ -35,20 +35,20 @@ from pathlib import Path
 
 import torch
 
-from .config import Params
-from .data.formats import Demonstration, PretrainText, Prompt
-from .encoding import encode_pair, pack
-from .generation import Answer, sample_answers
-from .io import StageTimer, crash_point, read_jsonl, write_json, write_jsonl, write_result
-from .judge import judge
-from .losses import LMLoss
-from .modeling import context_length, load_causal_lm, load_reward_model
+from ..config import Params
+from ..data.formats import Demonstration, PretrainText, Prompt
+from ..lm.encoding import encode_pair, pack
+from ..lm.generation import Answer, sample_answers
+from ..io import StageTimer, crash_point, read_jsonl, write_json, write_jsonl, write_result
+from ..data.suite.judge import judge
+from ..lm.losses import LMLoss
+from ..lm.modeling import context_length, load_causal_lm, load_reward_model
 from .pretrain import heldout_loss
-from .report import format_table
+from ..report import format_table
 from .reward import score_texts
 from .sft import sft_batch
-from .suite.labelers import Labeler
-from .training import autocast, setup_runtime
+from ..data.suite.labelers import Labeler
+from ..lm.training import autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 import math
 
-from .config import Params
-from .data.formats import Prompt
+from ..config import Params
+from ..data.formats import Prompt
 from .evaluate import STOP
-from .generation import sample_answers
-from .io import StageTimer, read_jsonl, write_jsonl, write_result
-from .modeling import context_length, load_causal_lm, load_reward_model
+from ..lm.generation import sample_answers
+from ..io import StageTimer, read_jsonl, write_jsonl, write_result
+from ..lm.modeling import context_length, load_causal_lm, load_reward_model
 from .reward import score_texts
-from .training import autocast, setup_runtime
+from ..lm.training import autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 

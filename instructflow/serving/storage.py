@@ -17,8 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .export import MANIFEST, verify_export
-from .io import swap_in
+from ..stages.export import MANIFEST, verify_export
+from ..io import swap_in
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -43,7 +43,7 @@ def s3_client():
 def publish_export(folder: Path, uri: str, client=None, attempts: int = 6) -> dict:
     """Upload a verified export folder to s3://bucket/prefix: the old manifest off
     first, then the files, then the manifest."""
-    from .faults import retrying
+    from ..faults import retrying
 
     manifest = verify_export(folder)
     client = client or s3_client()
@@ -126,7 +126,7 @@ def _files_under(paths: list[str]) -> list[Path]:
 def put_tree(paths: list[str], uri: str, client=None) -> dict:
     """Upload files and folders (relative paths, kept as they are) to `uri`,
     then a manifest of their sha256; return the manifest."""
-    from .io import sha256_file
+    from ..io import sha256_file
 
     client = client or s3_client()
     bucket, prefix = split_s3_uri(uri)
@@ -143,7 +143,7 @@ def put_tree(paths: list[str], uri: str, client=None) -> dict:
 def get_tree(uri: str, dest: Path = Path("."), client=None) -> dict:
     """Download what put_tree uploaded to `uri` into `dest`, checking every sha256
     before a file replaces the local one; return the manifest."""
-    from .io import sha256_file
+    from ..io import sha256_file
 
     client = client or s3_client()
     bucket, prefix = split_s3_uri(uri)
@@ -161,7 +161,7 @@ def get_tree(uri: str, dest: Path = Path("."), client=None) -> dict:
 
 
 # ------------------------------------------------------------------ stores of versions
-# Promoted versions and the `champion` pointer (instructflow/champion.py) live in a store:
+# Promoted versions and the `champion` pointer (instructflow/rounds/champion.py) live in a store:
 # an s3:// prefix, or a local folder for a laptop. Both offer the same few operations;
 # a folder is published file by file with its manifest of sha256 written LAST, and
 # fetched into a folder beside its final place, verified, then renamed in.
@@ -209,7 +209,7 @@ class S3Store:
     """A store under s3://bucket/prefix; each request retried through a storage outage."""
 
     def __init__(self, uri: str, client=None, attempts: int = 6):
-        from .faults import retrying
+        from ..faults import retrying
 
         self.uri, self.attempts, self._retrying = uri.rstrip("/"), attempts, retrying
         self.bucket, self.prefix = split_s3_uri(uri)
@@ -251,7 +251,7 @@ def open_store(uri: str) -> FolderStore | S3Store:
 
 def publish_folder(store, folder: Path, name: str) -> dict:
     """Upload every file of `folder` to `name/` in the store, then `name/files.json` (their sha256) last."""
-    from .io import sha256_file
+    from ..io import sha256_file
 
     files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
     if not files:
@@ -267,7 +267,7 @@ def fetch_folder(store, name: str, dest: Path) -> Path:
     """Download what publish_folder wrote under `name/` into `dest`: beside it first, every sha256
     checked, then renamed in. Raises ValueError naming the file that does not match, leaving
     `dest` as it was."""
-    from .io import sha256_file
+    from ..io import sha256_file
 
     raw = store.read(f"{name}/{FILES_MANIFEST}")
     if raw is None:

@@ -1,4 +1,4 @@
-"""Promoted versions and the `champion` pointer, in a store (instructflow.storage).
+"""Promoted versions and the `champion` pointer, in a store (instructflow.serving.storage).
 
     <store>/versions/v3/policy/...   the policy (a save_pretrained folder), files.json last
     <store>/versions/v3/rm/...       the RM's ONNX export (its own manifest.json), files.json last
@@ -18,7 +18,7 @@ import re
 import time
 from pathlib import Path
 
-from .storage import fetch_folder, open_store, publish_folder
+from ..serving.storage import fetch_folder, open_store, publish_folder
 
 POINTER = "champion.json"
 VERSIONS = "versions"
@@ -56,7 +56,7 @@ def _move_pointer(store, record: dict, **why) -> dict:
 
 def promote(store_uri: str, policy_dir: Path, rm_export_dir: Path, facts: dict) -> dict:
     """Publish the policy and the RM export as a new version, then point `champion` at it; return the pointer."""
-    from .export import verify_export
+    from ..stages.export import verify_export
 
     store = open_store(store_uri)
     rm_manifest = verify_export(rm_export_dir)  # nothing unverified is published
