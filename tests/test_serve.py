@@ -10,14 +10,14 @@ import httpx
 import pytest
 import torch
 import yaml
+from conftest import free_port, wait_http
+from tiny import MICRO, TEXTS
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from conftest import free_port, wait_http
-from instructflow.stages.export import ExportError, export_reward_model, ort_session, verify_export
 from instructflow.lm.encoding import encode_pair, pad
 from instructflow.lm.modeling import load_reward_model, reward_scores
 from instructflow.serving.endpoint import TorchScorer
-from tiny import MICRO, TEXTS
+from instructflow.serving.onnx import ExportError, export_reward_model, ort_session, verify_export
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
@@ -200,7 +200,9 @@ def test_auth_limits_and_malformed_input_get_their_status_codes(server):
     r = httpx.post(server + "/v1/score", content=iter([b'{"items": [', json.dumps(item).encode(), b"]}"]), headers=chunked)
     assert r.status_code == 200 and len(r.json()["scores"]) == 1
     r = httpx.post(server + "/v1/score", content=b'{"items": [', headers={**AUTH, "content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]  # truncated: the declared 400, not 422
+    r = httpx.post(server + "/v1/score", content=json.dumps({"items": [item]}), headers={**AUTH, "content-type": "text/plain"})
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"] and "text/plain" in r.json()["detail"]
     assert httpx.post(server + "/v1/score", json={"items": []}, headers=AUTH).status_code == 422
     assert httpx.post(server + "/v1/score", json={"items": [{"prompt": 3}]}, headers=AUTH).status_code == 422
     assert httpx.post(server + "/v1/compare", json={"prompt": "a"}, headers=AUTH).status_code == 422
@@ -218,6 +220,14 @@ def test_health_readiness_metrics_and_openapi(server, exported):
     assert "instructflow_request_seconds_bucket" in metrics and "instructflow_requests_total" in metrics
     spec = httpx.get(server + "/openapi.json").json()
     assert {"/v1/score", "/v1/compare", "/healthz", "/readyz"} <= spec["paths"].keys()
+    # the bearer check is a declared security scheme (/docs' Authorize button), and the limits are in the schema
+    assert spec["components"]["securitySchemes"]["APIKey"] == {**spec["components"]["securitySchemes"]["APIKey"],
+                                                               "type": "http", "scheme": "bearer"}
+    assert spec["paths"]["/v1/score"]["post"]["security"] == [{"APIKey": []}]
+    assert {"400", "401", "413", "415", "422"} <= spec["paths"]["/v1/score"]["post"]["responses"].keys()
+    schemas = spec["components"]["schemas"]
+    assert schemas["ScoreRequest"]["properties"]["items"]["maxItems"] == LIMITS["max_items"]
+    assert schemas["Item"]["properties"]["prompt"]["maxLength"] == LIMITS["max_chars"]
 
 
 def test_a_tampered_model_is_refused(exported, tmp_path):
@@ -288,8 +298,8 @@ def test_publishing_through_a_storage_outage_retries_and_no_reader_sees_a_partia
 
     import boto3
     from botocore.exceptions import ClientError
-
     from conftest import FlakyProxy
+
     from instructflow.serving.storage import fetch_export, publish_export
 
     folder, manifest = exported
@@ -533,8 +543,8 @@ def test_the_server_follows_the_champion_under_load_through_two_promotions_and_a
 
     import boto3
 
-    from instructflow.rounds.champion import promote, rollback
     from instructflow.io import sha256_file
+    from instructflow.rounds.champion import promote, rollback
 
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)

@@ -33,18 +33,18 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, Field
 
 from ..config import ServeConfig
 from ..lm.encoding import encode_pair, pad
-from ..stages.export import MANIFEST, ort_session, verify_export
+from .onnx import MANIFEST, ort_session, verify_export
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +341,26 @@ class ScoreRequest(BaseModel):
     items: list[Item] = Field(min_length=1, description="Pairs to score.")
 
 
+class CompareRequest(BaseModel):
+    prompt: Text
+    response_a: Text
+    response_b: Text
+
+
+def with_limits(schema: dict, cfg: ServeConfig) -> dict:
+    """The OpenAPI schema with this server's limits (serve.max_items, serve.max_chars) written in. The routes
+    check them and answer 413 naming the limit (pydantic would answer 422), so they are not in the models."""
+    schemas = schema.get("components", {}).get("schemas", {})
+    note = f" At most {cfg.max_chars} characters (413 above)."
+    for model, fields in (("Item", ("prompt", "response")), ("CompareRequest", ("prompt", "response_a", "response_b"))):
+        for name in fields:
+            prop = schemas[model]["properties"][name]
+            prop.update(maxLength=cfg.max_chars, description=prop.get("description", "").strip() + note)
+    items = schemas["ScoreRequest"]["properties"]["items"]
+    items.update(maxItems=cfg.max_items, description=f"Pairs to score: 1 to {cfg.max_items} (413 above).")
+    return schema
+
+
 class Spread(BaseModel):
     std: float = Field(description="Standard deviation of the members' rewards (population): where they disagree.")
     members: list[float] = Field(description="Each member's reward, in the order the ensemble was given.")
@@ -351,12 +371,6 @@ class ScoreResponse(BaseModel):
                                 "is its members' mean.")
     ensemble: list[Spread] | None = Field(None, description="Served as an ensemble: each item's spread over the members.")
     model_version: str
-
-
-class CompareRequest(BaseModel):
-    prompt: Text
-    response_a: Text
-    response_b: Text
 
 
 class CompareResponse(BaseModel):
@@ -371,9 +385,11 @@ class ErrorResponse(BaseModel):
 
 # Every status code a scoring route can answer, so the OpenAPI schema documents them all.
 ERRORS = {
-    400: {"model": ErrorResponse, "description": "The body could not be parsed (not UTF-8 or not JSON)."},
+    400: {"model": ErrorResponse, "description": "The body could not be parsed (not UTF-8, or not JSON: truncated, "
+          "malformed); the message says where."},
     401: {"model": ErrorResponse, "description": "Missing or invalid API key, when keys are configured."},
     413: {"model": ErrorResponse, "description": "A limit was exceeded: body size, items per request or characters per field; the message names it."},
+    415: {"model": ErrorResponse, "description": "The body is not JSON by its Content-Type: send application/json."},
     422: {"model": ErrorResponse, "description": "The JSON does not match the request schema."},
 }
 
@@ -479,141 +495,204 @@ class BodyLimitAndMetrics:
                 return
 
 
-def create_app(model_dir: Path | list[Path] | ChampionSource, cfg: ServeConfig):
-    registry = CollectorRegistry()
-    model_info = Gauge("instructflow_model_info", "The version served (1) and those served before (0)", ["version"],
-                       registry=registry)
-    swaps_total = Counter("instructflow_model_swaps_total", "Champion versions swapped in (ok) or refused", ["result"],
-                          registry=registry)
-    for result in ("ok", "refused"):
-        swaps_total.labels(result)
-    requests_total = Counter("instructflow_requests_total", "HTTP requests", ["path", "status"], registry=registry)
-    latency = Histogram("instructflow_request_seconds", "Request latency", ["path"], registry=registry,
-                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-    batch_sizes = Histogram("instructflow_batch_size", "Items per ONNX Runtime call", registry=registry,
-                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-    errors_total = Counter("instructflow_errors_total", "Requests answered with an error", ["path", "status"], registry=registry)
-    keys = load_api_keys(cfg)
-    if not keys:
-        log.warning("serve: no API keys configured (%s / serve.api_keys_file); the endpoint is open", cfg.api_keys_env)
-    state: dict = {}
+class Metrics:
+    """The server's Prometheus collectors, in a registry of its own (several apps may live in one process)."""
 
-    champion = model_dir if isinstance(model_dir, ChampionSource) else None
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.model_info = Gauge("instructflow_model_info", "The version served (1) and those served before (0)",
+                                ["version"], registry=registry)
+        self.swaps = Counter("instructflow_model_swaps_total", "Champion versions swapped in (ok) or refused", ["result"],
+                             registry=registry)
+        for result in ("ok", "refused"):
+            self.swaps.labels(result)
+        self.requests = Counter("instructflow_requests_total", "HTTP requests", ["path", "status"], registry=registry)
+        self.latency = Histogram("instructflow_request_seconds", "Request latency", ["path"], registry=registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.batch_sizes = Histogram("instructflow_batch_size", "Items per ONNX Runtime call", registry=registry,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.errors = Counter("instructflow_errors_total", "Requests answered with an error", ["path", "status"],
+                              registry=registry)
 
-    def served(scorer: _Scorer, pointer: dict | None = None) -> Served:
-        batcher = MicroBatcher(scorer.score_ids, cfg.max_batch_size, cfg.max_wait_ms / 1000, batch_sizes.observe)
+    def record(self, path: str, status: int, seconds: float) -> None:
+        if path != "/metrics":
+            self.requests.labels(path, str(status)).inc()
+            self.latency.labels(path).observe(seconds)
+            if status >= 400:
+                self.errors.labels(path, str(status)).inc()
+
+
+class ModelSlot:
+    """The model being served, and (following a champion) the swap to a new version: requests admitted
+    before a swap finish on the old model, later ones go to the new; a version that fails verification
+    is refused and the old one keeps serving."""
+
+    def __init__(self, source: Path | list[Path] | ChampionSource, cfg: ServeConfig, metrics: Metrics):
+        self.champion = source if isinstance(source, ChampionSource) else None
+        self.source, self.cfg, self.metrics = source, cfg, metrics
+        self.model: Served | None = None
+        self.refused: dict | None = None
+        self.refused_why: str | None = None
+        self.lock: asyncio.Lock | None = None
+
+    def serve(self, scorer: _Scorer, pointer: dict | None = None) -> Served:
+        batcher = MicroBatcher(scorer.score_ids, self.cfg.max_batch_size, self.cfg.max_wait_ms / 1000,
+                               self.metrics.batch_sizes.observe)
         batcher.start()
-        model_info.labels(scorer.version).set(1)
+        self.metrics.model_info.labels(scorer.version).set(1)
         return Served(scorer, batcher, pointer=pointer, since=time.time())
 
-    async def reload() -> dict:
+    async def start(self) -> None:
+        if self.champion is not None:
+            champion = self.champion
+            pointer, scorer = champion.initial or await asyncio.to_thread(lambda: (p := champion.pointer(), champion.load(p)))
+            champion.initial = None
+            self.model, self.lock = self.serve(scorer, pointer), asyncio.Lock()
+        else:
+            kind = TorchScorer if self.cfg.backend == "torch" else OnnxScorer
+            dirs = self.source if isinstance(self.source, list) else [self.source]
+            provider = self.cfg.provider
+            scorer = kind(dirs[0], provider) if len(dirs) == 1 else EnsembleScorer([kind(d, provider) for d in dirs])
+            scorer.max_padding = self.cfg.max_padding
+            self.model = self.serve(scorer)
+        log.info("serve: model %s on %s", self.model.scorer.version, self.model.scorer.provider)
+
+    async def stop(self) -> None:
+        await self.model.batcher.stop()  # uvicorn has already let the requests in flight finish
+        self.model = None
+
+    async def score(self, pairs: list[tuple[str, str]]) -> tuple[list, _Scorer]:
+        """Per pair: its reward, or with an ensemble (mean, std, each member's reward); and the model
+        that scored them: the one serving when the request was admitted, even if a swap comes meanwhile."""
+        m = self.model
+        m.inflight += 1
+        try:
+            return await m.batcher.submit([m.scorer.encode(p, r) for p, r in pairs]), m.scorer
+        finally:
+            m.inflight -= 1
+
+    async def reload(self) -> dict:
         """Check the champion pointer; swap in a new version when it moved (one check at a time)."""
-        async with state["reload_lock"]:
-            old: Served = state["model"]
+        async with self.lock:
+            old = self.model
             try:
-                pointer = await asyncio.to_thread(champion.pointer)
+                pointer = await asyncio.to_thread(self.champion.pointer)
             except Exception as err:  # noqa: BLE001 - the store is unreachable: keep serving
                 log.warning("serve: cannot read the champion pointer: %s", err)
                 return {"swapped": False, "version": old.scorer.version, "error": f"cannot read the pointer: {err}"}
             if pointer is None or pointer["version"] == old.scorer.version:
                 return {"swapped": False, "version": old.scorer.version}
-            if state.get("refused") == pointer:
-                return {"swapped": False, "version": old.scorer.version, "refused": state["refused_why"]}
+            if self.refused == pointer:
+                return {"swapped": False, "version": old.scorer.version, "refused": self.refused_why}
             try:
-                scorer = await asyncio.to_thread(champion.load, pointer)
+                scorer = await asyncio.to_thread(self.champion.load, pointer)
             except Exception as err:  # noqa: BLE001 - a bad version (checksum, parity, unreadable): refuse it
-                swaps_total.labels("refused").inc()
-                state.update(refused=pointer, refused_why=f"{pointer['version']}: {err}")
+                self.metrics.swaps.labels("refused").inc()
+                self.refused, self.refused_why = pointer, f"{pointer['version']}: {err}"
                 log.error("serve: refusing %s, still serving %s: %s", pointer["version"], old.scorer.version, err)
-                return {"swapped": False, "version": old.scorer.version, "refused": state["refused_why"]}
-            state["model"] = new = served(scorer, pointer)  # from here every request is admitted to the new one
-            model_info.labels(old.scorer.version).set(0)
-            swaps_total.labels("ok").inc()
+                return {"swapped": False, "version": old.scorer.version, "refused": self.refused_why}
+            self.model = new = self.serve(scorer, pointer)  # from here every request is admitted to the new one
+            self.metrics.model_info.labels(old.scorer.version).set(0)
+            self.metrics.swaps.labels("ok").inc()
             while old.inflight:  # requests admitted before the swap finish on the old model
                 await asyncio.sleep(0.005)
             await old.batcher.stop()
             log.info("serve: now serving %s (was %s)", new.scorer.version, old.scorer.version)
             return {"swapped": True, "version": new.scorer.version, "previous": old.scorer.version}
 
-    async def poll() -> None:
+    async def poll(self) -> None:
         while True:
-            await asyncio.sleep(cfg.champion_poll_s)
+            await asyncio.sleep(self.cfg.champion_poll_s)
             try:
-                await reload()
+                await self.reload()
             except Exception:  # noqa: BLE001 - never let the poller die
                 log.exception("serve: champion check failed")
 
+    def readiness(self) -> dict:
+        m, cfg = self.model, self.cfg
+        s = m.scorer
+        out = {"ready": True, "model_version": s.version, "provider": s.provider, "max_length": s.max_length,
+               "max_batch_size": cfg.max_batch_size, "members": len(s.members) if isinstance(s, EnsembleScorer) else 1}
+        if self.champion is not None:
+            out["champion"] = {"store": self.champion.uri, "version": s.version, "round": (m.pointer or {}).get("round"),
+                               "pointer_moved_at": (m.pointer or {}).get("pointer_moved_at"), "since": m.since,
+                               "poll_s": cfg.champion_poll_s, "refused": self.refused_why}
+        return out
+
+
+BEARER = HTTPBearer(auto_error=False, scheme_name="APIKey",
+                    description="An API key (serve.api_keys_env / serve.api_keys_file): 'Authorization: Bearer <key>'.")
+
+
+def bearer_check(keys: list[str], what: str, disabled: str = ""):
+    """A FastAPI dependency accepting 'Authorization: Bearer <one of keys>' (401 otherwise; none needed when
+    `keys` is empty, unless `disabled` says why the routes are off: 403)."""
+    def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
+        if not keys:
+            if disabled:
+                raise HTTPException(403, disabled)
+            return
+        if credentials is None or not key_matches(credentials.credentials, keys):
+            raise HTTPException(401, f"missing or invalid {what} (send 'Authorization: Bearer <{what}>')",
+                                headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def create_app(model_dir: Path | list[Path] | ChampionSource, cfg: ServeConfig):
+    """The FastAPI app serving `model_dir` (an export folder, several: an ensemble, or a champion to follow)."""
+    metrics = Metrics()
+    slot = ModelSlot(model_dir, cfg, metrics)
+    keys = load_api_keys(cfg)
+    if not keys:
+        log.warning("serve: no API keys configured (%s / serve.api_keys_file); the endpoint is open", cfg.api_keys_env)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        poller = None
-        if champion is not None:
-            pointer, scorer = champion.initial or await asyncio.to_thread(lambda: (p := champion.pointer(), champion.load(p)))
-            champion.initial = None
-            state.update(model=served(scorer, pointer), reload_lock=asyncio.Lock())
-            poller = asyncio.get_running_loop().create_task(poll())
-        else:
-            kind = TorchScorer if cfg.backend == "torch" else OnnxScorer
-            dirs = model_dir if isinstance(model_dir, list) else [model_dir]
-            scorer = kind(dirs[0], cfg.provider) if len(dirs) == 1 else EnsembleScorer([kind(d, cfg.provider) for d in dirs])
-            scorer.max_padding = cfg.max_padding
-            state["model"] = served(scorer)
-        log.info("serve: model %s on %s", state["model"].scorer.version, state["model"].scorer.provider)
+        await slot.start()
+        poller = asyncio.get_running_loop().create_task(slot.poll()) if slot.champion is not None else None
         yield
         if poller:
             poller.cancel()
-        await state["model"].batcher.stop()  # uvicorn has already let the requests in flight finish
-        state.clear()
+        await slot.stop()
 
     app = FastAPI(title="instructflow reward model", version="1", lifespan=lifespan,
-                  description="Scores (prompt, response) pairs with the exported InstructGPT-style reward model.")
+                  description="Scores (prompt, response) pairs with the exported InstructGPT-style reward model. "
+                  "Authorize with an API key (Bearer) when the server has keys.")
+    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=cfg.max_body_bytes, record=metrics.record)
+    add_error_handlers(app)
+    add_scoring_routes(app, slot, cfg, bearer_check(keys, "API key"))
+    add_operations_routes(app, slot, cfg, metrics)
+    openapi = app.openapi
+    app.openapi = lambda: app.openapi_schema or with_limits(openapi(), cfg)
+    return app
 
-    def record(path: str, status: int, seconds: float) -> None:
-        if path != "/metrics":
-            requests_total.labels(path, str(status)).inc()
-            latency.labels(path).observe(seconds)
-            if status >= 400:
-                errors_total.labels(path, str(status)).inc()
 
-    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=cfg.max_body_bytes, record=record)
-
+def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LimitError)
     async def _limit(request, err: LimitError):
         return JSONResponse({"detail": err.message}, 413)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request, err: RequestValidationError):
+    async def _invalid(request: Request, err: RequestValidationError):
+        errors = err.errors()
+        broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if broken is not None:
+            where = (broken.get("ctx") or {}).get("error", "")
+            return JSONResponse({"detail": f"the body is not valid JSON ({_printable(where) or 'malformed'}, at "
+                                           f"{_printable(list(broken.get('loc', ())))}): send a complete JSON object"}, 400)
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media and not (media == "application/json" or media.endswith("+json")):
+            return JSONResponse({"detail": f"the body must be JSON: send Content-Type: application/json (got {media!r})"},
+                                415)
         # FastAPI's own handler echoes the input, which may hold NaN or a lone surrogate: not JSON, a 500
         return JSONResponse({"detail": [{"loc": _printable(e.get("loc", ())), "msg": _printable(e.get("msg", "")),
-                                         "type": _printable(e.get("type", ""))} for e in err.errors()]}, 422)
+                                         "type": _printable(e.get("type", ""))} for e in errors]}, 422)
 
-    def require_bearer(request: Request, accepted: list[str], what: str) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token or not key_matches(token, accepted):
-            raise HTTPException(401, f"missing or invalid {what} (send 'Authorization: Bearer <{what}>')",
-                                headers={"WWW-Authenticate": "Bearer"})
 
-    def authorize(request: Request) -> None:
-        if keys:
-            require_bearer(request, keys, "API key")
-
+def add_scoring_routes(app: FastAPI, slot: ModelSlot, cfg: ServeConfig, authorize) -> None:
     def check_chars(name: str, text: str) -> None:
         if len(text) > cfg.max_chars:
             raise LimitError(f"{name} has {len(text)} characters, more than max_chars={cfg.max_chars}")
-
-    async def scored(pairs: list[tuple[str, str]]) -> tuple[list, _Scorer]:
-        """Per pair: its reward, or with an ensemble (mean, std, each member's reward); and the model
-        that scored them: the one serving when the request was admitted, even if a swap comes meanwhile."""
-        m: Served = state["model"]
-        m.inflight += 1
-        try:
-            seqs = [m.scorer.encode(p, r) for p, r in pairs]
-            return await m.batcher.submit(seqs), m.scorer
-        finally:
-            m.inflight -= 1
-
-    async def scores_for(pairs: list[tuple[str, str]]) -> tuple[list[float], _Scorer]:
-        out, scorer = await scored(pairs)
-        return [x[0] if isinstance(x, tuple) else x for x in out], scorer
 
     @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, dependencies=[Depends(authorize)],
               responses=ERRORS)
@@ -623,7 +702,7 @@ def create_app(model_dir: Path | list[Path] | ChampionSource, cfg: ServeConfig):
         for i, it in enumerate(req.items):
             check_chars(f"items[{i}].prompt", it.prompt)
             check_chars(f"items[{i}].response", it.response)
-        out, scorer = await scored([(it.prompt, it.response) for it in req.items])
+        out, scorer = await slot.score([(it.prompt, it.response) for it in req.items])
         if isinstance(scorer, EnsembleScorer):
             return ScoreResponse(scores=[x[0] for x in out], ensemble=[Spread(std=x[1], members=list(x[2:])) for x in out],
                                  model_version=scorer.version)
@@ -633,51 +712,39 @@ def create_app(model_dir: Path | list[Path] | ChampionSource, cfg: ServeConfig):
     async def compare(req: CompareRequest) -> CompareResponse:
         for name in ("prompt", "response_a", "response_b"):
             check_chars(name, getattr(req, name))
-        (ra, rb), scorer = await scores_for([(req.prompt, req.response_a), (req.prompt, req.response_b)])
+        out, scorer = await slot.score([(req.prompt, req.response_a), (req.prompt, req.response_b)])
+        ra, rb = (x[0] if isinstance(x, tuple) else x for x in out)
         return CompareResponse(probability_a_preferred=1.0 / (1.0 + math.exp(-(ra - rb))), scores=[ra, rb],
                                model_version=scorer.version)
 
+
+def add_operations_routes(app: FastAPI, slot: ModelSlot, cfg: ServeConfig, metrics: Metrics) -> None:
+    """Health, readiness, Prometheus metrics and the admin reload."""
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "alive"}
 
     @app.get("/readyz", responses={503: {"description": "The model is not loaded yet."}})
     async def readyz():
-        if "model" not in state:
-            return JSONResponse({"ready": False}, 503)
-        m: Served = state["model"]
-        s = m.scorer
-        members = len(s.members) if isinstance(s, EnsembleScorer) else 1
-        out = {"ready": True, "model_version": s.version, "provider": s.provider, "max_length": s.max_length,
-               "max_batch_size": cfg.max_batch_size, "members": members}
-        if champion is not None:
-            out["champion"] = {"store": champion.uri, "version": s.version, "round": (m.pointer or {}).get("round"),
-                               "pointer_moved_at": (m.pointer or {}).get("pointer_moved_at"), "since": m.since,
-                               "poll_s": cfg.champion_poll_s, "refused": state.get("refused_why")}
-        return out
+        return slot.readiness() if slot.model is not None else JSONResponse({"ready": False}, 503)
 
     admin_keys = [k.strip() for k in os.environ.get(cfg.admin_keys_env, "").split(",") if k.strip()]
-
-    def authorize_admin(request: Request) -> None:
-        if not admin_keys:
-            raise HTTPException(403, f"admin endpoints are disabled: set {cfg.admin_keys_env} to enable them")
-        require_bearer(request, admin_keys, "admin key")
+    authorize_admin = bearer_check(admin_keys, "admin key",
+                                   disabled=f"admin endpoints are disabled: set {cfg.admin_keys_env} to enable them")
 
     @app.post("/admin/reload", dependencies=[Depends(authorize_admin)],
               responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
     async def admin_reload() -> dict:
         """Check the champion pointer now; when it moved, fetch, verify and swap in the new version.
         Answers once the swap is complete (requests on the old version finished), or with why not."""
-        if champion is None:
+        if slot.champion is None:
             raise HTTPException(409, "this server does not follow a champion (serve --model <store>/champion)")
-        return await reload()
+        return await slot.reload()
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."}})
-    async def metrics():
-        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+    async def prometheus_metrics():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def resolve_models(model: str, cfg: ServeConfig) -> list[Path]:
