@@ -123,3 +123,27 @@ def test_cli_import_writes_records_and_report(shared_data, tmp_path):
     assert "skipped 8" in res.output
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["written"] == len(out.read_text().splitlines()) == 2304
+
+
+def test_a_dataset_in_the_hub_layout_imports_by_id_split_and_subfolder(tmp_path, monkeypatch):
+    """`data import` takes what `datasets.load_dataset` takes: a hub id (which needs network, absent here) or a
+    dataset folder in the hub's layout, read through the same path; an unreachable id is one clear line."""
+    rows = [{"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: good {i}", "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: bad {i}"}
+            for i in range(5)]
+    repo = tmp_path / "hh-rlhf"
+    for sub, split, n in (("harmless-base", "test", 3), ("harmless-base", "train", 2), ("helpful-base", "test", 1)):
+        (repo / sub).mkdir(parents=True, exist_ok=True)
+        with gzip.open(repo / sub / f"{split}.jsonl.gz", "wt") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows[:n])
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(app, ["data", "import", "hh-rlhf", str(repo), str(out), "--split", "test",
+                                   "--data-dir", "harmless-base"])
+    assert res.exit_code == 0, res.output
+    comps = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(c["prompt"], c["responses"], c["ranking"]) for c in comps] == \
+        [(f"Q{i}?", [f"good {i}", f"bad {i}"], [0, 1]) for i in range(3)]  # the test split of harmless-base only
+    assert "read 3, wrote 3" in res.output
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(app, ["data", "import", "hh-rlhf", "nobody/no-such-dataset", str(out)])
+    assert res.exit_code == 2 and "nobody/no-such-dataset[train]: cannot load the dataset" in res.output
+    assert "needs network access" in res.output and "Traceback" not in res.output

@@ -45,9 +45,51 @@ class _Skip(Exception):
     """A row that cannot be converted faithfully; the message is the reason."""
 
 
-def _rows(path: str | Path):
-    """Yield (line number, JSON object or _Skip) from .jsonl, .jsonl.gz or a .json list.
+@dataclass(frozen=True)
+class HubSource:
+    """A dataset by Hugging Face hub id (or a local dataset folder), read with `datasets.load_dataset`:
+    e.g. HubSource("Anthropic/hh-rlhf", split="test", data_dir="harmless-base")."""
+
+    id: str
+    split: str = "train"
+    data_dir: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.id}[{self.split}]" + (f" ({self.data_dir})" if self.data_dir else "")
+
+
+def source(src: str | Path, split: str = "train", data_dir: str | None = None) -> Path | HubSource:
+    """A file when `src` is one; a folder or an id of the form owner/name is a dataset for `datasets`."""
+    path = Path(src)
+    if path.is_file():
+        return path
+    if path.is_dir() or (len(str(src).split("/")) == 2 and not str(src).endswith((".jsonl", ".json", ".gz"))):
+        return HubSource(str(src), split, data_dir)
+    raise DataError(f"{src}: file not found (give a .jsonl, .jsonl.gz or .json file, or a Hugging Face dataset id "
+                    "such as Anthropic/hh-rlhf)")
+
+
+def _hub_rows(src: HubSource):
+    """Yield (row number, record) of a hub dataset's split; the hub needs network access."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{src}: reading a hub dataset needs the `datasets` package") from None
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset(src.id, data_dir=src.data_dir, split=src.split)
+    except Exception as err:  # noqa: BLE001 - the hub unreachable, an unknown id or split: one clear line
+        raise DataError(f"{src}: cannot load the dataset ({type(err).__name__}: {str(err).splitlines()[0][:300]}); a hub "
+                        "id needs network access to huggingface.co, or give a local file") from None
+    yield from enumerate(rows, start=1)
+
+
+def _rows(path: str | Path | HubSource):
+    """Yield (line number, JSON object or _Skip) from .jsonl, .jsonl.gz, a .json list or a hub dataset.
     A line that cannot be read becomes a _Skip with the reason; nothing raises per row."""
+    if isinstance(path, HubSource):
+        yield from _hub_rows(path)
+        return
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
