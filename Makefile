@@ -41,9 +41,10 @@ methods: setup
 round: setup
 	$(BIN)/python -m flows.rounds --params $(PARAMS)
 
-# The same stages through DVC (dvc.yaml is generated from instructflow/registry.py).
+# The pipeline's stages through DVC (dvc.yaml is generated from instructflow/registry.py; the methods'
+# and the rounds' stages have files of their own under pipelines/, written by `make methods`, `make round`).
 repro: setup
-	$(BIN)/dvc repro
+	$(BIN)/dvc repro dvc.yaml
 
 # Schedules: a real Prefect server, the work pools, the deployments of prefect.yaml, a worker.
 PREFECT_PORT ?= 4200
@@ -75,12 +76,17 @@ $(SMOLLM2)/config.json: | $(VENV)/.installed
 	rm -rf models/.download
 
 # Every stage on SmolLM2-135M-Instruct and real human preferences (HH-RLHF, Alpaca seed tasks):
-# about an hour on 2 CPU cores (docs/results.md).
+# about an hour on 2 CPU cores (docs/results.md). The data comes from local copies when there are
+# some (SHARED_DATA), else from the Hugging Face hub (network needed).
 SHARED_DATA ?= ../shared/data
+HH_LOCAL := $(SHARED_DATA)/hh-rlhf-harmless-base-test.jsonl.gz
+ALPACA_LOCAL := $(SHARED_DATA)/alpaca-seed-tasks.jsonl
+HH_SOURCE ?= $(if $(wildcard $(HH_LOCAL)),$(HH_LOCAL),Anthropic/hh-rlhf --split test --data-dir harmless-base)
+ALPACA_SOURCE ?= $(if $(wildcard $(ALPACA_LOCAL)),$(ALPACA_LOCAL),tatsu-lab/alpaca --split "train[:175]")
 smollm2-hh: setup smollm2
 	mkdir -p artifacts/smollm2-hh/import
-	$(BIN)/instructflow data import hh-rlhf $(SHARED_DATA)/hh-rlhf-harmless-base-test.jsonl.gz artifacts/smollm2-hh/import/hh-rlhf.jsonl
-	$(BIN)/instructflow data import alpaca $(SHARED_DATA)/alpaca-seed-tasks.jsonl artifacts/smollm2-hh/import/alpaca.jsonl
+	$(BIN)/instructflow data import hh-rlhf $(HH_SOURCE) artifacts/smollm2-hh/import/hh-rlhf.jsonl
+	$(BIN)/instructflow data import alpaca $(ALPACA_SOURCE) artifacts/smollm2-hh/import/alpaca.jsonl
 	$(BIN)/python -m flows.pipeline --params configs/smollm2-hh.yaml
 
 # Benchmarks (docs/results.md). The serving load test prints its figures; the peer benchmark

@@ -43,20 +43,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from instructflow.stages.collect import distinct_first
 from instructflow.config import Params, load_params
 from instructflow.data.formats import Comparison, Demonstration, Prompt
-from instructflow.stages.evaluate import LabelerJudge, win_rates
-from instructflow.lm.generation import generate
-from instructflow.io import content_hash, read_jsonl, write_jsonl
 from instructflow.data.suite.judge import judge
+from instructflow.data.suite.labelers import Labeler
+from instructflow.io import content_hash, read_jsonl, write_jsonl
 from instructflow.lm.encoding import encode_prompt, format_prompt
+from instructflow.lm.generation import generate
 from instructflow.lm.modeling import build_tiny_llama, context_length, load_causal_lm, load_reward_model, load_tokenizer
+from instructflow.lm.training import epoch_batches
+from instructflow.registry import STAGES
+from instructflow.stages.collect import distinct_first
+from instructflow.stages.evaluate import LabelerJudge, win_rates
 from instructflow.stages.reward import encode_comparison, pairwise_accuracy
 from instructflow.stages.sft import encode_demonstration, validation_loss
-from instructflow.data.suite.labelers import Labeler
-from instructflow.registry import STAGES
-from instructflow.lm.training import epoch_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = {  # venv name -> TRL version

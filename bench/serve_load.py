@@ -120,8 +120,8 @@ async def drive(url: str, items: list[dict], clients: int, seconds: float) -> di
 def engine_only(export: Path, rm: Path, items: list[dict], batches: list[int], seconds: float = 5.0) -> dict:
     """Scores per second of the two backends' score_ids alone (no HTTP), same batches,
     each backend on the device the server would pick (CUDA where it runs)."""
-    from instructflow.serving.endpoint import OnnxScorer, TorchScorer, resolve_model
     from instructflow.config import ServeConfig
+    from instructflow.serving.endpoint import OnnxScorer, TorchScorer, resolve_model
 
     out = {}
     for name, scorer in (("onnx", OnnxScorer(resolve_model(str(export), ServeConfig()))), ("torch", TorchScorer(rm))):

@@ -25,40 +25,41 @@ from prefect.artifacts import create_markdown_artifact
 from flows.pipeline import Run, checked_params, record_run, run_stages
 from instructflow.config import ConfigError, load_params
 from instructflow.io import exclusive, write_json
-from instructflow.replicates import summarize, summary_markdown, write_replicates, write_summary
 from instructflow.registry import group_specs, stage_specs
+from instructflow.replicates import summarize, summary_markdown, write_replicates, write_summary
 
 
 @flow(name="instructflow-methods", log_prints=True)
 def methods(params: str = "params.yaml") -> dict:
-    p = load_params(params)
-    check_comparable(p, params)
-    replicates = write_replicates(p, params)
+    config = load_params(params)
+    check_comparable(config, params)
+    replicates = write_replicates(config, params)
     with contextlib.ExitStack() as held:  # every replicate's folder, as the pipeline holds its own
         for _, r in replicates:
             held.enter_context(exclusive(r.project.artifacts_dir, "flows.methods"))
-        return _methods(p, replicates)
+        return _methods(config, replicates)
 
 
-def check_comparable(p, params: str) -> None:
+def check_comparable(config, params: str) -> None:
     """A ConfigError unless this configuration has the compare and overoptimization stages."""
-    if not p.methods.enabled:
+    if not config.methods.enabled:
         raise ConfigError(f"{params}: methods.enabled is false: this configuration has no method-comparison stages")
-    if not {"compare", "overoptimization"} <= {s.name for s in stage_specs(p)}:
+    if not {"compare", "overoptimization"} <= {s.name for s in stage_specs(config)}:
         raise ConfigError(f"{params}: the comparison needs the compare and overoptimization stages, which need a judge "
                           "that trained nothing and 0 < ppo.snapshot_every < ppo.iterations")
 
 
-def _methods(p, replicates) -> dict:
+def _methods(config, replicates) -> dict:
     logger = get_run_logger()
-    runs = [Run(path, r, group_specs(r, "pipeline", "methods"), label=f"seed{r.project.seed}-" if i else "") for i, (path, r) in enumerate(replicates)]
+    runs = [Run(path, r, group_specs(r, "pipeline", "methods"), label=f"seed{r.project.seed}-" if i else "", versioned=i == 0)
+            for i, (path, r) in enumerate(replicates)]
     t0 = time.perf_counter()
     rows = run_stages(runs)
     wall = time.perf_counter() - t0
     for r in runs:
         record_run(r.params_path, r.params, rows[r.params_path], wall, publish=False)
     summary = summarize([r.params for r in runs])
-    out = write_summary(p, summary)
+    out = write_summary(config, summary)
     md = summary_markdown(summary)
     ran = {r.label or f"seed{r.params.project.seed}-": sum(x["compute_s"] for x in rows[r.params_path]) for r in runs}
     write_json(out / "run.json", {"wall_s": round(wall, 2), "stage_compute_s_by_replicate": ran,

@@ -20,9 +20,9 @@ from prefect import flow, get_run_logger
 from instructflow.config import ConfigError, Params, load_params
 from instructflow.io import ArtifactsBusy, exclusive, write_json
 from instructflow.registry import STAGES, StageSpec, pipeline_specs, resolve, stage_specs, stage_waves
-from tasks.report import publish_report
-from tasks.stages import stage, with_retries
-from tasks.versioning import dvc_root, version_stage
+from tasks.artifacts import publish_report
+from tasks.stages import run_stage_task, with_retries
+from tasks.versioning import dvc_files, dvc_root, version_stage
 
 
 @flow(name="instructflow-pipeline", log_prints=True)
@@ -31,16 +31,16 @@ def pipeline(params: str = "params.yaml", stages: list[str] | None = None) -> di
     not read each other's outputs run side by side (orchestrate.concurrent_stages).
     A stage whose inputs, params and code are unchanged is not run again (Prefect
     shows it Cached)."""
-    p = load_params(params)
-    with exclusive(p.project.artifacts_dir, "flows.pipeline"):
-        return _pipeline(params, p, stages)
+    config = load_params(params)
+    with exclusive(config.project.artifacts_dir, "flows.pipeline"):
+        return _pipeline(params, config, stages)
 
 
-def _pipeline(params: str, p: Params, stages: list[str] | None) -> dict:
-    specs = [s for s in stage_specs(p) if s.name in stages] if stages else pipeline_specs(p)
+def _pipeline(params: str, config: Params, stages: list[str] | None) -> dict:
+    specs = [s for s in stage_specs(config) if s.name in stages] if stages else pipeline_specs(config)
     t0 = time.perf_counter()
-    rows = run_stages([Run(params, p, specs)])[params]
-    return record_run(params, p, rows, time.perf_counter() - t0)
+    rows = run_stages([Run(params, config, specs)])[params]
+    return record_run(params, config, rows, time.perf_counter() - t0)
 
 
 @dataclass
@@ -51,18 +51,21 @@ class Run:
     params: Params
     specs: list[StageSpec]
     label: str = ""                            # shown in task names when several runs share a flow
+    versioned: bool = True                     # recorded by DVC (when orchestrate.version_with_dvc and in a DVC project)
 
 
 def run_stages(runs: list[Run]) -> dict[str, list[dict]]:
     """Run each run's stages wave by wave; the runs' waves of the same index run side by side.
     Returns params path -> one row per stage (state, wall and compute seconds, metrics).
-    A run reading the params.yaml beside dvc.yaml records each stage in dvc.lock as it ends."""
-    logger = get_run_logger()
-    roots = {}
+    A versioned run inside a DVC project records each stage in its group's dvc.lock as it ends."""
+    roots, files = {}, {}
     for r in runs:
-        roots[r.params_path] = dvc_root(r.params_path) if r.params.orchestrate.version_with_dvc else None
-        if r.params.orchestrate.version_with_dvc and roots[r.params_path] is None:
-            logger.info("not versioning with DVC: dvc.yaml reads params.yaml beside it, this run reads %s", r.params_path)
+        versioned = r.versioned and r.params.orchestrate.version_with_dvc
+        roots[r.params_path] = dvc_root(r.params_path) if versioned else None
+        files[r.params_path] = dvc_files(r.params_path, r.params, {s.stage.group for s in r.specs}) if versioned else {}
+        if versioned and roots[r.params_path] is None:
+            get_run_logger().warning("not versioning with DVC: %s is not inside a DVC project (no .dvc/ above it)",
+                                     r.params_path)
     waves = {r.params_path: stage_waves(r.specs) for r in runs}
     rows: dict[str, list[dict]] = {r.params_path: [] for r in runs}
     for w in range(max((len(v) for v in waves.values()), default=0)):
@@ -71,7 +74,8 @@ def run_stages(runs: list[Run]) -> dict[str, list[dict]]:
         for s, r in jobs:  # one DVC commit at a time, in stage order
             record, state_name, wall_s = outcomes[(r.params_path, s.name)]
             if roots[r.params_path] is not None:
-                with_retries(version_stage, r.params)(s.name, str(roots[r.params_path]), r.params.orchestrate.dvc_remote)
+                with_retries(version_stage, r.params)(s.name, str(roots[r.params_path]),
+                                                      files[r.params_path][s.stage.group], r.params.orchestrate.dvc_remote)
             cached = state_name == "Cached"
             rows[r.params_path].append({"stage": s.name, "wave": w, "state": state_name, "wall_s": round(wall_s, 2),
                                         "compute_s": 0.0 if cached else record["timings_s"]["total"],
@@ -79,7 +83,7 @@ def run_stages(runs: list[Run]) -> dict[str, list[dict]]:
     return rows
 
 
-def record_run(params: str, p: Params, rows: list[dict], wall: float, publish: bool = True) -> dict:
+def record_run(params: str, config: Params, rows: list[dict], wall: float, publish: bool = True) -> dict:
     """artifacts/pipeline/run.json and (with `publish`) the Prefect report of one run's rows."""
     logger = get_run_logger()
     # stages of a wave overlap: the compute on the run's critical path is each wave's longest stage
@@ -88,9 +92,9 @@ def record_run(params: str, p: Params, rows: list[dict], wall: float, publish: b
            "stage_compute_total_s": round(sum(r["compute_s"] for r in rows), 2),
            "overhead_s": round(wall - compute, 2), "overhead_share": round((wall - compute) / wall, 4) if wall else 0.0,
            "stages": rows}
-    write_json(p.stage_dir("pipeline") / "run.json", run)
+    write_json(config.stage_dir("pipeline") / "run.json", run)
     if publish:
-        publish_report(p, run)
+        publish_report(config, run)
     for r in rows:
         logger.info("%-9s %-22s wall %7.1f s  compute %7.1f s", r["stage"], r["state"], r["wall_s"], r["compute_s"])
     logger.info("pipeline: %.1f s wall, %.1f s in stages, orchestration overhead %.1f s (%.1f%%)",
@@ -116,7 +120,7 @@ def run_wave(jobs: list[tuple[StageSpec, Run]]) -> dict[tuple[str, str], tuple[d
     if len(local) > 1 and all(r.params.orchestrate.concurrent_stages for _, r in local):
         threads = max(1, (local[0][1].params.project.threads or usable_cores()) // len(local))
         get_run_logger().info("%s: side by side, %d thread(s) each", ", ".join(r.label + s.name for s, r in local), threads)
-        futures = {(r.params_path, s.name): stage(s.name, r.params_path, r.params, threads=threads, label=r.label)
+        futures = {(r.params_path, s.name): run_stage_task(s.name, r.params_path, r.params, threads=threads, label=r.label)
                    for s, r in local}
     outcomes = {}
     try:
@@ -125,11 +129,11 @@ def run_wave(jobs: list[tuple[StageSpec, Run]]) -> dict[tuple[str, str], tuple[d
                 continue
             t_stage = time.perf_counter()
             if s.name in r.params.orchestrate.gpu_stages:
-                from flows.stage import run_on_gpu_pool
+                from flows.gpu_stage import run_on_gpu_pool
 
                 record, state_name = run_on_gpu_pool(s.name, r.params_path, r.params), "Completed (GPU pool)"
             else:
-                state = stage(s.name, r.params_path, r.params, return_state=True, label=r.label)
+                state = run_stage_task(s.name, r.params_path, r.params, return_state=True, label=r.label)
                 record, state_name = state.result(), state.name  # raises if the stage failed: nothing later runs
             outcomes[(r.params_path, s.name)] = (record, state_name, time.perf_counter() - t_stage)
     finally:
@@ -144,14 +148,14 @@ def checked_params(path: str, check=None) -> Params:
     """The params file, refused in one line before Prefect starts (an invalid file, one `check(params, path)`
     refuses with a ConfigError, or an artifacts folder another run holds); the flow then holds the lock itself."""
     try:
-        p = load_params(path)
+        config = load_params(path)
         if check is not None:
-            check(p, path)
-        with exclusive(p.project.artifacts_dir, "checking"):
+            check(config, path)
+        with exclusive(config.project.artifacts_dir, "checking"):
             pass
     except (ArtifactsBusy, ConfigError) as err:
         raise SystemExit(f"error: {err}") from None
-    return p
+    return config
 
 
 def main() -> None:
@@ -162,13 +166,13 @@ def main() -> None:
     t0 = time.perf_counter()
     checked_params(args.params)
     run = pipeline(params=args.params, stages=[s for s in args.stages.split(",") if s] or None)
-    p = load_params(args.params)
+    config = load_params(args.params)
     for r in run["stages"]:
         if STAGES[r["stage"]].table:
             print(resolve(STAGES[r["stage"]].table)(r["metrics"]))
     print(f"\npipeline finished in {time.perf_counter() - t0:.1f} s (process, Prefect start-up included); "
           f"flow {run['wall_s']} s, stages {run['stage_compute_s']} s, overhead {run['overhead_s']} s "
-          f"({100 * run['overhead_share']:.1f}%); details in {Path(p.stage_dir('pipeline')) / 'run.json'}")
+          f"({100 * run['overhead_share']:.1f}%); details in {Path(config.stage_dir('pipeline')) / 'run.json'}")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import Run, checked_params, record_run, run_stages
 from instructflow.config import ConfigError, load_params
+from instructflow.dvcfile import pipeline_file
 from instructflow.io import exclusive
 from instructflow.registry import ROUNDS_NEED, group_specs, with_upstream
 from instructflow.rounds.stages import finish_round, ledger_markdown, open_round, read_ledger
-from tasks.faults import retry_if_transient
+from tasks.retries import retry_if_transient
 from tasks.stages import with_retries
 from tasks.versioning import dvc_root
 
@@ -41,45 +42,48 @@ def finish_round_task(params: str) -> dict:
     return finish_round(load_params(params))
 
 
-def check_rounds(p, params: str) -> None:
-    if not group_specs(p, "rounds"):
+def check_rounds(config, params: str) -> None:
+    if not group_specs(config, "rounds"):
         raise ConfigError(f"{params}: this configuration has no round stages: they need {ROUNDS_NEED}")
 
 
 @flow(name="instructflow-round", log_prints=True)
 def round_flow(params: str = "params.yaml") -> dict:
-    p = load_params(params)
-    check_rounds(p, params)
-    with exclusive(p.project.artifacts_dir, "flows.rounds"):
-        return _round(params, p)
+    config = load_params(params)
+    check_rounds(config, params)
+    with exclusive(config.project.artifacts_dir, "flows.rounds"):
+        return _round(params, config)
 
 
-def _round(params: str, p) -> dict:
+def _round(params: str, config) -> dict:
     logger = get_run_logger()
     t0 = time.perf_counter()
-    ticket = with_retries(open_round_task, p)(params)
+    ticket = with_retries(open_round_task, config)(params)
     logger.info("round %d, from champion %s", ticket["round"], ticket["champion"])
-    rows = run_stages([Run(params, p, with_upstream(p, group_specs(p, "rounds")))])[params]
-    entry = with_retries(finish_round_task, p)(params)
-    run = record_run(params, p, rows, time.perf_counter() - t0, publish=False)
+    rows = run_stages([Run(params, config, with_upstream(config, group_specs(config, "rounds")))])[params]
+    entry = with_retries(finish_round_task, config)(params)
+    run = record_run(params, config, rows, time.perf_counter() - t0, publish=False)
     md = (f"## Round {entry['round']}: {'promoted ' + entry['champion_after'] if entry['promoted'] else 'champion kept'}\n\n"
-          f"{entry['reason']}\n\n### Every round\n\n{ledger_markdown(read_ledger(p))}\n"
+          f"{entry['reason']}\n\n### Every round\n\n{ledger_markdown(read_ledger(config))}\n"
           f"Flow wall time {run['wall_s']} s.\n")
     create_markdown_artifact(markdown=md, key="instructflow-round-report", description=f"Round {entry['round']}")
     logger.info("%s", entry["reason"])
-    commit_round(params, p, entry)
+    commit_round(params, config, entry)
     return entry
 
 
-def commit_round(params: str, p, entry: dict) -> None:
-    """Commit the ticket, the ledger and dvc.lock (only those paths) when the project is a git work tree."""
+def commit_round(params: str, config, entry: dict) -> None:
+    """Commit the ticket, the ledger and the DVC files of the round and of the pipeline it read (only those
+    paths) when the project is a git work tree."""
     root = dvc_root(params)
-    if not p.rounds.git_commit or root is None:
+    if not config.rounds.git_commit or root is None:
         return
     if subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True).returncode:
         get_run_logger().info("not a git work tree: round %d not committed", entry["round"])
         return
-    paths = [x for x in (p.rounds.ticket, p.rounds.ledger, "dvc.lock") if (root / x).exists()]
+    rel = Path(params).resolve().relative_to(root).as_posix()
+    dvc = [str(f.with_suffix(s)) for f in (pipeline_file(rel, "pipeline"), pipeline_file(rel, "rounds")) for s in (".yaml", ".lock")]
+    paths = [x for x in (config.rounds.ticket, config.rounds.ledger, *dvc) if (root / x).exists()]
     decision = f"promoted {entry['champion_after']}" if entry["promoted"] else f"kept {entry['champion_after']}"
     message = (f"round {entry['round']}: {decision}; challenger vs champion {entry['challenger_vs_champion']['win_rate']:.3f}, "
                f"RM val accuracy {entry['rm_val_accuracy']}")
@@ -94,11 +98,11 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    p = checked_params(args.params, check_rounds)
+    config = checked_params(args.params, check_rounds)
     entry = round_flow(params=args.params)
     print(ledger_markdown(read_ledger(load_params(args.params))))
     print(f"round {entry['round']}: {entry['reason']}\n(round finished in {time.perf_counter() - t0:.1f} s; "
-          f"ledger {Path(p.rounds.ledger)})")
+          f"ledger {Path(config.rounds.ledger)})")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import typer
 
 from .config import ConfigError, load_params, parse_params
 from .io import ArtifactsBusy, DataError, DiskFull, exclusive
-from .registry import STAGES, dvc_yaml_text, pipeline_specs, resolve, run_stage, stage_specs
+from .registry import STAGES, pipeline_specs, resolve, stage_specs
 from .report import format_table, key_metrics
+from .runner import run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: build the built-in suite, import public layouts.")
@@ -99,17 +100,21 @@ for _stage in STAGES.values():
 @data_app.command("import")
 def data_import(
     layout: Annotated[str, typer.Argument(help="hh-rlhf | alpaca | trl-preference")],
-    src: Annotated[Path, typer.Argument(help="Source file (.jsonl, .jsonl.gz or .json)")],
+    src: Annotated[str, typer.Argument(help="A file (.jsonl, .jsonl.gz or .json), or a Hugging Face dataset id "
+                                            "(Anthropic/hh-rlhf; needs network) or a local dataset folder")],
     out: Annotated[Path, typer.Argument(help="Output JSONL in instructflow's format")],
+    split: Annotated[str, typer.Option(help="With a dataset id: the split to read.")] = "train",
+    data_dir: Annotated[str | None, typer.Option(help="With a dataset id: its subfolder (HH-RLHF: harmless-base, "
+                                                      "helpful-base, ...).")] = None,
 ) -> None:
     """Convert a public dataset layout; skipped rows are reported in OUT.report.json."""
-    from .data.importers import IMPORTERS
+    from .data.importers import IMPORTERS, source
     from .io import write_json, write_jsonl
 
     if layout not in IMPORTERS:
         _fail(f"unknown layout '{layout}'; choose one of {sorted(IMPORTERS)}")
     try:
-        records, report = IMPORTERS[layout](src)
+        records, report = IMPORTERS[layout](source(src, split, data_dir))
     except DataError as err:
         _fail(str(err))
     write_jsonl(out, records)
@@ -130,8 +135,8 @@ def data_validate(
 ) -> None:
     """Check one dataset against its Great Expectations suite; exit 1 with a report naming the rows when it fails."""
     from .config import ValidateConfig
-    from .io import write_json
     from .data.validate import KINDS, validate_file
+    from .io import write_json
 
     if kind not in KINDS:
         _fail(f"unknown kind '{kind}'; choose one of {', '.join(KINDS)}")
@@ -167,15 +172,20 @@ def model_import_gguf(
 @app.command("dvc-yaml")
 def dvc_yaml_cmd(
     params: ParamsOpt = Path("params.yaml"),
-    out: Annotated[Path, typer.Option(help="Where to write it.")] = Path("dvc.yaml"),
+    group: Annotated[str, typer.Option(help="pipeline | methods | rounds: the group of stages.")] = "pipeline",
+    out: Annotated[Path | None, typer.Option(help="Where to write it (default: dvc.yaml for params.yaml's "
+                                                  "pipeline, else pipelines/<name>/dvc.yaml).")] = None,
 ) -> None:
-    """Write dvc.yaml from the stage registry (instructflow/registry.py) for this params file."""
+    """Write a dvc.yaml from the stage registry (instructflow/registry.py) for this params file and group."""
+    from .dvcfile import dvc_yaml_text, pipeline_file
     from .io import atomic_path
 
-    p = _load(params)
-    text = dvc_yaml_text(p, params)
+    if group not in {s.group for s in STAGES.values()}:
+        _fail(f"unknown group '{group}'; the groups are {', '.join(sorted({s.group for s in STAGES.values()}))}")
+    config = _load(params)
+    out = out or Path(pipeline_file(params.as_posix(), group))
     with atomic_path(out) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(dvc_yaml_text(config, params, group))
     typer.echo(f"wrote {out}")
 
 
@@ -191,22 +201,22 @@ def plan(
     """Predict each training stage's memory per device under DDP, FSDP2, FSDP2 + LoRA and FSDP2 with CPU offload (instructflow/lm/memory.py)."""
     from .lm.memory import plan_rows, shape_of_params, workloads
 
-    p = _load(params)
+    config = _load(params)
     try:
         if table:
-            typer.echo(_plan_table(p, device_gb))
+            typer.echo(_plan_table(config, device_gb))
             return
-        shape = shape_of_params(p, model)
+        shape = shape_of_params(config, model)
     except (OSError, ValueError) as err:
         _fail(f"plan: {err}")
-    loads = workloads(p, devices)
+    loads = workloads(config, devices)
     typer.echo(f"{shape.params / 1e9:.3f}B parameters, {shape.layers} layers; {devices} device(s) of {device_gb:g} GB; "
                + "; ".join(f"{k}: {w.batch} x {w.seq_len} tokens" for k, w in loads.items()))
     typer.echo(format_table(["stage", "strategy", "GB per device", "fits"], plan_rows(shape, loads, devices, device_gb)))
     typer.echo("Rows at max_len; the runtime (CUDA context, or the interpreter on CPU) comes on top.")
 
 
-def _plan_table(p, device_gb: float) -> str:
+def _plan_table(config, device_gb: float) -> str:
     from .lm.memory import PRESETS, STRATEGIES, Shape, predict, workloads
 
     clusters = {"1x80GB": 1, "8x80GB": 8, "2x8x80GB": 16}
@@ -218,7 +228,7 @@ def _plan_table(p, device_gb: float) -> str:
             for strategy in STRATEGIES:
                 cells = []
                 for n in clusters.values():
-                    gb = predict(shape, workloads(p, n)[stage], strategy, n)["total"] / 1024
+                    gb = predict(shape, workloads(config, n)[stage], strategy, n)["total"] / 1024
                     cells.append(f"{gb:,.1f}" + ("" if gb <= device_gb else " (no)"))
                 rows.append([name, stage, strategy, *cells])
     return format_table(head, rows, markdown=True)
@@ -239,7 +249,8 @@ def serve(
                                                    "reaches the port can score. Without it, no keys is an error.")] = False,
 ) -> None:
     """Serve the exported RM over HTTP (POST /v1/score, /v1/compare; /healthz, /readyz, /metrics, /docs)."""
-    from .serving.endpoint import load_api_keys, serve as run_server
+    from .serving.endpoint import load_api_keys
+    from .serving.endpoint import serve as run_server
 
     _setup_logging()
     overrides = {f"serve.{k}": v for k, v in {"host": host, "port": port}.items() if v is not None}
@@ -304,12 +315,12 @@ def methods_summary(params: ParamsOpt = Path("params.yaml")) -> None:
     <artifacts_dir>/methods/summary.md, summary.json, figure1.png, overoptimization.png."""
     from .replicates import replicate, summarize, summary_markdown, write_summary
 
-    p = _load(params)
+    config = _load(params)
     try:
-        s = summarize([replicate(p, i) for i in range(p.methods.seeds)])
+        s = summarize([replicate(config, i) for i in range(config.methods.seeds)])
     except FileNotFoundError as err:
         _fail(f"{err}; run `make methods` (python -m flows.methods --params {params})")
-    out = write_summary(p, s)
+    out = write_summary(config, s)
     typer.echo(summary_markdown(s) + f"\nwritten to {out}")
 
 
@@ -372,8 +383,8 @@ def champion_compare(
     from .rounds.stages import compare_versions
 
     _setup_logging()
-    p = _load(params)
-    out = _storage_call(lambda: compare_versions(p, a, b, p.stage_dir("champion-compare")), p.rounds.store)
+    config = _load(params)
+    out = _storage_call(lambda: compare_versions(config, a, b, config.stage_dir("champion-compare")), config.rounds.store)
     typer.echo(json.dumps(out, indent=2))
 
 
@@ -398,17 +409,17 @@ def run(
     """Run the stages in order in this process, without orchestration, and print a summary
     (`make pipeline` runs the same stages through Prefect: flows/pipeline.py)."""
     _setup_logging()
-    p = _load(params, set_)
-    runs = [s.name for s in stage_specs(p)]  # with data.source=files there is no collect or eval
-    chosen = [s.strip() for s in stages.split(",") if s.strip()] or [s.name for s in pipeline_specs(p)]
+    config = _load(params, set_)
+    runs = [s.name for s in stage_specs(config)]  # with data.source=files there is no collect or eval
+    chosen = [s.strip() for s in stages.split(",") if s.strip()] or [s.name for s in pipeline_specs(config)]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         _fail(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
     rows, tables, t0 = [], [], time.perf_counter()
     try:
-        with exclusive(p.project.artifacts_dir, "instructflow run"):
+        with exclusive(config.project.artifacts_dir, "instructflow run"):
             for name in [s for s in chosen if s in runs]:
-                result = run_stage(name, p)
+                result = run_stage(name, config)
                 rows.append([name, f"{result['timings_s']['total']:.1f}", key_metrics(result["metrics"], STAGES[name].headline)])
                 if STAGES[name].table:
                     tables.append(resolve(STAGES[name].table)(result["metrics"]))

@@ -8,8 +8,10 @@ Both the CLI and (later) Prefect and DVC read the same file through
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,23 +34,31 @@ class ProjectConfig(_Section):
         "auto", description="Fix glibc's mmap threshold so freed tensors go back to the system (training.keep_large_blocks_"
         "unpooled): 'auto' does it for models sharded on CPU, whose RSS otherwise grows every step; 'on' always (less "
         "memory, 10-20% slower on CPU: docs/decisions.md); 'off' never.")
+    deterministic: bool = Field(True, description="torch's deterministic kernels, so that a rerun of a stage gives the "
+                                "same bytes (off: ops that sum with several threads may sum in another order each run).")
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Where training curves also go, through accelerate's trackers (off by default; "
         "train_log.jsonl and DVC plots always). Logs under artifacts/<stage>/trackers for tensorboard.")
 
 
 class TinyModelConfig(_Section):
-    vocab_size: int = Field(1024, ge=64, description="BPE vocabulary size of the locally trained tokenizer.")
-    hidden_size: int = Field(128, ge=8, description="Model width.")
-    intermediate_size: int = Field(384, ge=8, description="MLP width.")
-    num_layers: int = Field(4, ge=1, description="Decoder layers.")
-    num_heads: int = Field(4, ge=1, description="Attention heads.")
-    max_position_embeddings: int = Field(256, ge=16, description="Context length in tokens.")
+    """The built-in model's shape; the bounds catch a typed extra zero before a run allocates it."""
+
+    vocab_size: int = Field(1024, ge=64, le=1 << 17, description="BPE vocabulary size of the locally trained tokenizer.")
+    hidden_size: int = Field(128, ge=8, le=8192, description="Model width; a multiple of num_heads.")
+    intermediate_size: int = Field(384, ge=8, le=32768, description="MLP width.")
+    num_layers: int = Field(4, ge=1, le=128, description="Decoder layers.")
+    num_heads: int = Field(4, ge=1, le=256, description="Attention heads.")
+    max_position_embeddings: int = Field(256, ge=16, le=1 << 16, description="Context length in tokens.")
     init_std: float = Field(
-        0.12, gt=0,
-        description="Std of the initial weights (LlamaConfig.initializer_range). On the built-in suite Hugging Face's 0.02 "
-                    "left the width-128 model's attention near uniform and it never learnt to read its context; 0.12 "
-                    "measured best. On HH-RLHF (4,096-token vocabulary) 0.02 measured better: docs/decisions.md.")
+        0.12, gt=0, description="Std of the initial weights (LlamaConfig.initializer_range); why 0.12 here and 0.02 on "
+        "HH-RLHF: docs/decisions.md.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be num_heads ({self.num_heads}) x an even head size")
+        return self
 
 
 class ModelConfig(_Section):
@@ -61,8 +71,8 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype of the weights as loaded (float32: fp32 master weights, with mixed_precision for speed).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast through accelerate, fp32 master weights: 'bf16' doubles SmolLM2's speed on a CPU with "
-        "avx512_bf16 and is what GPUs use; the 1M built-in model is slower with it (docs/results.md).")
+        "no", description="Autocast of the forward passes through accelerate, fp32 master weights kept ('no': fp32 "
+        "throughout). Which is faster on which hardware: docs/results.md.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in the backward pass instead of keeping them: "
         "less memory for about a third more compute (SFT, RM, PPO's policy and value).")
@@ -146,85 +156,106 @@ class DataConfig(_Section):
         return self
 
 
-class OptimConfig(_Section):
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup before cosine decay.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
-    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch (per process).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
-    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N optimizer steps (0: by time only), "
-                                  "and at the end.")
+# ---- the fields every trained stage shares, declared once; a stage changes only their defaults
+LearningRate = Annotated[float, Field(gt=0, description="Peak learning rate (AdamW for SFT, the RMs, DPO, pretraining; "
+                                      "Adam, constant, for PPO's policy). A pretrained model's default comes from "
+                                      "configs/presets/pretrained.yaml.")]
+LogEvery = Annotated[int, Field(ge=1, description="Log a line with the training metrics, progress and time left every N "
+                                "optimizer steps (PPO: iterations; every PPO iteration goes to train_log.jsonl).")]
+CheckpointEvery = Annotated[int, Field(ge=0, description="Save a resumable checkpoint every N optimizer steps (PPO: "
+                                       "iterations; 0: by time only), and at the end.")]
+Epochs = Annotated[float, Field(gt=0, description="Passes over the training data (fractions allowed).")]
+BatchSize = Annotated[int, Field(ge=1, description="Examples per micro-batch, per process (the RMs and DPO: comparisons, "
+                                 "each with its K responses).")]
+MaxLen = Annotated[int, Field(ge=8, description="Most prompt + response tokens; longer prompts are cut from the left (the "
+                              "RM's export and endpoint cut their inputs to it too).")]
+MaxComparisons = Annotated[int, Field(ge=0, description="Train on at most this many comparisons, a seeded sample (0: all).")]
+# ---- and the fields every sampling stage shares
+Temperature = Annotated[float, Field(gt=0, description="Sampling temperature (paper: 1; no top-k or top-p).")]
+MaxNewTokens = Annotated[int, Field(ge=1, description="Response length limit in tokens; a response without EOS by then "
+                                    "was cut off (PPO scores it no_eos_score).")]
+GenerationBatch = Annotated[int, Field(ge=1, description="Prompts per generation batch.")]
+
+
+class TrainedConfig(_Section):
+    """What every trained stage has: what it trains, its learning rate and clipping, its checkpoints and logs."""
+
+    lr: LearningRate = 1e-3
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (PPO: policy and value each).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning (the RM's "
+                             "and the value model's score head trains whole beside them); merged when saved.")
+    train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head (with LoRA: "
+                                  "adapters only there); the layers below run without gradients. 0: every layer.")
+    checkpoint_every: CheckpointEvery = 0
     checkpoint_minutes: float = Field(10.0, ge=0, description="Also save one after every this many minutes of training "
                                       "(0: by steps only), so a kill late in a long stage loses at most this much.")
     resume: bool = Field(True, description="Resume from the stage's last checkpoint when one exists.")
-    log_every: int = Field(10, ge=1, description="Log training metrics every N optimizer steps.")
-    group_by_length: bool = Field(True, description="Batch examples of similar length together, so that less of each batch is padding (SFT, RM).")
-    length_group: int = Field(50, ge=1, description="With group_by_length: sort windows of this many batches by length, then shuffle the batches.")
+    log_every: LogEvery = 10
+
+
+class OptimConfig(TrainedConfig):
+    """A stage trained by the shared loop (lm/training.train_loop): AdamW, warmup + cosine decay, epochs of batches."""
+
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup before cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    batch_size: BatchSize = 32
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: Epochs = 1.0
+    group_by_length: bool = Field(True, description="Batch examples of similar length together, so that less of each batch "
+                                  "is padding.")
+    length_group: int = Field(50, ge=1, description="With group_by_length: sort windows of this many batches by length, "
+                              "then shuffle the batches.")
 
 
 class PretrainConfig(OptimConfig):
     seq_len: int = Field(128, ge=8, description="Tokens per packed pretraining block.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
-    epochs: float = Field(1.5, gt=0, description="Passes over the corpus.")
-    log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
+    lr: LearningRate = 3e-3
+    epochs: Epochs = 1.5
+    log_every: LogEvery = 50
     train_external: bool = Field(False, description="Also pretrain a model given by name_or_path (default: only the built-in one).")
 
 
 class SFTConfig(OptimConfig):
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW). A pretrained model's default is 2e-5 "
-                      "(2e-4 with LoRA): 1e-3 raised SmolLM2's validation loss within 5 steps.")
-    epochs: float = Field(6.0, gt=0, description="Passes over the demonstrations (paper: 16, on far more data).")
-    log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
-    residual_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on each residual branch (paper: 0.2, on its own "
-                                    "models). A pretrained model's default is 0: 0.2 took SmolLM2's loss from 2.73 to 8.44.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning; merged when saved.")
-    train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head (with LoRA: "
-                                  "adapters only there); the layers below run without gradients, so a step costs about "
-                                  "(1 + 2N/L)/3 of a full one. 0: every layer.")
-    max_len: int = Field(160, ge=8, description="Max prompt+response tokens; longer prompts are cut from the left.")
+    lr: LearningRate = 1e-3
+    epochs: Epochs = 6.0
+    log_every: LogEvery = 50
+    residual_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on each residual branch (paper: 0.2). A "
+                                    "pretrained model's default is 0 (docs/method.md, \"Pretrained models\").")
+    max_len: MaxLen = 160
     eval_prompts: int = Field(200, ge=0, description="Validation prompts generated and judged by the held-out labeler (base vs SFT).")
-    max_new_tokens: int = Field(32, ge=1, description="Generation length limit for that judgement.")
-    group_by_length: bool = Field(False, description="Batch demonstrations of similar length together: 1.5x faster, but "
-                                  "batches of one kind of answer fit worse (validation loss 0.95 -> 0.99; docs/decisions.md).")
+    max_new_tokens: MaxNewTokens = 32
+    group_by_length: bool = Field(False, description="Batch demonstrations of similar length together: faster, but each "
+                                  "batch then holds one kind of answer (docs/decisions.md).")
 
 
 class CollectConfig(_Section):
     k: int = Field(9, ge=2, le=9, description="Responses ranked per prompt (paper: 4 to 9).")
     candidates: int = Field(12, ge=2, description="Samples drawn per prompt; the first k distinct are kept.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (paper: 1).")
-    max_new_tokens: int = Field(32, ge=1, description="Response length limit in tokens.")
-    batch_size: int = Field(128, ge=1, description="Prompts per generation batch.")
+    temperature: Temperature = 1.0
+    max_new_tokens: MaxNewTokens = 32
+    batch_size: GenerationBatch = 128
     agreement_prompts: int = Field(500, ge=0, description="Validation comparisons ranked by every labeler to measure agreement.")
 
 
 class RewardConfig(OptimConfig):
-    max_len: int = Field(160, ge=8, description="Max prompt+response tokens; the export and the endpoint cut inputs to it too.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW). A pretrained model's default is 1e-5 (1e-4 with LoRA).")
-    epochs: float = Field(3.0, gt=0, description="Passes over the comparisons.")
-    log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Comparisons (prompts, each with K responses) per micro-batch.")
-    max_comparisons: int = Field(0, ge=0, description="Train on at most this many comparisons, a seeded sample (0: all); "
-                                 "the gold RM too.")
+    max_len: MaxLen = 160
+    lr: LearningRate = 1e-3
+    epochs: Epochs = 3.0
+    log_every: LogEvery = 50
+    batch_size: BatchSize = 16
+    max_comparisons: MaxComparisons = 0
     centre_samples: int = Field(0, ge=0, description="Demonstrations scored to centre the rewards at 0, a seeded sample "
                                 "(0: all of them).")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (and the score head) instead of full "
-                             "fine-tuning; merged when saved.")
-    train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head (with LoRA: "
-                                  "adapters only there); the layers below run without gradients, so a step costs about "
-                                  "(1 + 2N/L)/3 of a full one. 0: every layer.")
 
 
-class PPOConfig(_Section):
+class PPOConfig(TrainedConfig):
     iterations: int = Field(100, ge=1, description="PPO iterations; each samples `batch_size` rollouts, then updates.")
     batch_size: int = Field(64, ge=1, description="Rollouts (prompts, one response each) per iteration, over all processes (paper: 512).")
     minibatch_size: int = Field(16, ge=1, description="Rollouts per gradient step, per process (paper: 64).")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each iteration's rollouts.")
-    lr: float = Field(1e-4, gt=0, description="Policy learning rate (Adam); constant. A pretrained model's default is 3e-6 (3e-5 with LoRA).")
-    value_lr: float = Field(1e-4, gt=0, description="Value-model learning rate (Adam); constant. A pretrained model's default is 1e-5 (1e-4 with LoRA).")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm, policy and value each.")
+    lr: LearningRate = 1e-4
+    value_lr: float = Field(1e-4, gt=0, description="Value-model learning rate (Adam); constant.")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon (paper: 0.2).")
     value_clip_range: float = Field(0.2, gt=0, description="Clip of the value update around the rollout's value.")
     vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
@@ -237,27 +268,19 @@ class PPOConfig(_Section):
     kl_horizon: int = Field(10000, ge=1, description="Horizon (rollouts) of the adaptive controller.")
     ptx_coef: float = Field(0.3, ge=0, description="gamma of PPO-ptx: weight of the pretraining log-likelihood in the ppo_ptx stage (plain ppo uses 0).")
     ptx_batch_size: int = Field(4, ge=1, description="Pretraining blocks per gradient step in PPO-ptx.")
-    max_new_tokens: int = Field(32, ge=1, description="Response length limit; a response without EOS by then gets no_eos_score.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (paper: 1).")
+    max_new_tokens: MaxNewTokens = 32
+    temperature: Temperature = 1.0
     no_eos_score: float = Field(-2.0, description="Score that replaces the RM's for a response cut off without EOS.")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the policy weights, saved as the final model (paper: 0.992; 0 = off).")
-    checkpoint_every: int = Field(10, ge=0, description="Save a resumable checkpoint every N iterations (0: by time only), and at the end.")
-    checkpoint_minutes: float = Field(10.0, ge=0, description="Also save one after every this many minutes (0: by iterations only).")
-    resume: bool = Field(True, description="Resume from the stage's last checkpoint when one exists.")
-    log_every: int = Field(5, ge=1, description="Log a line every N iterations (every iteration goes to train_log.jsonl).")
+    checkpoint_every: CheckpointEvery = 10
+    log_every: LogEvery = 5
     snapshot_every: int = Field(10, ge=0, description="Keep the policy every N iterations under artifacts/<stage>/snapshots/ "
-                                "(the overoptimization stage scores each one); 0: none (a pretrained model's default: each "
-                                "snapshot is a full copy). Full fine-tuning, unsharded only.")
+                                "(the overoptimization stage scores each one); 0: none. Full fine-tuning, unsharded only.")
+
     @property
     def takes_snapshots(self) -> bool:
         """Whether a PPO stage keeps snapshots: every snapshot_every iterations, before the last one."""
         return 0 < self.snapshot_every < self.iterations
-
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters on the policy and the value model; the "
-                             "reference is then the policy with its adapters disabled, not a second copy. Merged when saved.")
-    train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head (with LoRA: "
-                                  "adapters only there); the layers below run without gradients, so a step costs about "
-                                  "(1 + 2N/L)/3 of a full one. 0: every layer.")
 
 
 class EnsembleConfig(_Section):
@@ -276,19 +299,17 @@ class DPOConfig(OptimConfig):
     loss: Literal["plackett_luce", "pairwise"] = Field(
         "plackett_luce", description="'plackett_luce': one term per prompt over its whole ranking (DPO paper, eq. 18); "
         "'pairwise': the mean over every ranked pair of -log sigmoid(beta * margin), as the RM's loss.")
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the comparisons.")
-    batch_size: int = Field(8, ge=1, description="Comparisons (prompts, each with K responses) per micro-batch.")
-    max_len: int = Field(160, ge=8, description="Max prompt+response tokens; longer prompts are cut from the left.")
-    max_comparisons: int = Field(0, ge=0, description="Train on at most this many comparisons, a seeded sample (0: all).")
-    log_every: int = Field(50, ge=1, description="Log training metrics every N optimizer steps.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning; merged when saved.")
-    train_top_layers: int = Field(0, ge=0, description="Train only the top N transformer layers and the head. 0: every layer.")
+    lr: LearningRate = 1e-4
+    epochs: Epochs = 1.0
+    batch_size: BatchSize = 8
+    max_len: MaxLen = 160
+    max_comparisons: MaxComparisons = 0
+    log_every: LogEvery = 50
 
 
 class BestOfNConfig(_Section):
     n: int = Field(16, ge=1, le=256, description="Answers sampled from SFT per prompt; the RM's favourite is kept. No training.")
-    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    batch_size: GenerationBatch = 64
 
 
 class MethodsConfig(_Section):
@@ -325,9 +346,9 @@ class RoundsConfig(_Section):
 
 class EvalConfig(_Section):
     prompts: int = Field(0, ge=0, description="Evaluation prompts used (0: all of data.eval_prompts).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of every model's answers (paper: 1).")
-    max_new_tokens: int = Field(32, ge=1, description="Answer length limit in tokens.")
-    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    temperature: Temperature = 1.0
+    max_new_tokens: MaxNewTokens = 32
+    batch_size: GenerationBatch = 64
     few_shot: int = Field(3, ge=0, description="Demonstrations in the base model's prompt ('GPT prompted').")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the win-rate intervals.")
     samples_per_category: int = Field(3, ge=0, description="Prompts per category shown in samples.md.")
@@ -364,10 +385,16 @@ class ServeConfig(_Section):
                                 "the admin endpoints (POST /admin/reload); unset: they answer 403.")
 
 
+Chars = Annotated[int, Field(ge=1, description="Longest text of this kind a dataset row may hold, in characters.")]
+
+
 class ValidateConfig(_Section):
-    max_prompt_chars: int = Field(8000, ge=1, description="Longest prompt accepted, in characters.")
-    max_response_chars: int = Field(8000, ge=1, description="Longest response or demonstration accepted, in characters.")
-    max_text_chars: int = Field(100_000, ge=1, description="Longest pretraining document accepted, in characters.")
+    """Limits of the Great Expectations suites (instructflow/data/validate.py): prompts, responses or
+    demonstrations, and pretraining documents."""
+
+    max_prompt_chars: Chars = 8000
+    max_response_chars: Chars = 8000
+    max_text_chars: Chars = 100_000
     max_failed_rows_shown: int = Field(10, ge=1, description="Line numbers listed per failed expectation in the report.")
 
 
@@ -395,14 +422,16 @@ class OrchestrateConfig(_Section):
     exchange_uri: str = Field("s3://instructflow/exchange", description="Where a stage sent to the GPU pool gets its inputs and leaves its outputs (S3 API; endpoint from AWS_ENDPOINT_URL).")
 
 
-# What a pretrained model needs instead of the built-in 1M model's settings (docs/method.md, "Pretrained models"):
-# applied to every key the params file leaves out when model.name_or_path is not the built-in model.
-PRETRAINED_DEFAULTS = {
-    "sft": {"lr": (2e-5, 2e-4), "residual_dropout": (0.0, 0.0)},
-    "reward": {"lr": (1e-5, 1e-4)},
-    "ppo": {"lr": (3e-6, 3e-5), "value_lr": (1e-5, 1e-4), "snapshot_every": (0, 0)},
-    "dpo": {"lr": (5e-7, 5e-6)},
-}  # (full fine-tuning, LoRA)
+def pretrained_presets() -> dict:
+    """configs/presets/pretrained.yaml: {"full": {section: {key: value}}, "lora": ...}, the defaults of a pretrained
+    model. Read from the checkout, or from where `pip install` put it (share/instructflow/presets)."""
+    import sysconfig
+
+    for path in (Path(__file__).resolve().parents[1] / "configs" / "presets" / "pretrained.yaml",
+                 Path(sysconfig.get_path("data")) / "share" / "instructflow" / "presets" / "pretrained.yaml"):
+        if path.is_file():
+            return yaml.safe_load(path.read_text())
+    raise ConfigError("configs/presets/pretrained.yaml not found: reinstall instructflow")
 
 
 class Params(_Section):
@@ -434,17 +463,22 @@ class Params(_Section):
         model = raw.get("model") or {}
         if not isinstance(model, dict) or model.get("name_or_path", "builtin:tiny-llama") == "builtin:tiny-llama":
             return raw
-        raw = dict(raw)
-        for section, defaults in PRETRAINED_DEFAULTS.items():
+        raw, presets = dict(raw), _presets()
+        for section in presets["full"]:
             given = raw.get(section) or {}
             if not isinstance(given, dict):
                 continue
             lora = isinstance(given.get("lora"), dict) and (given["lora"].get("r") or 0) > 0
-            raw[section] = {**{k: v[lora] for k, v in defaults.items()}, **given}
+            raw[section] = {**presets["lora" if lora else "full"][section], **given}
         return raw
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.project.artifacts_dir) / stage
+
+
+@functools.cache
+def _presets() -> dict:
+    return pretrained_presets()
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
@@ -467,17 +501,24 @@ def parse_params(raw: dict | None, source: str = "params") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
-    """Read and validate params.yaml; `overrides` is merged in (dotted keys allowed)."""
+    """Read and validate params.yaml; `overrides` is merged in (dotted keys allowed). A file is parsed once
+    per process for each content and overrides: every later call gets the same (frozen) Params."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found")
+    text = path.read_text()
+    return _parse_file(str(path), text, json.dumps(overrides or {}, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_file(path: str, text: str, overrides_json: str) -> Params:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
+    for dotted, value in json.loads(overrides_json).items():
         node = raw
         *parents, leaf = dotted.split(".")
         for p in parents:
@@ -485,4 +526,4 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
             if not isinstance(node, dict):
                 raise ConfigError(f"{path}: cannot set '{dotted}': '{p}' is not a section")
         node[leaf] = value
-    return parse_params(raw, str(path))
+    return parse_params(raw, path)

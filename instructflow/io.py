@@ -352,43 +352,9 @@ class StageTimer:
         return round(time.perf_counter() - self.start, 3)
 
 
-def helper_result(stage: str, timer: StageTimer) -> dict:
-    """What a process other than the main one returns from a multi-process stage (the main
-    process writes result.json and prints the metrics)."""
-    return {"stage": stage, "metrics": {}, "timings_s": {"total": timer.total}, "main_process": False}
-
-
 def gpu_memory() -> dict:
     """The GPU this process used and its peak allocated memory; empty on CPU-only runs."""
     torch = sys.modules.get("torch")  # never import torch just to ask
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return {}
     return {"gpu": torch.cuda.get_device_name(), "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
-
-
-def write_result(
-    out_dir: str | Path,
-    stage: str,
-    inputs: dict[str, str | Path],
-    outputs: dict[str, str | Path],
-    metrics: dict,
-    timer: StageTimer,
-    run_key: str = "",
-) -> dict:
-    """Write `<out_dir>/result.json`: metrics (with the stage's peak memory), content
-    hashes in and out, timings, and the run key (registry.stage_key) of the inputs,
-    params and code that produced the outputs."""
-    memory = {"peak_rss_mb": timer.memory.stop(), **{k: v for k, v in gpu_memory().items() if k != "gpu"}}
-    metrics = {**metrics, **memory}
-    record = {
-        "stage": stage,
-        "run_key": run_key,
-        "metrics": metrics,
-        "inputs": {k: {"path": str(v), "sha256": content_hash(v)} for k, v in inputs.items()},
-        "outputs": {k: {"path": str(v), "sha256": content_hash(v)} for k, v in outputs.items()},
-        "timings_s": {"total": timer.total, **timer.phases},
-        "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                 **gpu_memory()},
-    }
-    write_json(Path(out_dir) / "result.json", record)
-    return record

@@ -1,22 +1,25 @@
 """The stage registry: every stage of the pipeline, declared once.
 
-A stage is a function `run(params, run_key) -> result record` in one module of
-this package, plus what it reads and writes. Everything else derives from the
-declarations below:
+A stage is a function `run_<name>(ctx) -> metrics` in one module of this
+package (ctx: runner.StageContext), plus what it reads and writes, by name.
+Everything else derives from the declarations below:
 
     the `instructflow <stage>` commands     (cli.py loops over STAGES)
-    run_stage(name, params)                 (the CLI, `instructflow run` and the Prefect tasks call it)
-    stage_key(params, name)                 (Prefect's cache key; checkpoints carry it too)
-    dvc_yaml(params)                        (dvc.yaml, written by `instructflow dvc-yaml`)
+    runner.run_stage(name, params)          (the CLI, `instructflow run` and the Prefect tasks call it)
+    run_key(params, name)                   (Prefect's cache key; checkpoints carry it too)
+    dvcfile.dvc_yaml(params, ...)           (dvc.yaml, written by `instructflow dvc-yaml`)
     stage_waves(specs)                      (which stages may run side by side)
+
+Where a stage's files are is written here and nowhere else: a stage asks its
+context for `ctx.input("sft")` or `ctx.output("model")`, never for a folder.
 
 A stage's key covers its params sections (runtime settings such as threads and
 device excluded), the content of every input, and the code it runs: its
 module and every package module that module imports, directly or not. An edit
-to serve.py therefore changes no training stage's key.
+to serving/endpoint.py therefore changes no training stage's key.
 
 To add a stage: declare it here with `@stage(...)`, write its module's
-`run_<name>(params, run_key)`, and test it. Nothing else lists stages.
+`run_<name>(ctx)`, and test it. Nothing else lists stages.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import hashlib
 import importlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, Params
@@ -37,7 +40,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_DIR.name
 
 # Settings that change how fast a stage runs, or which runs happen, never what a stage writes: not part of any key.
-RUNTIME_FIELDS = {"project": ("threads", "device", "compact_host_memory"), "methods": ("enabled", "seeds")}
+RUNTIME_FIELDS = {"project": ("threads", "device", "compact_host_memory", "deterministic"), "methods": ("enabled", "seeds")}
 
 BUILTIN_DATASETS = ("pretrain_train", "pretrain_heldout", "sft_train", "sft_val",
                     "rm_prompts_train", "rm_prompts_val", "ppo_prompts", "eval_prompts")
@@ -46,28 +49,31 @@ FILES_DATASETS = ("comparisons_train", "comparisons_val", "sft_train", "sft_val"
 
 
 # --------------------------------------------------------------------------- declarations
+Named = dict[str, str]  # a stage's files by name: what its code asks for (ctx.input("sft")), and where it is
+
+
 @dataclass(frozen=True)
 class IO:
-    """What one stage reads and writes, as paths relative to the working directory."""
+    """What one stage reads and writes, by name, as paths relative to the working directory."""
 
-    deps: tuple[str, ...] = ()                 # files and folders it reads
-    outs: tuple[str, ...] = ()                 # what it produces (DVC caches these)
-    metrics: tuple[str, ...] = ()              # small JSON files besides its result.json
-    plots: tuple[str, ...] = ()                # JSONL logs and images
-    persist: tuple[str, ...] = ()              # outs that grow run after run (DVC leaves them in place)
+    deps: Named = field(default_factory=dict)      # files and folders it reads
+    outs: Named = field(default_factory=dict)      # what it produces (DVC caches these)
+    reports: Named = field(default_factory=dict)   # JSON reports besides its result.json (kept with the outs)
+    plots: Named = field(default_factory=dict)     # JSONL logs and images
+    persist: tuple[str, ...] = ()                   # names of outs that grow run after run (DVC leaves them in place)
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    fn: str                                    # "module:function" inside this package
+    fn: str                                    # "module:function" inside this package: fn(ctx) -> metrics
     help: str                                  # one line, shown by `instructflow --help`
     sections: tuple[str, ...]                  # params.yaml sections it reads
     io: Callable[[Params, Paths], IO]          # its inputs and outputs for a configuration
     command: tuple[str, ...]                   # the CLI words that run it
-    headline: tuple[str, ...] = ()             # metrics shown in run summaries
+    headline: tuple[str, ...] = ()             # its figures: run summaries, and the metrics DVC shows
     table: str = ""                            # "module:function" rendering its metrics as a table
-    when: Callable[[Params], bool] = lambda p: True  # whether it runs with this configuration
+    when: Callable[[Params], bool] = lambda params: True  # whether it runs with this configuration
     requires: str = ""                         # what `when` asks of the configuration, in words
     group: str = "pipeline"                    # "pipeline": `make pipeline` runs it; "methods": `make methods` adds
                                                # it; "rounds": `make round` runs them (with what they read)
@@ -86,19 +92,20 @@ def stage(name: str, fn: str, help: str, sections: tuple[str, ...], *, command: 
     """Declare a stage; the decorated function gives its IO. Declaration order is run order."""
     def register(io: Callable[[Params, Paths], IO]) -> Callable[[Params, Paths], IO]:
         STAGES[name] = Stage(name, fn, help, sections, io, command or (name.replace("_", "-"),), headline, table,
-                             when or (lambda p: True), requires, group)
+                             when or (lambda params: True), requires, group)
         return io
     return register
 
 
 class Paths:
-    """The file layout under project.artifacts_dir."""
+    """The file layout under project.artifacts_dir: the one place that knows where a stage's files are."""
 
     def __init__(self, params: Params):
         self.root = params.project.artifacts_dir.rstrip("/")
 
-    def data(self, *names: str) -> tuple[str, ...]:
-        return tuple(f"{self.root}/data/{n}.jsonl" for n in names)
+    def data(self, *names: str) -> Named:
+        """Datasets the data stage writes, by name: {"sft_train": "artifacts/data/sft_train.jsonl", ...}."""
+        return {n: f"{self.root}/data/{n}.jsonl" for n in names}
 
     def __call__(self, stage: str, *rest: str) -> str:
         return "/".join((self.root, stage, *rest))
@@ -106,8 +113,8 @@ class Paths:
     def model(self, stage: str) -> str:
         return self(stage, "model")
 
-    def log(self, stage: str) -> str:
-        return self(stage, "train_log.jsonl")
+    def log(self, stage: str) -> Named:
+        return {"log": self(stage, "train_log.jsonl")}
 
 
 def builtin_data(params: Params) -> bool:
@@ -148,158 +155,187 @@ JUDGE_NEEDS = ("a judge that trained nothing: data.source: builtin (the held-out
                "with data.comparisons (a gold RM)")
 
 
-def comparison_files(params: Params, a: Paths) -> tuple[str, ...]:
-    """(train, val[, the held-out labeler's val]) comparisons the RM reads."""
+def comparison_files(params: Params, paths: Paths) -> Named:
+    """The comparisons an RM (or DPO) learns from: comparisons_train, comparisons_val and, on the
+    built-in suite, comparisons_val_heldout (the held-out labeler's rankings of the val responses)."""
     if builtin_data(params):
-        return tuple(a("collect", f"comparisons_{s}.jsonl") for s in ("train", "val", "val_heldout"))
-    return a.data("comparisons_train", "comparisons_val")
+        return {f"comparisons_{s}": paths("collect", f"comparisons_{s}.jsonl") for s in ("train", "val", "val_heldout")}
+    return paths.data("comparisons_train", "comparisons_val")
 
 
 @stage("data", "stages.data:run_data", "Write the datasets under artifacts/data/ (built-in suite or validated files).",
        ("project", "data"), command=("data", "build"), headline=("rows",))
-def _data(p: Params, a: Paths) -> IO:
-    given = tuple(getattr(p.data, k) for k in ("demonstrations", "comparisons", "pretrain_text") if getattr(p.data, k))
-    return IO(deps=given, outs=a.data(*datasets(p)))
+def _data(params: Params, paths: Paths) -> IO:
+    given = {k: getattr(params.data, k) for k in ("demonstrations", "comparisons", "pretrain_text") if getattr(params.data, k)}
+    return IO(deps=given, outs=paths.data(*datasets(params)))
 
 
-@stage("validate", "data.validate:run_validate", "Validate every dataset (Great Expectations); fails before any training.",
+@stage("validate", "stages.validate:run_validate", "Validate every dataset (Great Expectations); fails before any training.",
        ("validate",), headline=("rows",))
-def _validate(p: Params, a: Paths) -> IO:
-    return IO(deps=a.data(*datasets(p)), outs=(a("validate", "report.json"),))
+def _validate(params: Params, paths: Paths) -> IO:
+    return IO(deps=paths.data(*datasets(params)), outs={"report": paths("validate", "report.json")})
 
 
 @stage("pretrain", "stages.pretrain:run_pretrain", "Build (or load) the base model; artifacts/pretrain/model.",
        ("project", "model", "pretrain"), headline=("heldout_ppl",))
-def _pretrain(p: Params, a: Paths) -> IO:
-    trains = builtin_model(p) or p.pretrain.train_external
-    return IO(deps=(*a.data("pretrain_train", "pretrain_heldout", "sft_train"), a("validate", "report.json")),
-              outs=(a.model("pretrain"),), plots=(a.log("pretrain"),) if trains else ())
+def _pretrain(params: Params, paths: Paths) -> IO:
+    trains = builtin_model(params) or params.pretrain.train_external
+    return IO(deps={**paths.data("pretrain_train", "pretrain_heldout", "sft_train"),
+                    "validation": paths("validate", "report.json")},
+              outs={"model": paths.model("pretrain")}, plots=paths.log("pretrain") if trains else {})
 
 
 @stage("sft", "stages.sft:run_sft", "Supervised fine-tuning on demonstrations; artifacts/sft/model.",
        ("project", "model", "data", "sft"), headline=("val_loss", "likert_base", "likert_sft"))
-def _sft(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("pretrain"), *a.data("sft_train", "sft_val")), outs=(a.model("sft"),), plots=(a.log("sft"),))
+def _sft(params: Params, paths: Paths) -> IO:
+    return IO(deps={"base": paths.model("pretrain"), **paths.data("sft_train", "sft_val")},
+              outs={"model": paths.model("sft")}, plots=paths.log("sft"))
 
 
 @stage("collect", "stages.collect:run_collect", "Sample K responses per prompt from SFT and have labelers rank them.",
        ("project", "model", "data", "collect"), headline=("labeler_agreement", "labeler_agreement_heldout"),
        when=builtin_data, requires="data.source: builtin (its simulated labelers rank the samples)")
-def _collect(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("sft"), *a.data("rm_prompts_train", "rm_prompts_val")),
-              outs=(*comparison_files(p, a), a("collect", "agreement.json")))
+def _collect(params: Params, paths: Paths) -> IO:
+    return IO(deps={"policy": paths.model("sft"), **paths.data("rm_prompts_train", "rm_prompts_val")},
+              outs={**comparison_files(params, paths), "agreement": paths("collect", "agreement.json")})
 
 
 @stage("reward", "stages.reward:run_reward", "Train the reward model on K-wise rankings; artifacts/reward/model.",
        ("project", "model", "data", "reward"), headline=("val_accuracy", "heldout_labeler_accuracy"))
-def _reward(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("sft"), *comparison_files(p, a), *a.data("sft_train")), outs=(a.model("reward"),),
-              plots=(a.log("reward"),))
+def _reward(params: Params, paths: Paths) -> IO:
+    return IO(deps={"init": paths.model("sft"), **comparison_files(params, paths), **paths.data("sft_train")},
+              outs={"model": paths.model("reward")}, plots=paths.log("reward"))
 
 
 @stage("gold_reward", "stages.reward:run_gold_reward", "A second RM, on comparisons the proxy RM never sees: the evaluation's judge.",
        ("project", "model", "data", "reward"), headline=("val_accuracy",), when=gold_judge,
        requires="data.source: files with data.comparisons and data.gold_fraction > 0")
-def _gold_reward(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("pretrain"), *a.data("comparisons_gold", "comparisons_val")), outs=(a.model("gold_reward"),),
-              plots=(a.log("gold_reward"),))
+def _gold_reward(params: Params, paths: Paths) -> IO:
+    gold = paths.data("comparisons_gold", "comparisons_val")
+    return IO(deps={"init": paths.model("pretrain"), "comparisons_train": gold["comparisons_gold"],
+                    "comparisons_val": gold["comparisons_val"]},
+              outs={"model": paths.model("gold_reward")}, plots=paths.log("gold_reward"))
 
 
 @stage("export", "stages.export:run_export", "Export the RM to ONNX with a parity check against torch; artifacts/export/rm/.",
        ("project", "export"), headline=("parity_max_abs_diff",))
-def _export(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("reward"),), outs=(a("export", "rm"),))
+def _export(params: Params, paths: Paths) -> IO:
+    return IO(deps={"reward_model": paths.model("reward")}, outs={"rm": paths("export", "rm")})
 
 
-def ensemble_members(p: Params, a: Paths) -> tuple[str, ...]:
-    """The models reward_ensemble trains (member 0 is the reward stage's RM)."""
-    return tuple(a("reward_ensemble", f"member_{i}", "model") for i in range(1, p.ensemble.members))
+def ensemble_members(params: Params, paths: Paths) -> Named:
+    """The models reward_ensemble trains: member_1 .. member_{k-1} (member 0 is the reward stage's RM)."""
+    return {f"member_{i}": paths("reward_ensemble", f"member_{i}", "model") for i in range(1, params.ensemble.members)}
 
 
-def _ppo_io(name: str, extra: tuple[str, ...], ensemble: bool = False) -> Callable[[Params, Paths], IO]:
-    def io(p: Params, a: Paths) -> IO:
-        members = (*ensemble_members(p, a), a("reward_ensemble", "members.json")) if ensemble else ()
-        snapshots = (a(name, "snapshots"),) if p.ppo.takes_snapshots else ()
-        return IO(deps=(a.model("sft"), a.model("reward"), *members, *a.data("ppo_prompts", *extra)),
-                  outs=(a.model(name), a(name, "value_model"), *snapshots), plots=(a.log(name),))
+def _ppo_io(name: str, ptx: bool = False, ensemble: bool = False) -> Callable[[Params, Paths], IO]:
+    def io(params: Params, paths: Paths) -> IO:
+        members = {**ensemble_members(params, paths), "members": paths("reward_ensemble", "members.json")} if ensemble else {}
+        snapshots = {"snapshots": paths(name, "snapshots")} if params.ppo.takes_snapshots else {}
+        return IO(deps={"sft": paths.model("sft"), "reward_model": paths.model("reward"), **members,
+                        **paths.data("ppo_prompts", *(("pretrain_train",) if ptx else ()))},
+                  outs={"model": paths.model(name), "value_model": paths(name, "value_model"), **snapshots},
+                  plots=paths.log(name))
     return io
 
 
+PPO_HEADLINE = ("first_score", "final_score", "final_kl")
 stage("ppo", "stages.ppo:run_ppo", "PPO against the RM with a per-token KL penalty to SFT (no pretraining mix); artifacts/ppo/.",
-      ("project", "model", "pretrain", "ppo"), headline=("first_score", "final_score", "final_kl"))(_ppo_io("ppo", ()))
+      ("project", "model", "pretrain", "ppo"), headline=PPO_HEADLINE)(_ppo_io("ppo"))
 stage("ppo_ptx", "stages.ppo:run_ppo_ptx", "PPO-ptx: PPO plus ppo.ptx_coef x the pretraining log-likelihood; artifacts/ppo_ptx/.",
-      ("project", "model", "pretrain", "ppo"), headline=("first_score", "final_score", "final_kl"))(
-    _ppo_io("ppo_ptx", ("pretrain_train",)))
+      ("project", "model", "pretrain", "ppo"), headline=PPO_HEADLINE)(_ppo_io("ppo_ptx", ptx=True))
 
 
 # ---- the methods beside PPO (`make methods`: flows/methods.py), before eval so that they share its waves
 @stage("reward_ensemble", "stages.reward_ensemble:run_reward_ensemble", "Train the RM ensemble's other members (seeds + 1 .. k-1).",
        ("project", "model", "data", "reward", "ensemble"), headline=("val_accuracy", "mean_member_val_accuracy"),
        when=methods_on, requires=METHODS_NEED, group="methods")
-def _reward_ensemble(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("sft"), a.model("reward"), *comparison_files(p, a), *a.data("sft_train")),
-              outs=(*ensemble_members(p, a), a("reward_ensemble", "members.json")),
-              plots=tuple(a("reward_ensemble", f"member_{i}", "train_log.jsonl") for i in range(1, p.ensemble.members)))
+def _reward_ensemble(params: Params, paths: Paths) -> IO:
+    return IO(deps={"init": paths.model("sft"), "member_0": paths.model("reward"), **comparison_files(params, paths),
+                    **paths.data("sft_train")},
+              outs={**ensemble_members(params, paths), "members": paths("reward_ensemble", "members.json")},
+              plots={f"member_{i}_log": paths("reward_ensemble", f"member_{i}", "train_log.jsonl")
+                     for i in range(1, params.ensemble.members)})
 
 
 @stage("dpo", "stages.dpo:run_dpo", "DPO from SFT on the comparisons (Plackett-Luce over each ranking); artifacts/dpo/model.",
        ("project", "model", "data", "dpo"), headline=("val_loss", "val_accuracy"), when=methods_on, requires=METHODS_NEED,
        group="methods")
-def _dpo(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("sft"), *comparison_files(p, a)[:2]), outs=(a.model("dpo"),), plots=(a.log("dpo"),))
+def _dpo(params: Params, paths: Paths) -> IO:
+    comparisons = comparison_files(params, paths)
+    return IO(deps={"sft": paths.model("sft"), **{k: comparisons[k] for k in ("comparisons_train", "comparisons_val")}},
+              outs={"model": paths.model("dpo")}, plots=paths.log("dpo"))
 
 
 @stage("best_of_n", "stages.best_of_n:run_best_of_n", "n SFT samples per evaluation prompt, scored by the RM (no training).",
        ("project", "model", "eval", "best_of_n"), headline=("rm_score_best_of_1", "kl_to_sft"),
-       when=lambda p: methods_on(p) and judged(p), requires=f"{METHODS_NEED}, and {JUDGE_NEEDS}", group="methods")
-def _best_of_n(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("sft"), a.model("reward"), *a.data("eval_prompts")), outs=(a("best_of_n", "samples.jsonl"),))
+       when=lambda params: methods_on(params) and judged(params), requires=f"{METHODS_NEED}, and {JUDGE_NEEDS}",
+       group="methods")
+def _best_of_n(params: Params, paths: Paths) -> IO:
+    return IO(deps={"sft": paths.model("sft"), "reward_model": paths.model("reward"), **paths.data("eval_prompts")},
+              outs={"samples": paths("best_of_n", "samples.jsonl")})
 
 
 stage("ppo_ensemble", "stages.ppo:run_ppo_ensemble", "PPO against the RM ensemble's conservative reward; artifacts/ppo_ensemble/.",
-      ("project", "model", "pretrain", "ppo", "ensemble"), headline=("first_score", "final_score", "final_kl"),
-      when=methods_on, requires=METHODS_NEED, group="methods")(_ppo_io("ppo_ensemble", (), ensemble=True))
+      ("project", "model", "pretrain", "ppo", "ensemble"), headline=PPO_HEADLINE,
+      when=methods_on, requires=METHODS_NEED, group="methods")(_ppo_io("ppo_ensemble", ensemble=True))
 
 
-def _judge_deps(p: Params, a: Paths) -> tuple[str, ...]:
-    return (a("collect", "agreement.json"),) if builtin_data(p) else (a.model("gold_reward"), a("gold_reward", "result.json"))
+def judge_deps(params: Params, paths: Paths) -> Named:
+    """What the judge reads: the labelers' agreement (built-in suite), or the gold RM and its result."""
+    if builtin_data(params):
+        return {"agreement": paths("collect", "agreement.json")}
+    return {"gold_reward_model": paths.model("gold_reward"), "gold_reward_result": paths("gold_reward", "result.json")}
+
+
+def _judged_deps(params: Params, paths: Paths) -> Named:
+    """What every judged comparison of models reads besides the models: prompts, held-out text, few-shot
+    demonstrations, SFT, the proxy RM with its result, and the judge."""
+    return {**paths.data("eval_prompts", "pretrain_heldout", "sft_train"), "sft": paths.model("sft"),
+            "reward_model": paths.model("reward"), "reward_result": paths("reward", "result.json"),
+            **judge_deps(params, paths)}
 
 
 @stage("eval", "stages.evaluate:run_eval", "Judge base (few-shot), SFT, PPO and PPO-ptx on held-out prompts; artifacts/eval/.",
        ("project", "model", "data", "pretrain", "reward", "eval"), table="stages.evaluate:summary_table",
-       when=judged, requires=JUDGE_NEEDS)
-def _eval(p: Params, a: Paths) -> IO:
-    models = tuple(a.model(s) for s in ("pretrain", "sft", "reward", "ppo", "ppo_ptx"))
-    return IO(deps=(*a.data("eval_prompts", "pretrain_heldout", "sft_train"), *models, a.log("ppo"), a.log("ppo_ptx"),
-                    a("reward", "result.json"), *_judge_deps(p, a)),
-              outs=(a("eval", "samples.md"), a("eval", "answers.jsonl")), metrics=(a("eval", "metrics.json"),),
-              plots=(a("eval", "winrate.png"), a("eval", "ppo_curves.png")))
+       headline=("win_rate_ppo_vs_sft", "win_rate_ppo_ptx_vs_sft"), when=judged, requires=JUDGE_NEEDS)
+def _eval(params: Params, paths: Paths) -> IO:
+    return IO(deps={**_judged_deps(params, paths), "base": paths.model("pretrain"),
+                    "ppo": paths.model("ppo"), "ppo_ptx": paths.model("ppo_ptx"),
+                    "ppo_log": paths("ppo", "train_log.jsonl"), "ppo_ptx_log": paths("ppo_ptx", "train_log.jsonl")},
+              outs={"samples": paths("eval", "samples.md"), "answers": paths("eval", "answers.jsonl")},
+              reports={"metrics": paths("eval", "metrics.json")},
+              plots={"winrate": paths("eval", "winrate.png"), "ppo_curves": paths("eval", "ppo_curves.png")})
 
 
 @stage("compare", "stages.compare:run_compare", "Every method against SFT by the judge (Figure 1 with DPO, best-of-n, ensembles).",
        ("project", "model", "data", "pretrain", "reward", "eval", "best_of_n"), table="stages.evaluate:summary_table",
-       when=lambda p: methods_on(p) and judged(p), requires=f"{METHODS_NEED}, and {JUDGE_NEEDS}", group="methods")
-def _compare(p: Params, a: Paths) -> IO:
-    return IO(deps=(*a.data("eval_prompts", "pretrain_heldout", "sft_train"), a.model("sft"), a.model("reward"),
-                    a.model("dpo"), a.model("ppo_ensemble"), a("best_of_n", "samples.jsonl"), a("eval", "answers.jsonl"),
-                    a("eval", "metrics.json"), a("reward", "result.json"), *_judge_deps(p, a)),
-              metrics=(a("compare", "metrics.json"),), plots=(a("compare", "figure1.png"),))
+       headline=("win_rate_best_of_n_vs_sft", "win_rate_dpo_vs_sft", "win_rate_ppo_ensemble_vs_sft"),
+       when=lambda params: methods_on(params) and judged(params), requires=f"{METHODS_NEED}, and {JUDGE_NEEDS}",
+       group="methods")
+def _compare(params: Params, paths: Paths) -> IO:
+    return IO(deps={**_judged_deps(params, paths), "dpo": paths.model("dpo"), "ppo_ensemble": paths.model("ppo_ensemble"),
+                    "best_of_n": paths("best_of_n", "samples.jsonl"), "eval_answers": paths("eval", "answers.jsonl"),
+                    "eval_metrics": paths("eval", "metrics.json")},
+              reports={"metrics": paths("compare", "metrics.json")}, plots={"figure1": paths("compare", "figure1.png")})
 
 
 @stage("overoptimization", "stages.compare:run_overoptimization",
        "Proxy reward and the judge against sqrt(KL) along PPO's snapshots, one RM and the ensemble (Gao et al. 2022).",
        ("project", "model", "data", "pretrain", "reward", "eval", "ppo", "ensemble", "best_of_n", "methods"),
        headline=("peak_kl_ppo", "peak_win_rate_ppo", "peak_kl_ppo_ensemble", "peak_win_rate_ppo_ensemble"),
-       when=lambda p: methods_on(p) and judged(p) and p.ppo.takes_snapshots,
+       when=lambda params: methods_on(params) and judged(params) and params.ppo.takes_snapshots,
        requires=f"{METHODS_NEED}, 0 < ppo.snapshot_every < ppo.iterations, and {JUDGE_NEEDS}", group="methods")
-def _overoptimization(p: Params, a: Paths) -> IO:
-    runs = tuple(x for r in ("ppo", "ppo_ensemble") for x in (a.model(r), a(r, "snapshots")))
-    return IO(deps=(*a.data("eval_prompts", "pretrain_heldout", "sft_train"), a.model("sft"), a.model("reward"),
-                    *ensemble_members(p, a), *runs, a("best_of_n", "samples.jsonl"), *_judge_deps(p, a)),
-              metrics=(a("overoptimization", "metrics.json"),), plots=(a("overoptimization", "overoptimization.png"),))
+def _overoptimization(params: Params, paths: Paths) -> IO:
+    runs = {f"{r}_{x}": (paths.model(r) if x == "model" else paths(r, "snapshots"))
+            for r in ("ppo", "ppo_ensemble") for x in ("model", "snapshots")}
+    return IO(deps={**_judged_deps(params, paths), **ensemble_members(params, paths), **runs,
+                    "best_of_n": paths("best_of_n", "samples.jsonl")},
+              reports={"metrics": paths("overoptimization", "metrics.json")},
+              plots={"plot": paths("overoptimization", "overoptimization.png")})
 
 
-# ---- rounds of on-policy feedback (`make round`: flows/rounds.py, instructflow/rounds/stages.py)
+# ---- rounds of on-policy feedback (`make round`: flows/rounds.py, instructflow/rounds/)
 def rounds_on(params: Params) -> bool:
     return params.rounds.enabled and builtin_data(params)
 
@@ -307,83 +343,120 @@ def rounds_on(params: Params) -> bool:
 ROUNDS_NEED = "rounds.enabled and data.source: builtin (its training labelers rank the new answers)"
 
 
-def _round_stage(name: str, help: str, sections: tuple[str, ...], headline: tuple[str, ...] = ()):
-    return stage(name, f"rounds.stages:run_{name}", help, ("rounds", *sections), headline=headline, when=rounds_on,
+def _round_stage(name: str, help: str, sections: tuple[str, ...], headline: tuple[str, ...] = (), fn: str = ""):
+    return stage(name, fn or f"rounds.stages:run_{name}", help, ("rounds", *sections), headline=headline, when=rounds_on,
                  requires=ROUNDS_NEED, group="rounds")
 
 
 @_round_stage("round_champion", "The round's champion policy (round 1: SFT), fetched and verified from rounds.store.",
               ("project",), headline=("round", "champion"))
-def _round_champion(p: Params, a: Paths) -> IO:
-    return IO(deps=(p.rounds.ticket, a.model("sft")), outs=(a("round_champion", "policy"), a("round_champion", "champion.json")))
+def _round_champion(params: Params, paths: Paths) -> IO:
+    return IO(deps={"ticket": params.rounds.ticket, "sft": paths.model("sft")},
+              outs={"policy": paths("round_champion", "policy"), "champion": paths("round_champion", "champion.json")})
 
 
 @_round_stage("round_feedback", "K answers per new prompt from the champion, ranked, validated, added to every round's data.",
               ("project", "model", "data", "collect", "validate"), headline=("comparisons_added", "sample_quality_heldout_labeler"))
-def _round_feedback(p: Params, a: Paths) -> IO:
-    folder = a("round_feedback", "feedback")
-    return IO(deps=(p.rounds.ticket, a("round_champion", "policy"), *a.data("eval_prompts")), outs=(folder,), persist=(folder,))
+def _round_feedback(params: Params, paths: Paths) -> IO:
+    return IO(deps={"ticket": params.rounds.ticket, "policy": paths("round_champion", "policy"), **paths.data("eval_prompts")},
+              outs={"feedback": paths("round_feedback", "feedback")}, persist=("feedback",))
 
 
 @_round_stage("round_reward", "The RM retrained from SFT on collect's and every round's comparisons.",
               ("project", "model", "data", "reward"), headline=("val_accuracy", "heldout_labeler_accuracy"))
-def _round_reward(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("sft"), *comparison_files(p, a), a("round_feedback", "feedback"), *a.data("sft_train")),
-              outs=(a.model("round_reward"),), plots=(a.log("round_reward"),))
+def _round_reward(params: Params, paths: Paths) -> IO:
+    return IO(deps={"init": paths.model("sft"), **comparison_files(params, paths),
+                    "feedback": paths("round_feedback", "feedback"), **paths.data("sft_train")},
+              outs={"model": paths.model("round_reward")}, plots=paths.log("round_reward"))
 
 
 @_round_stage("round_ppo", "The challenger: PPO (or PPO-ptx) from the champion against the round's RM, KL to SFT.",
-              ("project", "model", "pretrain", "ppo"), headline=("first_score", "final_score", "final_kl"))
-def _round_ppo(p: Params, a: Paths) -> IO:
-    ptx = a.data("pretrain_train") if p.rounds.algorithm == "ppo_ptx" else ()
-    return IO(deps=(a.model("sft"), a("round_champion", "policy"), a.model("round_reward"), *a.data("ppo_prompts"), *ptx),
-              outs=(a.model("round_ppo"), a("round_ppo", "value_model")), plots=(a.log("round_ppo"),))
+              ("project", "model", "pretrain", "ppo"), headline=PPO_HEADLINE)
+def _round_ppo(params: Params, paths: Paths) -> IO:
+    ptx = ("pretrain_train",) if params.rounds.algorithm == "ppo_ptx" else ()
+    return IO(deps={"sft": paths.model("sft"), "init": paths("round_champion", "policy"),
+                    "reward_model": paths.model("round_reward"), **paths.data("ppo_prompts", *ptx)},
+              outs={"model": paths.model("round_ppo"), "value_model": paths("round_ppo", "value_model")},
+              plots=paths.log("round_ppo"))
 
 
 @_round_stage("round_export", "The round's RM to ONNX, parity-checked (what a promotion publishes).", ("project", "export"),
-              headline=("parity_max_abs_diff",))
-def _round_export(p: Params, a: Paths) -> IO:
-    return IO(deps=(a.model("round_reward"),), outs=(a("round_export", "rm"),))
+              headline=("parity_max_abs_diff",), fn="stages.export:run_export")
+def _round_export(params: Params, paths: Paths) -> IO:
+    return IO(deps={"reward_model": paths.model("round_reward")}, outs={"rm": paths("round_export", "rm")})
 
 
 @_round_stage("round_gate", "The judge compares challenger, champion and SFT: promote or keep, and why.",
-              ("project", "model", "data", "eval"), headline=("promote", "reason"))
-def _round_gate(p: Params, a: Paths) -> IO:
-    return IO(deps=(p.rounds.ticket, a.model("sft"), a("round_champion", "policy"), a.model("round_ppo"),
-                    *a.data("eval_prompts"), a("round_reward", "result.json"), a("round_feedback", "result.json"),
-                    *_judge_deps(p, a)),
-              metrics=(a("round_gate", "report.json"),))
+              ("project", "model", "data", "eval"), headline=("promote",))
+def _round_gate(params: Params, paths: Paths) -> IO:
+    return IO(deps={"ticket": params.rounds.ticket, "sft": paths.model("sft"), "champion": paths("round_champion", "policy"),
+                    "challenger": paths.model("round_ppo"), **paths.data("eval_prompts"),
+                    "reward_result": paths("round_reward", "result.json"),
+                    "feedback_result": paths("round_feedback", "result.json"), **judge_deps(params, paths)},
+              reports={"report": paths("round_gate", "report.json")})
 
 
 # --------------------------------------------------------------------------- resolved for one configuration
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage with its paths resolved for one configuration."""
+    """A stage with its files resolved for one configuration, by name."""
 
     stage: Stage
-    deps: tuple[str, ...]
-    outs: tuple[str, ...]
-    metrics: tuple[str, ...]                   # result.json last
-    plots: tuple[str, ...]
-    persist: tuple[str, ...] = ()
+    inputs: Named
+    outputs: Named                             # outs, reports, plots and the two records, by name
+    io: IO
+    folder: str                                # artifacts/<stage>
 
     @property
     def name(self) -> str:
         return self.stage.name
 
     @property
+    def deps(self) -> tuple[str, ...]:
+        return tuple(self.inputs.values())
+
+    @property
+    def outs(self) -> tuple[str, ...]:
+        """What DVC caches as outputs: the stage's products and its result.json."""
+        return (*self.io.outs.values(), *self.io.reports.values(), self.result)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """What DVC shows as metrics: the stage's figures."""
+        return (self.figures,)
+
+    @property
+    def plots(self) -> tuple[str, ...]:
+        return tuple(self.io.plots.values())
+
+    @property
+    def persist(self) -> tuple[str, ...]:
+        return tuple(self.io.outs[n] for n in self.io.persist)
+
+    @property
     def result(self) -> str:
-        return self.metrics[-1]
+        """result.json: metrics, the content hashes in and out, timings, the run key."""
+        return f"{self.folder}/result.json"
+
+    @property
+    def figures(self) -> str:
+        """figures.json: the stage's headline figures, flat (DVC's metrics)."""
+        return f"{self.folder}/figures.json"
+
+    def files(self) -> tuple[str, ...]:
+        """Every file or folder the stage writes."""
+        return (*self.outs, *self.metrics, *self.plots)
 
 
 def stage_specs(params: Params) -> list[StageSpec]:
     """Every stage this configuration runs, in order."""
-    a = Paths(params)
+    paths = Paths(params)
     specs = []
     for s in STAGES.values():
         if s.when(params):
-            io = s.io(params, a)
-            specs.append(StageSpec(s, io.deps, io.outs, (*io.metrics, a(s.name, "result.json")), io.plots, io.persist))
+            io = s.io(params, paths)
+            outputs = {**io.outs, **io.reports, **io.plots}
+            specs.append(StageSpec(s, dict(io.deps), outputs, io, paths(s.name)))
     return specs
 
 
@@ -417,6 +490,11 @@ def spec(params: Params, name: str) -> StageSpec:
     raise ConfigError(f"unknown stage '{name}'; the stages are {', '.join(STAGES)}")
 
 
+def output(params: Params, stage_name: str, name: str) -> Path:
+    """Where stage `stage_name` writes its output `name` under this configuration (e.g. ("sft", "model"))."""
+    return Path(spec(params, stage_name).outputs[name])
+
+
 def stage_waves(specs: list[StageSpec]) -> list[list[StageSpec]]:
     """The stages, in order, cut into waves whose stages may run at the same time:
     a stage joins the wave before it unless it reads something a stage of that
@@ -430,25 +508,19 @@ def stage_waves(specs: list[StageSpec]) -> list[list[StageSpec]]:
     return waves
 
 
-def reads_from(s: StageSpec, t: StageSpec) -> bool:
-    """Whether stage s reads a path that stage t writes (the same path, or one inside the other)."""
+def reads_from(reader: StageSpec, writer: StageSpec) -> bool:
+    """Whether stage `reader` reads a path that stage `writer` writes (the same path, or one inside the other)."""
     def nested(a: str, b: str) -> bool:
         pa, pb = Path(a), Path(b)
         return pa == pb or pb in pa.parents or pa in pb.parents
 
-    return any(nested(d, w) for d in s.deps for w in (*t.outs, *t.metrics, *t.plots))
+    return any(nested(d, w) for d in reader.deps for w in writer.files())
 
 
 def resolve(ref: str) -> Callable:
     """The function named by "module:function" inside this package (imported on demand: torch is slow to import)."""
     module, _, fn = ref.partition(":")
     return getattr(importlib.import_module(f"{PACKAGE}.{module}"), fn)
-
-
-def run_stage(name: str, params: Params) -> dict:
-    """Run one stage in this process; returns its result record."""
-    s = spec(params, name)
-    return resolve(s.stage.fn)(params, stage_key(params, name))
 
 
 # --------------------------------------------------------------------------- what a stage's key covers
@@ -467,7 +539,12 @@ def _imports(path: Path, module: str) -> set[str]:
     """The package modules a source file imports, anywhere in it (function-level imports too)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for n in ast.walk(block)}  # `if TYPE_CHECKING:` imports never run
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -479,6 +556,11 @@ def _imports(path: Path, module: str) -> set[str]:
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import world`
     return {m for m in found if _module_file(m) is not None}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 @functools.cache
@@ -513,79 +595,27 @@ def section_values(params: Params, sections: tuple[str, ...]) -> dict:
     return {s: {k: v for k, v in dumped[s].items() if k not in RUNTIME_FIELDS.get(s, ())} for s in sections}
 
 
-def stage_key(params: Params, name: str) -> str:
+@dataclass(frozen=True)
+class RunKey:
+    """A stage's run key and the content hashes it was computed from (result.json records them)."""
+
+    key: str
+    input_hashes: dict[str, str | None]        # path -> sha256 (None: absent)
+
+
+def run_key(params: Params, name: str) -> RunKey:
     """The run key of a stage: sha256 of its name, params sections, the content
     of every input, and its code. Equal keys mean equal outputs."""
     s = spec(params, name)
+    hashes = {dep: content_hash(dep) if Path(dep).exists() else None for dep in s.deps}
     record = {
         "stage": name,
         "params": section_values(params, s.stage.sections),
-        "inputs": {dep: content_hash(dep) if Path(dep).exists() else None for dep in s.deps},
+        "inputs": hashes,
         "code": code_version(s.stage.module),
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return RunKey(hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest(), hashes)
 
 
-def outputs_current(params: Params, name: str, key: str) -> bool:
-    """True when the stage's outputs on disk were produced under `key` and are
-    unchanged since (their hashes match the result.json that recorded them)."""
-    s = spec(params, name)
-    path = Path(s.result)
-    if not path.exists():
-        return False
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    if result.get("run_key") != key:
-        return False
-    for out in result.get("outputs", {}).values():
-        p = Path(out["path"])
-        if not p.exists() or content_hash(p) != out["sha256"]:
-            return False
-    return all(Path(o).exists() for o in s.outs)
-
-
-# --------------------------------------------------------------------------- DVC
-def dvc_yaml(params: Params, params_file: str = "params.yaml", present: dict | None = None) -> dict:
-    """dvc.yaml's content for this configuration (`instructflow dvc-yaml` writes it).
-
-    DVC tracks the same params as the stage key: each section a stage reads,
-    runtime fields left out (a section with such fields is listed field by
-    field). DVC refuses a params dependency that is not in the file, so with
-    `present` (the params file as read) only what the file holds is listed;
-    the defaults of the rest come from the code, itself a dependency. The code
-    dependencies are the stage's module closure, as in the key."""
-    stages = {}
-    for s in stage_specs(params):
-        keys: list[str] = []
-        for section in s.stage.sections:
-            if present is not None and section not in present:
-                continue
-            if section in RUNTIME_FIELDS:
-                given = present.get(section) or {} if present is not None else None
-                keys += [f"{section}.{k}" for k in section_values(params, (section,))[section]
-                         if given is None or k in given]
-            else:
-                keys.append(section)
-        code = [f"{PACKAGE}/{f.relative_to(PACKAGE_DIR).as_posix()}" for f in code_files(s.stage.module)]
-        entry: dict = {"cmd": " ".join(("instructflow", *s.stage.command, "--params", params_file)),
-                       "deps": [*s.deps, *code]}
-        if keys:
-            entry["params"] = keys if params_file == "params.yaml" else [{params_file: keys}]
-        entry["outs"] = [{o: {"persist": True}} if o in s.persist else o for o in s.outs]
-        # metrics and plots are cached too: artifacts/ is not in git, so `dvc pull` must bring them
-        entry["metrics"] = list(s.metrics)
-        if s.plots:
-            entry["plots"] = list(s.plots)
-        stages[s.name] = entry
-    return {"stages": stages}
-
-
-def dvc_yaml_text(params: Params, params_path: str | Path = "params.yaml") -> str:
-    """dvc.yaml as `instructflow dvc-yaml` writes it for the params file at `params_path`."""
-    import yaml
-
-    present = yaml.safe_load(Path(params_path).read_text()) or {} if Path(params_path).exists() else None
-    return ("# Generated by `instructflow dvc-yaml` from instructflow/registry.py; do not edit by hand.\n"
-            + yaml.safe_dump(dvc_yaml(params, str(params_path), present), sort_keys=False, width=120))
+def stage_key(params: Params, name: str) -> str:
+    return run_key(params, name).key

@@ -28,6 +28,7 @@ import yaml
 
 from .config import Params, parse_params
 from .io import atomic_path, write_json
+from .registry import output
 
 FIGURES = ("win_rate", "likert", "invented_answer_rate", "disallowed_output_rate", "judge_score", "rm_score", "kl_to_sft",
            "alignment_tax", "response_tokens")
@@ -80,7 +81,7 @@ def summarize(replicates: list[Params]) -> dict:
     compares, overopts, seeds = [], [], []
     for r in replicates:
         for stage, into in (("compare", compares), ("overoptimization", overopts)):
-            path = r.stage_dir(stage) / "metrics.json"
+            path = output(r, stage, "metrics")
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: replicate seed {r.project.seed} has not run its {stage} stage")
             into.append(json.loads(path.read_text()))

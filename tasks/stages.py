@@ -1,7 +1,8 @@
 """One Prefect task per stage, keyed on what the stage reads.
 
-The cache key is `registry.stage_key`: the content hashes of the stage's
-inputs, its params sections and the code the stage runs. A rerun with nothing
+The cache key is the stage's run key (`registry.run_key`): the content hashes
+of the stage's inputs, its params sections and the code the stage runs,
+computed once per stage run and handed to the stage. A rerun with nothing
 changed finds every key and shows the stages as Cached; a changed PPO
 parameter changes the keys of ppo, ppo_ptx and eval only. The persisted
 result is the stage's small result.json record (paths, hashes, metrics),
@@ -22,15 +23,17 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from instructflow.config import Params, load_params
-from instructflow.registry import outputs_current, run_stage, spec, stage_key
+from instructflow.config import Params
+from instructflow.registry import RunKey, run_key, spec
+from instructflow.runner import RUN_KEY_ENV, outputs_current, run_stage
 
-from .faults import retry_if_transient
+from .retries import retry_if_transient
 
 
 def summary(result: dict) -> dict:
@@ -39,34 +42,36 @@ def summary(result: dict) -> dict:
 
 
 def _cache_key(context, parameters: dict) -> str:
-    return f"instructflow-{parameters['stage']}-{parameters['key']}"
+    return f"instructflow-{parameters['stage']}-{parameters['key'].key}"
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
       retry_condition_fn=retry_if_transient, log_prints=True)
-def stage_task(stage: str, params_path: str, key: str) -> dict:
+def stage_task(stage: str, params: Params, key: RunKey) -> dict:
     """Run one stage in this process; return its result record (small JSON).
-    `key` is the stage's registry.stage_key, computed by `stage()`: the cache key."""
-    return summary(run_stage(stage, load_params(params_path)))
+    `key` is the stage's run key, computed by `run_stage_task`: the cache key."""
+    return summary(run_stage(stage, params, key))
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
       retry_condition_fn=retry_if_transient, log_prints=True)
-def stage_process_task(stage: str, params_path: str, key: str, threads: int, processes: int = 1) -> dict:
+def stage_process_task(stage: str, params_path: str, params: Params, key: RunKey, threads: int,
+                       processes: int = 1) -> dict:
     """Run one stage in a process of its own with `threads` CPU threads, so that the
     stages of a wave run side by side (torch's seeds and thread pool are per process);
     with `processes` > 1, in that many processes started by `accelerate launch` with
     orchestrate.accelerate_config (one per GPU on a GPU pod; FSDP2 by default).
-    Its log goes to artifacts/<stage>/stage.log; a failure raises with the log's end."""
-    params = load_params(params_path)
+    The process gets the run key computed here. Its log goes to artifacts/<stage>/stage.log;
+    a failure raises with the log's end."""
     s = spec(params, stage)
-    log_path = params.stage_dir(stage) / "stage.log"
+    log_path = Path(s.folder) / "stage.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "instructflow.cli", *s.stage.command, "--params", params_path]
     if processes > 1:
         argv[1:1] = ["-m", "accelerate.commands.launch", "--config_file", params.orchestrate.accelerate_config,
                      "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(_free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
+           RUN_KEY_ENV: json.dumps({"stage": stage, **asdict(key)})}
     print(f"{stage}: own process{'es' if processes > 1 else ''} ({processes}), {threads} thread(s) each, log {log_path}")
     with log_path.open("w") as fh:
         proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=params.orchestrate.stage_timeout_s)
@@ -91,20 +96,19 @@ def with_retries(t, params: Params, **options):
                           retry_jitter_factor=0.5, timeout_seconds=o.stage_timeout_s, **options)
 
 
-def stage(name: str, params_path: str, params: Params | None = None, *, threads: int = 0, processes: int = 1,
-          label: str = "", **call_options):
-    """Run `stage_task` named after the stage, with the params' retries and
-    timeout, forced to run when the outputs on disk do not match the key.
+def run_stage_task(name: str, params_path: str, params: Params, *, threads: int = 0, processes: int = 1,
+                   label: str = "", **call_options):
+    """Run stage `name` as a Prefect task named after it, with the params' retries and
+    timeout, forced to run when the outputs on disk do not match the key (computed here, once).
     `call_options` go to the task call (e.g. return_state=True); `label` prefixes the task run's
     name (the seed of a `make methods` replicate).
 
     With `threads`, the stage runs in its own process (`stage_process_task`), or in
     `processes` of them, and this returns a future at once: the caller waits on it."""
-    params = params or load_params(params_path)
-    key = stage_key(params, name)
-    current = outputs_current(params, name, key)
+    key = run_key(params, name)
+    current = outputs_current(params, name, key.key)
     if threads:
         t = with_retries(stage_process_task, params, name=name, task_run_name=label + name, refresh_cache=not current)
-        return t.submit(name, params_path, key, threads, processes)
+        return t.submit(name, params_path, params, key, threads, processes)
     t = with_retries(stage_task, params, name=name, task_run_name=label + name, refresh_cache=not current)
-    return t(name, params_path, key, **call_options)
+    return t(name, params, key, **call_options)

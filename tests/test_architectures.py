@@ -12,18 +12,25 @@ import httpx
 import pytest
 import torch
 import yaml
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                          PreTrainedTokenizerFast, Qwen2Config)
-
 from conftest import free_port, stop, wait_http
+from test_stages import MICRO
+from tiny import CHATML
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
 from instructflow.config import load_params
 from instructflow.data.formats import PretrainText
 from instructflow.io import read_jsonl
 from instructflow.lm.modeling import load_reward_model, train_tokenizer
 from instructflow.registry import run_stage
-from test_stages import MICRO
-from tiny import CHATML
 
 pytestmark = pytest.mark.slow
 SHAPE = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 96,

@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import peers  # noqa: E402
 import serve_load  # noqa: E402
+
 from instructflow.config import OptimConfig, ProjectConfig  # noqa: E402
 from instructflow.lm.training import make_accelerator, train_loop  # noqa: E402
 

@@ -1,7 +1,7 @@
 import pytest
+from conftest import ROOT
 
 from instructflow.config import ConfigError, Params, load_params, parse_params
-from conftest import ROOT
 
 
 def test_params_yaml_is_valid_and_equals_the_defaults():

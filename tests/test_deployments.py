@@ -11,7 +11,6 @@ import urllib.request
 
 import boto3
 import pytest
-
 from conftest import free_port, stop, wait_http
 from test_orchestration import BIN, make_project, run
 from test_stages import MICRO

@@ -29,11 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
 from conftest import free_port
+from safetensors.torch import load_file
 from test_stages import MICRO
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +200,7 @@ def test_a_rank_killed_with_sigkill_fails_the_job_and_the_rerun_resumes_to_the_s
 
 
 def test_a_stage_on_a_pod_with_several_devices_runs_under_accelerate_launch_on_all_of_them(base, tmp_path, monkeypatch):
-    """What the GPU pool's stage flow does on a pod with 2 GPUs (flows/stage.py): the stage's
+    """What the GPU pool's stage flow does on a pod with 2 GPUs (flows/gpu_stage.py): the stage's
     Prefect task launches it with orchestrate.accelerate_config on 2 processes."""
     from instructflow.config import load_params
     from instructflow.registry import stage_key

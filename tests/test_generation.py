@@ -3,10 +3,10 @@ token for token when greedy, including rows that finish at different steps and l
 and in distribution when sampling at a temperature."""
 import pytest
 import torch
+from tiny import tiny_lm
 
 from instructflow.lm.encoding import encode_prompt, pad
 from instructflow.lm.generation import sample_tokens
-from tiny import tiny_lm
 
 PROMPTS = ["What color is the ball?", "Hi", "Ana has a green kite. Ben has a pink hat."]  # unequal: left padding
 

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
+from tiny import tiny_lm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from instructflow.config import LoraConfig
 from instructflow.lm.memory import MB, PRESETS, Shape, Workload, predict, trained_parameters
 from instructflow.lm.modeling import add_lora, trainable_parameters
-from tiny import tiny_lm
 
 
 def _meta_count(config) -> int:

@@ -8,17 +8,17 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_lm
 
-from instructflow.stages.best_of_n import best_of_n_kl, pick, powers_of_two
-from instructflow.stages.compare import gold_peak
 from instructflow.config import EnsembleConfig, Params
 from instructflow.data.formats import Comparison
+from instructflow.lm.losses import LMLoss, conservative_reward, kwise_loss, plackett_luce_loss
+from instructflow.lm.modeling import reward_scores
+from instructflow.replicates import replicate, spread
+from instructflow.stages.best_of_n import best_of_n_kl, pick, powers_of_two
+from instructflow.stages.compare import gold_peak
 from instructflow.stages.dpo import DPOExample, collate_dpo, dpo_loss, rank_levels, response_logps
 from instructflow.stages.reward_ensemble import RewardEnsemble
-from instructflow.lm.losses import LMLoss, conservative_reward, kwise_loss, plackett_luce_loss
-from instructflow.replicates import replicate, spread
-from instructflow.lm.modeling import reward_scores
-from tiny import tiny_lm
 
 
 def tiny_rm(seed: int):

@@ -3,15 +3,23 @@ its trained context, a loss that never holds the full logits, LoRA merged on sav
 the PPO reference as the policy with its adapters off, and bf16 autocast."""
 import pytest
 import torch
+from tiny import MICRO, TEXTS, chatml_tokenizer, tiny_lm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from instructflow.config import LoraConfig, OptimConfig, ProjectConfig
 from instructflow.lm.encoding import dialog_messages, encode_prompt, encode_response, end_of_turn_id
 from instructflow.lm.losses import LMLoss, causal_lm_loss
-from instructflow.lm.modeling import (MAX_LEN_KEY, add_lora, build_tiny_llama, context_length, ensure_pad_token,
-                                   load_causal_lm, merged, position_limit)
+from instructflow.lm.modeling import (
+    MAX_LEN_KEY,
+    add_lora,
+    build_tiny_llama,
+    context_length,
+    ensure_pad_token,
+    load_causal_lm,
+    merged,
+    position_limit,
+)
 from instructflow.lm.training import make_accelerator, save_model_atomic, train_loop
-from tiny import MICRO, TEXTS, chatml_tokenizer, tiny_lm
 
 
 def test_a_chat_template_renders_every_turn_and_the_answer_ends_with_its_end_of_turn_token():

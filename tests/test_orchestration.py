@@ -15,10 +15,10 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
-
 from conftest import ROOT, FlakyProxy
-from instructflow.io import content_hash
 from test_stages import MICRO
+
+from instructflow.io import content_hash
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -39,7 +39,7 @@ def make_project(dest: Path, params: dict) -> Path:
     dest.mkdir(parents=True)
     for d in ("instructflow", "flows", "tasks"):
         shutil.copytree(ROOT / d, dest / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for f in (".dvc/config", ".dvc/.gitignore", ".dvcignore", "prefect.yaml"):
+    for f in (".dvc/config", ".dvc/.gitignore", ".dvcignore", "prefect.yaml", "configs/presets/pretrained.yaml"):
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / f, dest / f)
     (dest / ".gitignore").write_text("artifacts/\n.dvcstore/\n.prefect/\n__pycache__/\ndvc_plots/\n")
@@ -153,7 +153,7 @@ def _assert_nothing_half_written(project: Path) -> None:
     model and ONNX export that exists reads in full."""
     from safetensors import safe_open
 
-    from instructflow.stages.export import verify_export
+    from instructflow.serving.onnx import verify_export
 
     art = project / "artifacts"
     for f in art.rglob("*.json"):
@@ -193,8 +193,9 @@ def test_make_methods_flow_compares_every_method_over_two_seeds_and_versions_rep
     seed1 = json.loads((proj / "artifacts/seeds/1/pipeline/run.json").read_text())
     assert {r["state"] for r in seed1["stages"]} == {"Completed"} and len(seed1["stages"]) == 16
     assert yaml.safe_load((proj / "artifacts/seeds/1/params.yaml").read_text())["project"]["seed"] == 1
-    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    lock = yaml.safe_load((proj / "pipelines/methods/dvc.lock").read_text())  # the methods' own DVC pipeline
     assert {"dpo", "compare", "overoptimization"} <= set(lock["stages"])
+    assert not {"dpo", "compare"} & set(yaml.safe_load((proj / "dvc.lock").read_text())["stages"])
     assert json.loads(run([str(BIN / "dvc"), "status", "--json"], proj, env).stdout or "{}") == {}
     summary = json.loads((proj / "artifacts/methods/summary.json").read_text())
     assert summary["seeds"] == [0, 1] and len(summary["methods"]["dpo"]["win_rate"]["values"]) == 2
@@ -328,8 +329,9 @@ def test_rounds_stop_on_bad_feedback_then_promote_keep_and_commit_each_round(pro
     assert "round 1: promoted: the challenger's win rate over the champion (sft)" in proc.stdout
     assert run([*GIT, "log", "-1", "--format=%s"], project).stdout.startswith("round 1: promoted v1")
     assert set(run([*GIT, "show", "--name-only", "--format=", "HEAD"], project).stdout.split()) == \
-        {"rounds/round.json", "rounds/ledger.jsonl", "dvc.lock"}
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
+        {"rounds/round.json", "rounds/ledger.jsonl", "dvc.lock", "pipelines/rounds/dvc.yaml", "pipelines/rounds/dvc.lock"}
+    assert json.loads(run([str(BIN / "dvc"), "status", "--json"], project, env).stdout or "{}") == {}
+    lock = yaml.safe_load((project / "pipelines/rounds/dvc.lock").read_text())
     assert {"round_champion", "round_feedback", "round_reward", "round_ppo", "round_export", "round_gate"} <= set(lock["stages"])
 
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -352,7 +354,7 @@ def test_rounds_stop_on_bad_feedback_then_promote_keep_and_commit_each_round(pro
     run([*GIT, "clone", "-q", str(project), str(clone)], tmp_path)
     round1 = run([*GIT, "log", "--format=%H", "--grep=^round 1:"], clone).stdout.split()
     run([*GIT, "checkout", "-q", *round1], clone)
-    run([str(BIN / "dvc"), "pull", "round_feedback"], clone, env)
+    run([str(BIN / "dvc"), "pull", "pipelines/rounds/dvc.yaml:round_feedback"], clone, env)
     assert [f.name for f in (clone / "artifacts/round_feedback/feedback").iterdir()] == ["round_001.jsonl"]
     assert json.loads((clone / "rounds/round.json").read_text()) == {"round": 1, "champion": "sft"}
 
@@ -377,7 +379,7 @@ def test_bad_data_stops_the_flow_before_any_training(tmp_path, env):
     assert f"{bad}: 1 row(s) fail 'ranking is a permutation" in log and "lines 8" in log
     assert "responses within a comparison are distinct" in log and "lines 13" in log
     assert not (proj / "artifacts/pretrain").exists() and not (proj / "artifacts/data/sft_train.jsonl").exists()
-    q = [json.loads(x) for x in (proj / "artifacts/validate/quarantine/comparisons.quarantine.jsonl").read_text().splitlines()]
+    q = [json.loads(x) for x in (proj / "artifacts/data/quarantine/comparisons.quarantine.jsonl").read_text().splitlines()]
     assert [r["line"] for r in q] == [8, 13]
 
 

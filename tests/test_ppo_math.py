@@ -3,11 +3,13 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_lm
 
+from instructflow.lm.losses import causal_lm_loss
+from instructflow.lm.rollout import apply_no_eos_score
 from instructflow.stages.evaluate import bootstrap_interval
 from instructflow.stages.ppo import (
     KLController,
-    apply_no_eos_score,
     gae,
     masked_mean,
     per_token_rewards,
@@ -16,8 +18,6 @@ from instructflow.stages.ppo import (
     value_loss,
     whiten,
 )
-from instructflow.lm.losses import causal_lm_loss
-from tiny import tiny_lm
 
 
 def test_per_token_kl_reward_and_score_on_the_last_token():
@@ -169,7 +169,7 @@ def _padded_rollout(tok, prompts, responses):
     """A Rollout of left-padded prompts and right-padded responses (EOS included), plus the
     unpadded rows, built the way `rollout` lays them out."""
     from instructflow.lm.encoding import encode_prompt, encode_response, pad
-    from instructflow.stages.ppo import Rollout
+    from instructflow.lm.rollout import Rollout
 
     p_ids, p_attn = pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id, side="left")
     resp = [encode_response(tok, r) for r in responses]
@@ -188,7 +188,7 @@ def _padded_rollout(tok, prompts, responses):
 def test_response_logprobs_match_a_plain_loop_over_unpadded_rows():
     """Left-padded prompts, right-padded responses and the LM head on the response only
     (`logits_to_keep`) give each row the log-probabilities it has unpadded."""
-    from instructflow.stages.ppo import response_logprobs
+    from instructflow.lm.rollout import response_logprobs
 
     model, tok = tiny_lm()
     model.eval()
@@ -217,7 +217,7 @@ def test_response_logprobs_match_a_plain_loop_over_unpadded_rows():
 
 
 def test_minibatch_drops_all_padding_columns_and_changes_no_logprob():
-    from instructflow.stages.ppo import minibatch, response_logprobs
+    from instructflow.lm.rollout import minibatch, response_logprobs
 
     model, tok = tiny_lm()
     model.eval()

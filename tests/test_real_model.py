@@ -12,9 +12,8 @@ import httpx
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
 from conftest import ROOT, free_port, stop, wait_http
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 pytestmark = pytest.mark.slow
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"

@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import yaml
-
 from conftest import ROOT
+
 from instructflow.config import Params, load_params
-from instructflow.registry import PACKAGE_DIR, STAGES, code_files, dvc_yaml_text, pipeline_specs, stage_key, stage_specs
+from instructflow.dvcfile import dvc_yaml_text
+from instructflow.registry import PACKAGE_DIR, STAGES, code_files, pipeline_specs, stage_key, stage_specs
 
 TRAINING = ("pretrain", "sft", "collect", "reward", "ppo", "ppo_ptx")
 
@@ -26,10 +27,16 @@ def test_every_list_of_stages_comes_from_the_registry():
         f"data {c.name}" for g in app.registered_groups for c in g.typer_instance.registered_commands}
     assert {" ".join(s.command) for s in STAGES.values()} <= commands
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(dvc) == [s.name for s in stage_specs(Params())]
+    assert list(dvc) == [s.name for s in pipeline_specs(Params())]  # the methods and rounds have files of their own
     assert set(dvc) <= set(STAGES)
     for name, entry in dvc.items():
         assert entry["cmd"] == "instructflow " + " ".join(STAGES[name].command) + " --params params.yaml"
+        assert entry["metrics"] == [f"artifacts/{name}/figures.json"] and f"artifacts/{name}/result.json" in entry["outs"]
+    methods = yaml.safe_load(dvc_yaml_text(Params(), "params.yaml", "methods"))["stages"]
+    assert list(methods) == [s.name for s in stage_specs(Params()) if s.stage.group == "methods"]
+    assert all(e["wdir"] == "../.." for e in methods.values())
+    smol = yaml.safe_load(dvc_yaml_text(load_params(ROOT / "configs/smollm2-hh.yaml"), "configs/smollm2-hh.yaml", root=ROOT))
+    assert "gold_reward" in smol["stages"] and smol["stages"]["sft"]["params"][0]["configs/smollm2-hh.yaml"]
 
 
 def test_a_stage_runs_the_code_its_module_imports_and_nothing_else():
@@ -77,7 +84,7 @@ def test_an_edit_to_serve_py_changes_no_stage_key_and_an_edit_to_losses_py_chang
     after = keys()
     assert {s for s in after if after[s] != before[s]} == {"pretrain", "sft", "reward", "ppo", "ppo_ptx", "eval",
                                                            "reward_ensemble", "dpo", "best_of_n", "ppo_ensemble", "compare",
-                                                           "overoptimization", *(s for s in after if s.startswith("round_"))}
+                                                           "overoptimization", *(s for s in after if s.startswith("round_") and s != "round_export")}
 
 
 def test_a_gold_rm_stage_runs_beside_the_proxy_rm_when_files_keep_a_gold_share():

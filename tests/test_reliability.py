@@ -16,7 +16,13 @@ import torch
 from tiny import tiny_lm
 
 from instructflow.config import OptimConfig, ProjectConfig
-from instructflow.lm.training import CheckpointClock, load_checkpoint, make_accelerator, save_checkpoint, save_model_atomic
+from instructflow.lm.training import (
+    CheckpointClock,
+    load_checkpoint,
+    make_accelerator,
+    save_checkpoint,
+    save_model_atomic,
+)
 
 
 class _Stop(RuntimeError):

@@ -2,15 +2,21 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_lm
 from transformers import AutoModelForSequenceClassification
 
 from instructflow.data.formats import Comparison, Demonstration
 from instructflow.lm.encoding import pad
 from instructflow.lm.losses import kwise_loss
 from instructflow.lm.modeling import reward_scores
-from instructflow.stages.reward import (centre_on_demonstrations, collate_comparisons, comparison_rewards, encode_comparison,
-                                 rm_loss, score_texts)
-from tiny import tiny_lm
+from instructflow.stages.reward import (
+    centre_on_demonstrations,
+    collate_comparisons,
+    comparison_rewards,
+    encode_comparison,
+    rm_loss,
+    score_texts,
+)
 
 
 def test_kwise_loss_on_a_hand_computed_k4_ranking():

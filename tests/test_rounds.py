@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from instructflow.rounds.champion import list_versions, promote, read_pointer, read_version, rollback
 from instructflow.config import Params
+from instructflow.rounds.champion import list_versions, promote, read_pointer, read_version, rollback
 from instructflow.serving.storage import FolderStore, fetch_folder, publish_folder
 
 
@@ -109,8 +109,8 @@ def test_a_round_opens_after_the_last_finished_one_from_the_champion_the_store_p
 
 
 def test_simulated_labelers_rank_behind_the_ranker_interface():
-    from instructflow.rounds.ranking import Ranker, make_ranker
     from instructflow.data.suite.build import fresh_prompts
+    from instructflow.rounds.ranking import Ranker, make_ranker
 
     p = Params()
     ranker: Ranker = make_ranker(p, seed=3)

@@ -2,15 +2,14 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_lm
 
-from instructflow.config import OptimConfig
+from instructflow.config import OptimConfig, ProjectConfig
 from instructflow.data.formats import Demonstration
 from instructflow.lm.encoding import join_truncated
 from instructflow.lm.modeling import add_residual_dropout
-from instructflow.stages.sft import encode_demonstration, sft_batch
 from instructflow.lm.training import cosine_with_warmup, make_accelerator, train_loop
-from instructflow.config import ProjectConfig
-from tiny import tiny_lm
+from instructflow.stages.sft import encode_demonstration, sft_batch
 
 
 def test_prompt_tokens_carry_no_sft_loss():
@@ -103,10 +102,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, grouped):
 def test_tiny_model_initial_weight_scale_follows_init_std(tmp_path):
     """model.tiny.init_std sets the initial weights' spread and is saved in the
     config (initializer_range), so plain transformers reloads the same model."""
+    from tiny import MICRO, TEXTS
     from transformers import AutoModelForCausalLM
 
     from instructflow.lm.modeling import build_tiny_llama, train_tokenizer
-    from tiny import MICRO, TEXTS
 
     tok = train_tokenizer(TEXTS, MICRO.vocab_size)
     for std in (0.02, 0.12):

@@ -5,10 +5,10 @@ import pytest
 
 from instructflow.config import DataConfig, LabelerConfig
 from instructflow.data.formats import Demonstration, Prompt
-from instructflow.io import read_jsonl
 from instructflow.data.suite import instructions as T
 from instructflow.data.suite.build import build_builtin
 from instructflow.data.suite.labelers import Labeler, pairwise_agreement
+from instructflow.io import read_jsonl
 
 CATS = DataConfig().categories
 

@@ -9,8 +9,8 @@ import pytest
 
 from instructflow.config import ValidateConfig
 from instructflow.data.formats import Comparison, Demonstration, PretrainText, Prompt
-from instructflow.io import BOM, DataError, read_jsonl
 from instructflow.data.validate import ValidationFailed, validate_dataset_dir, validate_file, validate_inputs
+from instructflow.io import BOM, DataError, read_jsonl
 
 
 def good(kind: str, i: int) -> dict:

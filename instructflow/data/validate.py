@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Params, ValidateConfig
+from ..config import ValidateConfig
+from ..io import BOM, DataError, LineError, parse_json_line, write_jsonl
 from .formats import MAX_K, MIN_K
-from ..io import BOM, DataError, LineError, StageTimer, parse_json_line, write_json, write_jsonl, write_result
 
 log = logging.getLogger(__name__)
 
@@ -375,11 +375,11 @@ def _field_values(rows: list[dict], kind: str) -> list[str]:
     return [r["_obj"][key] for r in rows if isinstance(r["_obj"], dict) and isinstance(r["_obj"].get(key), str)]
 
 
-def validate_dataset_dir(data_dir: Path, cfg: ValidateConfig, quarantine_dir: Path) -> list[FileReport]:
-    """Validate every known dataset in `data_dir`, including leakage from training files."""
-    present = {stem: data_dir / f"{stem}.jsonl" for stem in DATASETS if (data_dir / f"{stem}.jsonl").exists()}
+def validate_datasets(files: dict[str, Path], cfg: ValidateConfig, quarantine_dir: Path) -> list[FileReport]:
+    """Validate the datasets {name: path} the data stage wrote, including leakage from training files."""
+    present = {stem: Path(files[stem]) for stem in DATASETS if stem in files and Path(files[stem]).exists()}
     if not present:
-        raise DataError(f"{data_dir}: no datasets to validate (expected some of {', '.join(DATASETS)})")
+        raise DataError(f"no datasets to validate (expected some of {', '.join(DATASETS)})")
     rows = {stem: read_rows(path) for stem, path in present.items()}  # each file read once
     reports = []
     for stem, path in present.items():
@@ -398,23 +398,3 @@ def validate_inputs(files: dict[str, tuple[str | Path, str]], cfg: ValidateConfi
     reports = [validate_file(path, kind, cfg, quarantine_dir) for path, kind in files.values()]
     if any(not r.ok for r in reports):
         raise ValidationFailed(reports, cfg.max_failed_rows_shown)
-
-
-def run_validate(params: Params, key: str = "") -> dict:
-    """The `validate` stage: every dataset under artifacts/data/ must meet its suite."""
-    cfg, out = params.validate_, params.stage_dir("validate")
-    data_dir = params.stage_dir("data")
-    timer = StageTimer()
-    quarantine = out / "quarantine"
-    if quarantine.exists():
-        for f in quarantine.glob("*.jsonl"):
-            f.unlink()
-    with timer.phase("validate"):
-        reports = validate_dataset_dir(data_dir, cfg, quarantine)
-    report = {"ok": all(r.ok for r in reports), "files": [r.as_dict() for r in reports]}
-    write_json(out / "report.json", report)
-    if not report["ok"]:
-        raise ValidationFailed(reports, cfg.max_failed_rows_shown)
-    metrics = {"files": len(reports), "rows": sum(r.rows for r in reports)}
-    inputs = {p.stem: p for p in sorted(data_dir.glob("*.jsonl")) if p.stem in DATASETS}
-    return write_result(out, "validate", inputs, {"report": out / "report.json"}, metrics, timer, run_key=key)

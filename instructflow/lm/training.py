@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def setup_runtime(project: ProjectConfig) -> None:
-    """Threads, seeds, progress bars and the GPU's peak-memory counter; called at the start of each stage."""
+    """Threads, seeds, deterministic kernels, progress bars and the GPU's peak-memory counter; called at the
+    start of each stage."""
+    use_deterministic_kernels(project.deterministic)
     if not sys.stderr.isatty():  # transformers' own bars (loading weights, writing shards): terminal only
         from transformers.utils import logging as hf_logging
 
@@ -49,6 +51,17 @@ def setup_runtime(project: ProjectConfig) -> None:
     seed_everything(project.seed)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()  # `pipeline` runs every stage in one process: each reports its own peak
+
+
+def use_deterministic_kernels(on: bool) -> None:
+    """torch's deterministic algorithms (where an op has one; the others warn): a rerun then gives the same
+    bytes. Without them, ops that sum into shared rows with several threads (the backward pass of indexing,
+    which the RM's shared-prompt gathers and the pair losses use) sum in thread order, and two runs of the
+    same stage drift apart at float level (the RM's log differed from step 150 on 2 cores); measured at no
+    cost on the RM's CPU step (docs/decisions.md). CUDA's cuBLAS needs a fixed workspace for it."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 def keep_large_blocks_unpooled(threshold: int = 128 * 1024) -> None:
@@ -252,6 +265,99 @@ def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int,
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
+def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), fused=False,
+    )  # the lists go with this frame: FSDP replaces the parameters with shards, and they would keep every full one alive
+
+
+class LoopLog:
+    """What every training loop does around its steps (train_loop's, PPO's): resume from the stage's
+    checkpoint, keep its train_log.jsonl (a resumed run's rows after the checkpoint are dropped and
+    logged again), the progress bar, trackers, a periodic log line with the time left, and checkpoints
+    every `checkpoint_every` steps or `checkpoint_minutes`. `unit` names the step ("step", "iteration")."""
+
+    def __init__(self, accelerator: Accelerator, out_dir: Path, name: str, total: int, cfg, run_key: str,
+                 stateful: dict[str, Any] | None = None, unit: str = "step"):
+        self.acc, self.out_dir, self.name, self.total, self.cfg = accelerator, out_dir, name, total, cfg
+        self.run_key, self.stateful, self.unit = run_key, stateful or {}, unit
+        self.path = out_dir / "train_log.jsonl"
+        self.history: list[dict[str, Any]] = []
+        self.start = 0
+        self.bar = None
+        self.clock = CheckpointClock(accelerator, cfg.checkpoint_every, cfg.checkpoint_minutes)
+        self.t0 = time.perf_counter()
+
+    def resume(self, position: Callable[[dict], int]) -> dict | None:
+        """Load the checkpoint (when cfg.resume and one of this run exists); `position(state)` is the
+        step it was taken after. Returns the trainer state saved with it, or None for a fresh start."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = load_checkpoint(self.acc, self.out_dir, self.run_key, self.stateful) if self.cfg.resume else None
+        if state is not None:
+            self.start = position(state)
+            log.info("%s: resuming from %s %d (%s)", self.name, self.unit, self.start, self.out_dir / "checkpoint")
+            if self.path.exists():  # the rows up to the checkpoint stand; a killed run's later rows are logged again
+                rows = [json.loads(x) for x in self.path.read_text().splitlines()]
+                self.history = [r for r in rows if r[self.unit] <= self.start]
+                if self.acc.is_main_process:
+                    self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        elif self.path.exists() and self.acc.is_main_process:
+            self.path.unlink()
+        self.bar = progress(self.total, self.name, self.start, self.acc.is_local_main_process)
+        self.t0 = time.perf_counter()
+        return state
+
+    def advance(self, **postfix: str) -> None:
+        """One step done: the progress bar moves."""
+        self.bar.update(1)
+        if postfix:
+            self.bar.set_postfix(**postfix)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """A row of train_log.jsonl (the main process writes it), and the trackers' step."""
+        self.history.append(row)
+        if self.acc.is_main_process:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        self.acc.log({k: v for k, v in row.items() if k != self.unit}, step=row[self.unit])
+
+    def say(self, done: int, row: dict[str, Any]) -> None:
+        """The log line a person reads: progress, seconds per step, time left, then the row's numbers."""
+        elapsed = time.perf_counter() - self.t0
+        per_step = elapsed / max(done - self.start, 1)
+        left = per_step * (self.total - done)
+        numbers = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != self.unit and isinstance(v, float | int))
+        log.info("%s %s %d/%d (%d%%, %.2f s/%s, %s left) %s", self.name, self.unit, done, self.total,
+                 100 * done // self.total, per_step, self.unit, _duration(left), numbers)
+
+    def checkpoint_due(self, done: int) -> bool:
+        return done < self.total and self.clock.due(done)
+
+    def checkpoint(self, trainer_state: dict) -> None:
+        save_checkpoint(self.acc, self.out_dir, {**trainer_state, "run_key": self.run_key}, self.stateful)
+        self.clock.saved()
+
+    def finish(self, trainer_state: dict) -> None:
+        """The bar closed, the final checkpoint (when checkpoints are on), the trackers ended."""
+        self.bar.close()
+        if self.cfg.checkpoint_every:
+            self.checkpoint(trainer_state)
+        if self.acc.trackers:
+            self.acc.end_training()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 def train_loop(
     *,
     name: str,
@@ -273,7 +379,6 @@ def train_loop(
     `size_fn(example)` gives the padded-size key that `cfg.group_by_length` sorts by."""
     if not examples:
         raise ValueError(f"{name}: no training examples")
-    out_dir.mkdir(parents=True, exist_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     # each process takes every world-th micro-batch; an optimizer step is grad_accum of them
@@ -286,113 +391,149 @@ def train_loop(
     total_steps = max(1, int(cfg.epochs * micro_per_epoch) // cfg.grad_accum)
     total_micro = total_steps * cfg.grad_accum
 
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), fused=False,
-    )
-    del decay, no_decay  # FSDP replaces the parameters with shards: these lists would keep every full one alive
+    optimizer = adamw(model, cfg)
     # The schedule is ours, stepped once per optimizer step: accelerate's prepared scheduler
     # steps once per process per step (several processes ran the schedule that many times faster).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
-    stateful = {"scheduler": scheduler}  # saved as JSON in the checkpoint
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    log_path = out_dir / "train_log.jsonl"
-    micro_done, resumed_from = 0, 0
-    state = load_checkpoint(accelerator, out_dir, run_key, stateful) if cfg.resume else None
-    history: list[dict[str, Any]] = []
-    if state is not None:
-        micro_done = state["micro_batches"]
-        resumed_from = micro_done // cfg.grad_accum
-        log.info("%s: resuming from step %d (%s)", name, resumed_from, out_dir / "checkpoint")
-        if log_path.exists():  # the rows up to the checkpoint stand; a killed run's later rows are logged again
-            history = [r for r in map(json.loads, log_path.read_text().splitlines()) if r["step"] <= resumed_from]
-            if accelerator.is_main_process:
-                log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-    elif log_path.exists() and accelerator.is_main_process:
-        log_path.unlink()
+    book = LoopLog(accelerator, out_dir, name, total_steps, cfg, run_key, {"scheduler": scheduler})  # scheduler: JSON
+    state = book.resume(lambda st: st["micro_batches"] // cfg.grad_accum) or {}
+    micro = state.get("micro_batches", 0)
 
     model.train()
-    clock = CheckpointClock(accelerator, cfg.checkpoint_every, cfg.checkpoint_minutes)
     # the metrics summed since the last log row (a checkpoint keeps them, so a resumed run logs the same rows)
-    running: dict[str, float] = dict(state.get("running", {})) if state else {}
-    n_running, items, t0 = state.get("n_running", 0) if state else 0, 0, time.perf_counter()
-    val_metrics: dict[str, float] = {}
-    bar = progress(total_steps, name, resumed_from, accelerator.is_local_main_process)
-    micro = micro_done
+    sums = RunningSums(dict(state.get("running", {})), state.get("n_running", 0))
+    items, val_metrics = 0, {}
     while micro < total_micro:
         epoch, start = divmod(micro, micro_per_epoch)
         order = epoch_batches(len(examples), cfg.batch_size, seed, epoch, sizes, cfg.length_group)[rank::world][:micro_per_epoch]
         for idx in order[start:]:
             batch = collate([examples[i] for i in idx])
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                loss, metrics = loss_fn(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                optimizer.step()  # accelerate makes this a no-op until grad_accum micro-batches are in
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss, metrics = _micro_step(accelerator, model, optimizer, scheduler, loss_fn, batch, cfg.max_grad_norm)
             micro += 1
             items += count_fn(batch) if count_fn else len(idx)
-            for k, v in {"loss": float(loss.detach()), **metrics}.items():
-                running[k] = running.get(k, 0.0) + v
-            n_running += 1
+            sums.add({"loss": float(loss.detach()), **metrics})
             if micro % cfg.grad_accum:
                 continue
             step = micro // cfg.grad_accum
             crash_point(f"step:{name}")
-            bar.update(1)
-            checkpoint_due = step < total_steps and clock.due(step)
+            checkpoint_due = book.checkpoint_due(step)
             if world > 1 and (checkpoint_due or step % cfg.log_every == 0 or step == total_steps):
-                running = _mean_across(accelerator, running)  # a row is every process's micro-batches
+                sums.mean_across(accelerator)  # a row is every process's micro-batches
             if step % cfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t0
                 row = {"step": step, "epoch": round(micro / micro_per_epoch, 3), "lr": scheduler.get_last_lr()[0],
-                       **{k: round(v / n_running, 5) for k, v in running.items()}, "items_per_s": round(items / elapsed, 1)}
-                history.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if accelerator.is_main_process:
-                    with log_path.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)  # trackers, when any
-                log.info("%s step %d/%d %s", name, step, total_steps,
-                         " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
-                running, n_running = {}, 0
+                       **sums.means(), "items_per_s": round(items / (time.perf_counter() - book.t0), 1)}
+                book.write(row)
+                book.say(step, row)
+                sums.reset()
+            book.advance(**({"loss": f"{book.history[-1]['loss']:.4f}"} if book.history else {}))
             if checkpoint_due:
-                save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": step, "run_key": run_key,
-                                                       "running": running, "n_running": n_running}, stateful)
-                clock.saved()
+                book.checkpoint({"micro_batches": micro, "step": step, **sums.state()})
             if micro >= total_micro:
                 break
         if val_fn is not None and micro < total_micro and micro % micro_per_epoch == 0:
             val_metrics = val_fn(accelerator.unwrap_model(model))
             log.info("%s epoch %d validation %s", name, micro // micro_per_epoch, val_metrics)
             model.train()
-    bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - book.t0
     if world > 1:  # throughput of all processes together
         items = int(accelerator.reduce(torch.tensor([items], device=accelerator.device), reduction="sum").item())
     if val_fn is not None:
         val_metrics = val_fn(accelerator.unwrap_model(model))
         model.train()
-    if cfg.checkpoint_every:
-        save_checkpoint(accelerator, out_dir, {"micro_batches": micro, "step": micro // cfg.grad_accum, "run_key": run_key,
-                                               "running": running, "n_running": n_running}, stateful)
-    if accelerator.trackers:
-        accelerator.end_training()
-    last = history[-1] if history else {}
+    book.finish({"micro_batches": micro, "step": micro // cfg.grad_accum, **sums.state()})
+    last = book.history[-1] if book.history else {}
     return LoopResult(
-        steps=total_steps, seconds=round(seconds, 3), resumed_from_step=resumed_from,
+        steps=total_steps, seconds=round(seconds, 3), resumed_from_step=book.start,
         train_metrics={k: v for k, v in last.items() if k not in ("step", "epoch", "lr", "items_per_s")},
-        val_metrics=val_metrics, history=history, items_per_s=round(items / max(seconds, 1e-9), 1),
+        val_metrics=val_metrics, history=book.history, items_per_s=round(items / max(seconds, 1e-9), 1),
     )
+
+
+@dataclass
+class Trained:
+    """What `fit` hands back: the trained model as an ordinary module (None in the helper processes of a
+    sharded run), the loop's result, and the metrics every trained stage reports."""
+
+    model: torch.nn.Module | None
+    loop: LoopResult
+    metrics: dict
+    accelerator: Accelerator
+
+
+def fit(ctx, model: torch.nn.Module, cfg: OptimConfig, examples: list, collate: Callable, loss_fn: Callable, *,
+        rebuild: Callable[[], torch.nn.Module], accelerator: Accelerator | None = None,
+        val_fn: Callable | None = None, count_fn: Callable | None = None, size_fn: Callable | None = None,
+        throughput: str = "items_per_s", folder: Path | None = None, run_key: str | None = None,
+        seed: int | None = None) -> Trained:
+    """The training scaffold of SFT, pretraining, the RM and DPO: the stage's accelerator, `train_loop`
+    in the stage's folder under its run key (so a kill resumes), how the processes ran, and the trained
+    model gathered whole (`rebuild()`: a fresh model of the same architecture, for sharded runs).
+    `ctx` is the stage's runner.StageContext; `folder`, `run_key` and `seed` (the data order's) put the
+    loop's checkpoints and log elsewhere under another key and seed (an ensemble member's)."""
+    acc = accelerator or ctx.accelerator(cfg.grad_accum)
+    model = model.to(acc.device)
+    with ctx.phase("train"):
+        res = train_loop(name=ctx.name, model=model, examples=examples, collate=collate, loss_fn=loss_fn, cfg=cfg,
+                         out_dir=folder or ctx.folder, accelerator=acc, val_fn=val_fn, count_fn=count_fn, size_fn=size_fn,
+                         seed=ctx.params.project.seed if seed is None else seed, run_key=run_key or ctx.run_key)
+    ran = processes_report(acc, ctx.timer)
+    trained = trained_model(acc, model, rebuild)
+    metrics = {**ran, "steps": res.steps, "train_loss": res.train_metrics.get("loss"), **res.val_metrics,
+               throughput: res.items_per_s, "resumed_from_step": res.resumed_from_step}
+    return Trained(trained if acc.is_main_process else None, res, metrics, acc)
+
+
+def trainable(model: torch.nn.Module, cfg, kind: str, gradient_checkpointing: bool) -> tuple[torch.nn.Module, dict]:
+    """The model as a stage trains it (LoRA adapters or its weights, of every layer or cfg.train_top_layers;
+    kind: "causal_lm" or "score"), with gradient checkpointing when asked; and its parameter counts."""
+    from .modeling import make_trainable, trainable_parameters
+
+    model = make_trainable(model, cfg.lora, kind, cfg.train_top_layers)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    n_trainable, total = trainable_parameters(model)
+    return model, {"trainable_parameters": n_trainable, "parameters": total}
+
+
+def _micro_step(accelerator: Accelerator, model, optimizer, scheduler, loss_fn, batch, max_grad_norm: float):
+    """Forward, backward and (every grad_accum micro-batches) clip, step and schedule."""
+    with accelerator.accumulate(model):
+        loss, metrics = loss_fn(model, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+        optimizer.step()  # accelerate makes this a no-op until grad_accum micro-batches are in
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, metrics
+
+
+class RunningSums:
+    """The per-step metrics summed since the last log row."""
+
+    def __init__(self, sums: dict[str, float] | None = None, n: int = 0):
+        self.sums, self.n = sums or {}, n
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+
+    def mean_across(self, accelerator: Accelerator) -> None:
+        """Each sum becomes its mean over the processes (logging or checkpointing them commutes with the sums to come)."""
+        self.sums = _mean_across(accelerator, self.sums)
+
+    def means(self) -> dict[str, float]:
+        return {k: round(v / self.n, 5) for k, v in self.sums.items()}
+
+    def reset(self) -> None:
+        self.sums, self.n = {}, 0
+
+    def state(self) -> dict:
+        return {"running": self.sums, "n_running": self.n}
 
 
 def _mean_across(accelerator: Accelerator, sums: dict[str, float]) -> dict[str, float]:

@@ -56,7 +56,7 @@ def _move_pointer(store, record: dict, **why) -> dict:
 
 def promote(store_uri: str, policy_dir: Path, rm_export_dir: Path, facts: dict) -> dict:
     """Publish the policy and the RM export as a new version, then point `champion` at it; return the pointer."""
-    from ..stages.export import verify_export
+    from ..serving.onnx import verify_export
 
     store = open_store(store_uri)
     rm_manifest = verify_export(rm_export_dir)  # nothing unverified is published

@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 
 from ..config import Params
+from ..context import StageContext
 from ..data.formats import Prompt
-from ..io import StageTimer, content_hash, read_jsonl, swap_in, write_json, write_result
+from ..io import content_hash, read_jsonl, swap_in, write_json
+from ..registry import output
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,8 @@ def append_ledger(params: Params, entry: dict) -> None:
 def open_round(params: Params) -> dict:
     """The ticket of the round to run: the current one again when it has not finished (its
     stages are then cached), else the next, starting from the champion the store points at."""
-    from .champion import read_pointer
     from ..serving.storage import open_store
+    from .champion import read_pointer
 
     path = Path(params.rounds.ticket)
     finished = {r["round"] for r in read_ledger(params)}
@@ -85,65 +87,62 @@ def open_round(params: Params) -> dict:
 
 
 # --------------------------------------------------------------------------- the stages
-def run_round_champion(params: Params, key: str = "") -> dict:
+def run_round_champion(ctx: StageContext) -> dict:
     from .champion import fetch_version
 
-    ticket, out, timer = read_ticket(params), params.stage_dir("round_champion"), StageTimer()
-    out.mkdir(parents=True, exist_ok=True)
-    with timer.phase("fetch"):
+    ticket, policy = read_ticket(ctx.params), ctx.output("policy")
+    with ctx.phase("fetch"):
         if ticket["champion"] == SFT:
-            tmp = out / "policy.copy"
+            tmp = policy.with_name(policy.name + ".copy")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(params.stage_dir("sft") / "model", tmp)
-            swap_in(tmp, out / "policy")
+            shutil.copytree(ctx.input("sft"), tmp)
+            swap_in(tmp, policy)
         else:
-            fetch_version(params.rounds.store, ticket["champion"], out / "policy", "policy")
-    write_json(out / "champion.json", ticket)
-    metrics = {"round": ticket["round"], "champion": ticket["champion"]}
-    return write_result(out, "round_champion", {"ticket": params.rounds.ticket},
-                        {"policy": out / "policy", "champion": out / "champion.json"}, metrics, timer, run_key=key)
+            fetch_version(ctx.params.rounds.store, ticket["champion"], policy, "policy")
+    write_json(ctx.output("champion"), ticket)
+    return {"round": ticket["round"], "champion": ticket["champion"]}
 
 
-def round_files(params: Params) -> list[Path]:
-    return sorted((params.stage_dir("round_feedback") / "feedback").glob("round_*.jsonl"))
+def round_files(folder: Path) -> list[Path]:
+    """Every round's comparisons in the round_feedback stage's `feedback` folder, in round order."""
+    return sorted(folder.glob("round_*.jsonl"))
 
 
-def run_round_feedback(params: Params, key: str = "") -> dict:
+def run_round_feedback(ctx: StageContext) -> dict:
     """K distinct answers per new prompt from the champion, ranked, validated, then added to the
     dataset of all rounds (artifacts/round_feedback/feedback/round_NNN.jsonl)."""
-    from ..stages.collect import distinct_first
-    from ..lm.generation import generate
-    from ..lm.modeling import load_causal_lm
-    from .ranking import make_ranker
     from ..data.suite.build import fresh_prompts
     from ..data.suite.labelers import Labeler
-    from ..lm.training import autocast, setup_runtime
     from ..data.validate import ValidationFailed, validate_file
+    from ..lm.generation import generate
+    from ..lm.modeling import load_causal_lm
+    from ..lm.training import autocast
+    from ..stages.collect import distinct_first
+    from .ranking import make_ranker
 
-    setup_runtime(params.project)
-    ticket, cfg, timer = read_ticket(params), params.collect, StageTimer()
+    params, cfg = ctx.params, ctx.params.collect
+    ticket = read_ticket(params)
     n, seed = ticket["round"], params.project.seed + 1000 * ticket["round"]
-    out = params.stage_dir("round_feedback")
-    folder = out / "feedback"
+    folder = ctx.output("feedback")
     folder.mkdir(parents=True, exist_ok=True)
-    eval_texts = {p.prompt for p in read_jsonl(params.stage_dir("data") / "eval_prompts.jsonl", Prompt)}
+    eval_texts = {p.prompt for p in read_jsonl(ctx.input("eval_prompts"), Prompt)}
     prompts = fresh_prompts(params.data, seed, params.rounds.prompts, f"round{n:03d}", exclude=eval_texts)
-    model, tok = load_causal_lm(params.stage_dir("round_champion") / "policy", params.model.dtype)
-    with timer.phase("sample"), autocast(params.model.mixed_precision, next(model.parameters()).device):
+    model, tok = load_causal_lm(ctx.input("policy"), params.model.dtype)
+    with ctx.phase("sample"), autocast(params.model.mixed_precision, next(model.parameters()).device):
         samples = generate(model, tok, [p.prompt for p in prompts], max_new_tokens=cfg.max_new_tokens,
                            num_samples=cfg.candidates, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed)
     # U+FFFD is what decoding makes of a token sequence cut inside a UTF-8 character: no ranker can read it
     samples = [[a.replace("\ufffd", "") for a in row] for row in samples]
     kept = [(p, distinct_first(s, cfg.k)) for p, s in zip(prompts, samples)]
     kept = [(p, r) for p, r in kept if len(r) >= 2]
-    with timer.phase("rank"):
+    with ctx.phase("rank"):
         ranker = make_ranker(params, seed)
         comparisons = ranker.rank([p for p, _ in kept], [r for _, r in kept])
-    incoming = out / "incoming" / f"round_{n:03d}.jsonl"
+    incoming = ctx.folder / "incoming" / f"round_{n:03d}.jsonl"
     incoming.parent.mkdir(exist_ok=True)
     incoming.write_text("".join(c.model_dump_json(exclude_none=True) + "\n" for c in comparisons))
-    with timer.phase("validate"):
-        report = validate_file(incoming, "comparisons", params.validate_, quarantine_dir=out / "quarantine")
+    with ctx.phase("validate"):
+        report = validate_file(incoming, "comparisons", params.validate_, quarantine_dir=ctx.folder / "quarantine")
     bad = set(report.bad_lines)
     if any(not f.lines for f in report.failures) or len(bad) > params.rounds.max_rejected_share * len(comparisons):
         raise ValidationFailed([report])  # nothing joins the dataset, nothing trains
@@ -153,7 +152,7 @@ def run_round_feedback(params: Params, key: str = "") -> dict:
         comparisons = [c for line, c in enumerate(comparisons, 1) if line not in bad]
         incoming.write_text("".join(c.model_dump_json(exclude_none=True) + "\n" for c in comparisons))
     incoming.replace(folder / incoming.name)
-    for later in round_files(params):  # a round run again from an older commit: the later rounds are not in its dataset
+    for later in round_files(folder):  # a round run again from an older commit: the later rounds are not in its dataset
         if int(later.stem.split("_")[1]) > n:
             later.unlink()
     heldout = Labeler(next(lab for lab in params.data.labelers if lab.heldout))
@@ -162,51 +161,39 @@ def run_round_feedback(params: Params, key: str = "") -> dict:
                "rejected_by_validation": len(bad),
                "skipped_prompts": len(prompts) - len(comparisons),
                "mean_k": round(statistics.fmean(len(c.responses) for c in comparisons), 3) if comparisons else 0,
-               "comparisons_all_rounds": sum(1 for f in round_files(params) for line in f.open() if line.strip()),
-               "rounds_in_dataset": len(round_files(params)),
+               "comparisons_all_rounds": sum(1 for f in round_files(folder) for line in f.open() if line.strip()),
+               "rounds_in_dataset": len(round_files(folder)),
                # how good the champion's samples are by the held-out labeler: it rises as champions improve
                "sample_quality_heldout_labeler": round(statistics.fmean(quality), 4) if quality else None}
     log.info("round_feedback: %s", metrics)
-    return write_result(out, "round_feedback", {"ticket": params.rounds.ticket, "policy": out.parent / "round_champion" / "policy"},
-                        {"feedback": folder}, metrics, timer, run_key=key)
+    return metrics
 
 
-def run_round_reward(params: Params, key: str = "") -> dict:
+def run_round_reward(ctx: StageContext) -> dict | None:
     """The RM from SFT on collect's comparisons and every round's, validated on collect's val set
     (the same yardstick every round)."""
-    from ..stages.reward import comparison_paths, train_reward_model
+    from ..stages.reward import RewardData, train_reward_model
 
-    train, val, held = comparison_paths(params)
-    out = params.stage_dir("round_reward")
-    out.mkdir(parents=True, exist_ok=True)
-    everything = out / "comparisons_train.jsonl"
+    everything = ctx.folder / "comparisons_train.jsonl"
     with everything.open("w") as fh:
-        for f in [train, *round_files(params)]:
+        for f in [ctx.input("comparisons_train"), *round_files(ctx.input("feedback"))]:
             fh.writelines(line if line.endswith("\n") else line + "\n" for line in f.open() if line.strip())
-    return train_reward_model(params, key, "round_reward", params.stage_dir("sft") / "model", everything, val, held,
-                              centre=True)
+    return train_reward_model(ctx, RewardData.of(ctx, train=everything), ctx.folder, ctx.run_key,
+                              ctx.params.project.seed, centre=True)
 
 
-def run_round_ppo(params: Params, key: str = "") -> dict:
+def run_round_ppo(ctx: StageContext) -> dict | None:
     from ..stages.ppo import train_ppo
 
-    return train_ppo(params, key, "round_ppo", ptx=params.rounds.algorithm == "ppo_ptx",
-                     init=params.stage_dir("round_champion") / "policy", rm_dir=params.stage_dir("round_reward") / "model",
-                     snapshots_on=False)
-
-
-def run_round_export(params: Params, key: str = "") -> dict:
-    from ..stages.export import export_stage
-
-    return export_stage(params, key, "round_export", params.stage_dir("round_reward") / "model")
+    return train_ppo(ctx, ptx=ctx.params.rounds.algorithm == "ppo_ptx", snapshots_on=False)
 
 
 def judged_answers(params: Params, judge, prompts: list[Prompt], models: dict[str, Path]) -> dict[str, list[float]]:
     """Each model answers the prompts as the eval stage has them answer (evaluate.eval_answers);
     the judge's value of every answer, per model."""
-    from ..stages.evaluate import eval_answers
     from ..lm.modeling import load_causal_lm
     from ..lm.training import autocast
+    from ..stages.evaluate import eval_answers
 
     values = {}
     for name, folder in models.items():
@@ -220,40 +207,37 @@ def judged_answers(params: Params, judge, prompts: list[Prompt], models: dict[st
 def compare_versions(params: Params, a: str, b: str, cache: Path) -> dict:
     """Version `a` against version `b` of the store ("sft": the pipeline's SFT model) by the judge, on the
     gate's prompts: a's win rate with its 95% interval (e.g. round 3's champion against round 1's)."""
-    from .champion import fetch_version
-    from ..stages.evaluate import make_judge, win_rates
     from ..lm.training import setup_runtime
+    from ..stages.evaluate import make_judge, win_rates
+    from .champion import fetch_version
 
     setup_runtime(params.project)
     folders = {}
     for v in (a, b):
-        folders[v] = (params.stage_dir("sft") / "model" if v == SFT else
+        folders[v] = (output(params, "sft", "model") if v == SFT else
                       fetch_version(params.rounds.store, v, cache / v / "policy", "policy"))
-    prompts = read_jsonl(params.stage_dir("data") / "eval_prompts.jsonl", Prompt)[: params.rounds.gate_prompts or None]
-    judge = make_judge(params)
+    prompts = read_jsonl(output(params, "data", "eval_prompts"), Prompt)[: params.rounds.gate_prompts or None]
+    gold = output(params, "gold_reward", "model") if params.data.source != "builtin" else None
+    judge = make_judge(params, gold)
     values = judged_answers(params, judge, prompts, folders)
     w = win_rates(judge, prompts, values[a], values[b], params.project.seed, params.eval.bootstrap)
     return {"a": a, "b": b, "judge": judge.name, "prompts": len(prompts), "win_rate": w["win_rate"], "ci95": w["ci95"],
             "ties": w["ties"], "judge_score": {v: round(statistics.fmean(x), 4) for v, x in values.items()}}
 
 
-def run_round_gate(params: Params, key: str = "") -> dict:
+def run_round_gate(ctx: StageContext) -> dict:
     """Challenger, champion and SFT answer the same held-out prompts (the eval stage's sampling);
     the judge compares them. The decision and its reason go to artifacts/round_gate/report.json."""
-    from ..stages.evaluate import make_judge, win_rates
-    from ..lm.training import setup_runtime
+    from ..stages.evaluate import stage_judge, win_rates
 
-    setup_runtime(params.project)
-    ticket, timer, out = read_ticket(params), StageTimer(), params.stage_dir("round_gate")
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = read_jsonl(params.stage_dir("data") / "eval_prompts.jsonl", Prompt)
-    prompts = prompts[: params.rounds.gate_prompts or None]
-    judge = make_judge(params)
-    models = {"sft": params.stage_dir("sft") / "model", "champion": params.stage_dir("round_champion") / "policy",
-              "challenger": params.stage_dir("round_ppo") / "model"}
+    params = ctx.params
+    ticket = read_ticket(params)
+    prompts = read_jsonl(ctx.input("eval_prompts"), Prompt)[: params.rounds.gate_prompts or None]
+    judge = stage_judge(ctx)
+    models = {name: ctx.input(name) for name in ("sft", "champion", "challenger")}
     if ticket["champion"] == SFT:
         del models["champion"]  # the champion is SFT: the same answers
-    with timer.phase("answer"):
+    with ctx.phase("answer"):
         values = judged_answers(params, judge, prompts, models)
     values.setdefault("champion", values["sft"])
 
@@ -268,8 +252,8 @@ def run_round_gate(params: Params, key: str = "") -> dict:
                 f"95% CI [{lower:.3f}, {vs_champion['ci95'][1]:.3f}]")
     reason = (f"promoted: {measured}; its lower end is above {bar}" if promote else
               f"not promoted: {measured}; its lower end is not above {bar}, so the champion stays")
-    learned = json.loads((params.stage_dir("round_reward") / "result.json").read_text())["metrics"]
-    fed = json.loads((params.stage_dir("round_feedback") / "result.json").read_text())["metrics"]
+    learned = json.loads(ctx.input("reward_result").read_text())["metrics"]
+    fed = json.loads(ctx.input("feedback_result").read_text())["metrics"]
     report = {"round": ticket["round"], "champion": ticket["champion"], "judge": judge.name, "prompts": len(prompts),
               "challenger_vs_champion": vs_champion, "challenger_vs_sft": vs_sft,
               "champion_vs_sft": versus("champion", "sft") if ticket["champion"] != SFT else None,
@@ -280,29 +264,25 @@ def run_round_gate(params: Params, key: str = "") -> dict:
               "rm_val_accuracy": learned.get("val_accuracy"),
               "rm_heldout_labeler_accuracy": learned.get("heldout_labeler_accuracy"),
               "challenger_sha256": content_hash(models["challenger"])}
-    write_json(out / "report.json", report)
+    write_json(ctx.output("report"), report)
     log.info("round_gate: %s", reason)
-    inputs = {"ticket": params.rounds.ticket, **models}
-    return write_result(out, "round_gate", inputs, {"report": out / "report.json"},
-                        {k: report[k] for k in ("round", "promote", "reason", "challenger_vs_champion", "challenger_vs_sft")},
-                        timer, run_key=key)
+    return {k: report[k] for k in ("round", "promote", "reason", "challenger_vs_champion", "challenger_vs_sft")}
 
 
-# --------------------------------------------------------------------------- after the gate (the flow calls these)
 def finish_round(params: Params) -> dict:
     """Promote the challenger when the gate said so (once: a rerun finds it promoted), then
     write the round's line of the ledger; returns it."""
-    from .champion import promote, read_pointer
     from ..serving.storage import open_store
+    from .champion import promote, read_pointer
 
-    report = json.loads((params.stage_dir("round_gate") / "report.json").read_text())
+    report = json.loads(output(params, "round_gate", "report").read_text())
     store = params.rounds.store
     pointer = read_pointer(open_store(store))
     if report["promote"]:
         if pointer and pointer.get("round") == report["round"] and pointer.get("policy_sha256") == report["challenger_sha256"]:
             promoted = pointer  # this round already promoted it (the flow was interrupted after)
         else:
-            promoted = promote(store, params.stage_dir("round_ppo") / "model", params.stage_dir("round_export") / "rm",
+            promoted = promote(store, output(params, "round_ppo", "model"), output(params, "round_export", "rm"),
                                {"round": report["round"], "policy_sha256": report["challenger_sha256"],
                                 "gate": {k: report[k] for k in ("challenger_vs_champion", "challenger_vs_sft", "reason")}})
         after, vs_sft = promoted["version"], report["challenger_vs_sft"]

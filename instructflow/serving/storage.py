@@ -17,8 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..stages.export import MANIFEST, verify_export
 from ..io import swap_in
+from .onnx import MANIFEST, verify_export
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 import math
 
-from ..config import Params
+from ..context import StageContext
 from ..data.formats import Prompt
-from .evaluate import STOP
+from ..io import read_jsonl, write_jsonl
 from ..lm.generation import sample_answers
-from ..io import StageTimer, read_jsonl, write_jsonl, write_result
 from ..lm.modeling import context_length, load_causal_lm, load_reward_model
+from ..lm.training import autocast
+from .evaluate import STOP
 from .reward import score_texts
-from ..lm.training import autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +44,28 @@ def powers_of_two(n: int) -> list[int]:
     return out if out[-1] == n else [*out, n]
 
 
-def run_best_of_n(params: Params, key: str = "") -> dict:
-    setup_runtime(params.project)
-    cfg, ev, out = params.best_of_n, params.eval, params.stage_dir("best_of_n")
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    data_dir, sft_dir, rm_dir = params.stage_dir("data"), params.stage_dir("sft") / "model", params.stage_dir("reward") / "model"
-    prompts = read_jsonl(data_dir / "eval_prompts.jsonl", Prompt)
+def run_best_of_n(ctx: StageContext) -> dict:
+    params, cfg, ev = ctx.params, ctx.params.best_of_n, ctx.params.eval
+    prompts = read_jsonl(ctx.input("eval_prompts"), Prompt)
     if ev.prompts:
         prompts = prompts[: ev.prompts]
     texts = [p.prompt for p in prompts]
-    sft, tok = load_causal_lm(sft_dir, params.model.dtype)
-    rm, rm_tok = load_reward_model(rm_dir, params.model.dtype)
-    with timer.phase("generate"), autocast(params.model.mixed_precision, next(sft.parameters()).device):
+    sft, tok = load_causal_lm(ctx.input("sft"), params.model.dtype)
+    rm, rm_tok = load_reward_model(ctx.input("reward_model"), params.model.dtype)
+    with ctx.phase("generate"), autocast(params.model.mixed_precision, next(sft.parameters()).device):
         drawn = sample_answers(sft, tok, texts, max_new_tokens=ev.max_new_tokens, num_samples=cfg.n,
                                temperature=ev.temperature, seed=params.project.seed + 29, batch_size=cfg.batch_size)
     answers = [[a.text.split(STOP)[0].strip() or a.text for a in row] for row in drawn]
-    with timer.phase("score"):
+    with ctx.phase("score"):
         flat = score_texts(rm, rm_tok, [t for t in texts for _ in range(cfg.n)], [a for row in answers for a in row],
                            context_length(rm)).tolist()
     scores = [flat[i * cfg.n : (i + 1) * cfg.n] for i in range(len(prompts))]
     rows = [{"id": p.id, "answers": a, "rm_scores": [round(x, 6) for x in s], "tokens": [x.tokens for x in d],
              "ended": [x.ended for x in d]} for p, a, s, d in zip(prompts, answers, scores, drawn, strict=True)]
-    write_jsonl(out / "samples.jsonl", rows)
+    write_jsonl(ctx.output("samples"), rows)
     metrics = {"n": cfg.n, "prompts": len(prompts), "kl_to_sft": round(best_of_n_kl(cfg.n), 4),
                "distinct_answers_per_prompt": round(sum(len(set(a)) for a in answers) / len(answers), 2),
                **{f"rm_score_best_of_{m}": round(sum(s[pick(s, m)] for s in scores) / len(scores), 4)
                   for m in powers_of_two(cfg.n)}}
     log.info("best_of_n: %s", metrics)
-    return write_result(out, "best_of_n", {"sft": sft_dir, "reward_model": rm_dir, "prompts": data_dir / "eval_prompts.jsonl"},
-                        {"samples": out / "samples.jsonl"}, metrics, timer, run_key=key)
+    return metrics

@@ -16,13 +16,13 @@ import logging
 import random
 import statistics
 
-from ..config import Params
+from ..context import StageContext
 from ..data.formats import Comparison, Prompt
-from ..lm.generation import generate
-from ..io import StageTimer, read_jsonl, write_json, write_jsonl, write_result
-from ..lm.modeling import load_causal_lm
 from ..data.suite.labelers import Labeler, pairwise_agreement
-from ..lm.training import autocast, setup_runtime
+from ..io import read_jsonl, write_json, write_jsonl
+from ..lm.generation import generate
+from ..lm.modeling import load_causal_lm
+from ..lm.training import autocast
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,13 @@ def measure_agreement(labelers: list[Labeler], comparisons: list[Comparison], se
     }
 
 
-def run_collect(params: Params, key: str = "") -> dict:
+def run_collect(ctx: StageContext) -> dict:
+    params, cfg = ctx.params, ctx.params.collect
     if params.data.source != "builtin":
         raise ValueError("collect needs the built-in suite's simulated labelers; with data.source=files the "
                          "comparisons come from data.comparisons")
-    setup_runtime(params.project)
-    cfg, data_dir, out = params.collect, params.stage_dir("data"), params.stage_dir("collect")
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
     rng = random.Random(params.project.seed + 1)
-    model, tok = load_causal_lm(params.stage_dir("sft") / "model", params.model.dtype)
+    model, tok = load_causal_lm(ctx.input("policy"), params.model.dtype)
     trainers = [Labeler(lab) for lab in params.data.labelers if not lab.heldout]
     heldout = Labeler(next(lab for lab in params.data.labelers if lab.heldout))
 
@@ -82,34 +79,28 @@ def run_collect(params: Params, key: str = "") -> dict:
         kept = [(p, distinct_first(s, cfg.k)) for p, s in zip(prompts, samples)]
         return [(p, r) for p, r in kept if len(r) >= 2]
 
-    paths = {}
     metrics: dict = {}
     for split, seed in (("train", params.project.seed), ("val", params.project.seed + 7)):
-        prompts = read_jsonl(data_dir / f"rm_prompts_{split}.jsonl", Prompt)
-        with timer.phase(f"sample_{split}"):
+        prompts = read_jsonl(ctx.input(f"rm_prompts_{split}"), Prompt)
+        with ctx.phase(f"sample_{split}"):
             sampled = sample(prompts, seed)
         comps = []
         for p, responses in sampled:
             lab = rng.choice(trainers)
             comps.append(Comparison(id=p.id, prompt=p.prompt, category=p.category, meta=p.meta,
                                     responses=responses, ranking=lab.rank(p.meta, responses, rng), labeler=lab.name))
-        paths[f"comparisons_{split}"] = out / f"comparisons_{split}.jsonl"
-        write_jsonl(paths[f"comparisons_{split}"], comps)
+        write_jsonl(ctx.output(f"comparisons_{split}"), comps)
         metrics[f"{split}_comparisons"] = len(comps)
         metrics[f"{split}_skipped_prompts"] = len(prompts) - len(comps)
         metrics[f"{split}_mean_k"] = round(statistics.fmean(len(c.responses) for c in comps), 3) if comps else 0
         if split == "val":
             held = [c.model_copy(update={"ranking": heldout.rank(c.meta, c.responses, rng), "labeler": heldout.name})
                     for c in comps]
-            paths["comparisons_val_heldout"] = out / "comparisons_val_heldout.jsonl"
-            write_jsonl(paths["comparisons_val_heldout"], held)
-            with timer.phase("agreement"):
+            write_jsonl(ctx.output("comparisons_val_heldout"), held)
+            with ctx.phase("agreement"):
                 agreement = measure_agreement(trainers + [heldout], comps[: cfg.agreement_prompts], params.project.seed)
-            write_json(out / "agreement.json", agreement)
-            paths["agreement"] = out / "agreement.json"
+            write_json(ctx.output("agreement"), agreement)
             metrics["labeler_agreement"] = agreement["training_labelers"]
             metrics["labeler_agreement_heldout"] = agreement["heldout_vs_training"]
     log.info("collect: %s", metrics)
-    inputs = {"policy": params.stage_dir("sft") / "model", "prompts_train": data_dir / "rm_prompts_train.jsonl",
-              "prompts_val": data_dir / "rm_prompts_val.jsonl"}
-    return write_result(out, "collect", inputs, paths, metrics, timer, run_key=key)
+    return metrics

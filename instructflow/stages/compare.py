@@ -31,16 +31,16 @@ from pathlib import Path
 
 import torch
 
-from .best_of_n import best_of_n_kl, pick, powers_of_two
 from ..config import Params
-from .reward_ensemble import member_dirs
-from .evaluate import EvalContext, _headline, finish_measures, sequence_logprobs, summary_table, win_rates, winrate_chart
-from ..io import StageTimer, read_jsonl_dicts, write_json, write_result
+from ..context import StageContext
+from ..io import read_jsonl_dicts, write_json
 from ..lm.losses import conservative_reward
 from ..lm.modeling import context_length, load_causal_lm, load_reward_model
+from ..lm.training import autocast
+from .best_of_n import best_of_n_kl, pick, powers_of_two
+from .evaluate import EvalContext, finish_measures, headline, sequence_logprobs, summary_table, win_rates, winrate_chart
 from .ppo import snapshots
 from .reward import score_texts
-from ..lm.training import autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -48,59 +48,53 @@ METHODS = ("base_fewshot", "sft", "best_of_n", "dpo", "ppo", "ppo_ptx", "ppo_ens
 TRAINED = ("dpo", "ppo_ensemble")   # the models compare generates answers from (eval's it reads)
 
 
-def best_of_n_choice(params: Params, n_prompts: int, m: int | None = None) -> tuple[list[dict], list[int]]:
+def best_of_n_choice(ctx: StageContext, n_prompts: int, m: int | None = None) -> tuple[list[dict], list[int]]:
     """best_of_n's samples for the first n_prompts prompts, and the index of the RM's favourite
     among the first m samples of each (all n by default)."""
-    rows = read_jsonl_dicts(params.stage_dir("best_of_n") / "samples.jsonl")[:n_prompts]
-    m = m or params.best_of_n.n
+    rows = read_jsonl_dicts(ctx.input("best_of_n"))[:n_prompts]
+    m = m or ctx.params.best_of_n.n
     return rows, [pick(r["rm_scores"], m) for r in rows]
 
 
-def run_compare(params: Params, key: str = "") -> dict:
-    setup_runtime(params.project)
-    out, eval_dir = params.stage_dir("compare"), params.stage_dir("eval")
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    ctx = EvalContext.load(params)
-    evaluated = json.loads((eval_dir / "metrics.json").read_text())
-    rows = read_jsonl_dicts(eval_dir / "answers.jsonl")
-    if [r["id"] for r in rows] != [p.id for p in ctx.prompts]:
-        raise ValueError(f"{eval_dir / 'answers.jsonl'} answers other prompts than {params.stage_dir('data') / 'eval_prompts.jsonl'}: "
+def run_compare(ctx: StageContext) -> dict:
+    params = ctx.params
+    evaluation = EvalContext.load(ctx)
+    evaluated = json.loads(ctx.input("eval_metrics").read_text())
+    rows = read_jsonl_dicts(ctx.input("eval_answers"))
+    if [r["id"] for r in rows] != [p.id for p in evaluation.prompts]:
+        raise ValueError(f"{ctx.input('eval_answers')} answers other prompts than {ctx.input('eval_prompts')}: "
                          "run the eval stage again")
     sft_values = [r["values"]["sft"] for r in rows]
     new: dict[str, dict] = {}
     values: dict[str, list[float]] = {}
     answers: dict[str, list[str]] = {}
-    precision = autocast(params.model.mixed_precision, next(ctx.sft.parameters()).device)
+    precision = autocast(params.model.mixed_precision, next(evaluation.sft.parameters()).device)
     for name in TRAINED:
-        with timer.phase(name), precision:
-            model, mtok = load_causal_lm(params.stage_dir(name) / "model", params.model.dtype)
-            answers[name], raw = ctx.answer(model, mtok)
-            values[name] = ctx.judge.values(ctx.prompts, answers[name])
-            new[name] = ctx.measure(answers[name], values[name], [a.tokens for a in raw], [a.ended for a in raw],
-                                    model=model, mtok=mtok)
-    with timer.phase("best_of_n"), precision:
-        samples, chosen = best_of_n_choice(params, len(ctx.prompts))
-        answers["best_of_n"] = [r["answers"][i] for r, i in zip(samples, chosen, strict=True)]
-        values["best_of_n"] = ctx.judge.values(ctx.prompts, answers["best_of_n"])
-        new["best_of_n"] = ctx.measure(answers["best_of_n"], values["best_of_n"],
-                                       [r["tokens"][i] for r, i in zip(samples, chosen, strict=True)],
-                                       [r["ended"][i] for r, i in zip(samples, chosen, strict=True)],
-                                       kl_to_sft=best_of_n_kl(params.best_of_n.n))
-    finish_measures(params, ctx.judge, ctx.prompts, new, values, sft=evaluated["models"]["sft"], sft_values=sft_values)
+        with ctx.phase(name), precision:
+            model, mtok = load_causal_lm(ctx.input(name), params.model.dtype)
+            answers[name], raw = evaluation.answer(model, mtok)
+            values[name] = evaluation.judge.values(evaluation.prompts, answers[name])
+            new[name] = evaluation.measure(answers[name], values[name], [a.tokens for a in raw], [a.ended for a in raw],
+                                           model=model, mtok=mtok)
+    with ctx.phase("best_of_n"), precision:
+        samples, chosen = best_of_n_choice(ctx, len(evaluation.prompts))
+        picked = list(zip(samples, chosen, strict=True))
+        answers["best_of_n"] = [r["answers"][i] for r, i in picked]
+        values["best_of_n"] = evaluation.judge.values(evaluation.prompts, answers["best_of_n"])
+        new["best_of_n"] = evaluation.measure(answers["best_of_n"], values["best_of_n"], [r["tokens"][i] for r, i in picked],
+                                              [r["ended"][i] for r, i in picked], kl_to_sft=best_of_n_kl(params.best_of_n.n))
+    finish_measures(params, evaluation.judge, evaluation.prompts, new, values, sft=evaluated["models"]["sft"],
+                    sft_values=sft_values)
     per_model = {**evaluated["models"], **new}
     per_model = {n: per_model[n] for n in METHODS if n in per_model}
-    metrics = _headline(params, per_model, len(ctx.prompts), ctx.judge.name)
+    metrics = headline(ctx, per_model, len(evaluation.prompts), evaluation.judge.name)
     metrics["best_of_n"] = params.best_of_n.n
     metrics["models"] = per_model
-    write_json(out / "metrics.json", metrics)
-    winrate_chart(per_model, list(per_model), out / "figure1.png", ctx.judge.name,
+    write_json(ctx.output("metrics"), metrics)
+    winrate_chart(per_model, list(per_model), ctx.output("figure1"), evaluation.judge.name,
                   "Every method against SFT (95% bootstrap intervals over prompts)")
     log.info("compare:\n%s", summary_table(metrics))
-    inputs = {"eval": eval_dir / "answers.jsonl", "best_of_n": params.stage_dir("best_of_n") / "samples.jsonl",
-              **{f"model_{n}": params.stage_dir(n) / "model" for n in TRAINED}}
-    return write_result(out, "compare", inputs, {"metrics": out / "metrics.json", "figure1": out / "figure1.png"},
-                        metrics, timer, run_key=key)
+    return metrics
 
 
 # --------------------------------------------------------------------------- over-optimization
@@ -116,71 +110,72 @@ def gold_peak(points: list[dict]) -> dict:
             "final_win_rate": points[-1]["win_rate"], "final_kl": points[-1]["kl"]}
 
 
-def run_overoptimization(params: Params, key: str = "") -> dict:
-    setup_runtime(params.project)
-    out = params.stage_dir("overoptimization")
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    ctx = EvalContext.load(params)
-    ctx = dataclasses.replace(ctx, prompts=ctx.prompts[: params.methods.overopt_prompts])
-    texts, n_boot, seed = ctx.texts, params.eval.bootstrap, params.project.seed
-    max_len = context_length(ctx.sft)
-    rm_len = context_length(ctx.rm)
-    members = [ctx.rm.eval(), *(load_reward_model(d, params.model.dtype)[0].eval() for d in member_dirs(params)[1:])]
-    ens = params.ensemble
-
-    def proxies(answers: list[str]) -> dict[str, float]:
-        s = torch.stack([score_texts(m, ctx.rm_tok, texts, answers, rm_len) for m in members])
-        return {"rm": float(s[0].mean()), "ensemble": float(conservative_reward(s, ens.reward, ens.std_coef).mean()),
-                "ensemble_std": float(s.std(0, correction=0).mean())}
-
-    precision = autocast(params.model.mixed_precision, next(ctx.sft.parameters()).device)
-    with timer.phase("sft"), precision:
-        ref_answers, _ = ctx.answer(ctx.sft, ctx.tok, seed_offset=41)
-        ref_values = ctx.judge.values(ctx.prompts, ref_answers)
-
-    def point(model, mtok, answers: list[str], kl: float | None = None) -> dict:
-        values = ctx.judge.values(ctx.prompts, answers)
-        if kl is None:
-            kl = float((sequence_logprobs(model, mtok, texts, answers, max_len)
-                        - sequence_logprobs(ctx.sft, ctx.tok, texts, answers, max_len)).mean())
-        w = win_rates(ctx.judge, ctx.prompts, values, ref_values, seed + 3, n_boot)
-        return {"kl": round(max(kl, 0.0), 4), "sqrt_kl": round(math.sqrt(max(kl, 0.0)), 4), **{k: round(v, 4) for k, v in proxies(answers).items()},
-                "judge_score": round(sum(values) / len(values), 4), "win_rate": w["win_rate"], "ci95": w["ci95"]}
-
+def run_overoptimization(ctx: StageContext) -> dict:
+    params = ctx.params
+    evaluation = EvalContext.load(ctx)
+    evaluation = dataclasses.replace(evaluation, prompts=evaluation.prompts[: params.methods.overopt_prompts])
+    members = [evaluation.rm.eval(), *(load_reward_model(ctx.input(f"member_{i}"), params.model.dtype)[0].eval()
+                                       for i in range(1, params.ensemble.members))]
+    point = Points(evaluation, members, params)
+    precision = autocast(params.model.mixed_precision, next(evaluation.sft.parameters()).device)
+    with ctx.phase("sft"), precision:
+        ref_answers, _ = evaluation.answer(evaluation.sft, evaluation.tok, seed_offset=41)
+        point.reference = evaluation.judge.values(evaluation.prompts, ref_answers)
     curves: dict[str, list[dict]] = {}
-    with timer.phase("sft_point"), precision:
-        sft_answers, _ = ctx.answer(ctx.sft, ctx.tok, seed_offset=43)
-        start = {"iteration": 0, **point(ctx.sft, ctx.tok, sft_answers)}
+    with ctx.phase("sft_point"), precision:
+        sft_answers, _ = evaluation.answer(evaluation.sft, evaluation.tok, seed_offset=43)
+        start = {"iteration": 0, **point(evaluation.sft, evaluation.tok, sft_answers)}
     for run, proxy in (("ppo", "rm"), ("ppo_ensemble", "ensemble")):
-        folder = params.stage_dir(run)
-        models = [*snapshots(folder), (params.ppo.iterations, folder / "model")]
+        models = [*snapshots(ctx.input(f"{run}_snapshots")), (params.ppo.iterations, ctx.input(f"{run}_model"))]
         curves[run] = [{**start, "proxy": start[proxy]}]
         for it, path in models:
-            with timer.phase(f"{run}_{it}"), precision:
+            with ctx.phase(f"{run}_{it}"), precision:
                 model, mtok = load_causal_lm(path, params.model.dtype)
-                answers, _ = ctx.answer(model, mtok, seed_offset=43)
+                answers, _ = evaluation.answer(model, mtok, seed_offset=43)
                 p = point(model, mtok, answers)
                 curves[run].append({"iteration": it, **p, "proxy": p[proxy]})
-    with timer.phase("best_of_n"):
+    with ctx.phase("best_of_n"):
         curves["best_of_n"] = []
         for m in powers_of_two(params.best_of_n.n):
-            samples, chosen = best_of_n_choice(params, len(ctx.prompts), m)
+            samples, chosen = best_of_n_choice(ctx, len(evaluation.prompts), m)
             p = point(None, None, [r["answers"][i] for r, i in zip(samples, chosen, strict=True)], kl=best_of_n_kl(m))
             curves["best_of_n"].append({"n": m, **p, "proxy": p["rm"]})
 
-    metrics: dict = {"prompts": len(ctx.prompts), "judge": ctx.judge.name, "snapshot_every": params.ppo.snapshot_every}
+    metrics: dict = {"prompts": len(evaluation.prompts), "judge": evaluation.judge.name,
+                     "snapshot_every": params.ppo.snapshot_every}
     for run, pts in curves.items():
-        peak = gold_peak(pts)
-        metrics.update({f"{k}_{run}": v for k, v in peak.items()})
-    write_json(out / "metrics.json", {**metrics, "curves": curves})
-    overopt_plot([curves], out / "overoptimization.png", ctx.judge.name)
+        metrics.update({f"{k}_{run}": v for k, v in gold_peak(pts).items()})
+    write_json(ctx.output("metrics"), {**metrics, "curves": curves})
+    overopt_plot([curves], ctx.output("plot"), evaluation.judge.name)
     log.info("overoptimization: %s", metrics)
-    inputs = {"best_of_n": params.stage_dir("best_of_n") / "samples.jsonl",
-              **{f"{r}_snapshots": params.stage_dir(r) / "snapshots" for r in ("ppo", "ppo_ensemble")},
-              **{f"{r}_model": params.stage_dir(r) / "model" for r in ("ppo", "ppo_ensemble")}}
-    return write_result(out, "overoptimization", inputs,
-                        {"metrics": out / "metrics.json", "plot": out / "overoptimization.png"}, metrics, timer, run_key=key)
+    return metrics
+
+
+class Points:
+    """One point of an over-optimization curve: a model's answers judged against SFT's (`reference`, the
+    judge's values of SFT's answers), its KL to SFT and every proxy reward (the RM, the ensemble's)."""
+
+    def __init__(self, evaluation: EvalContext, members: list, params: Params):
+        self.evaluation, self.members, self.params = evaluation, members, params
+        self.reference: list[float] = []
+
+    def proxies(self, answers: list[str]) -> dict[str, float]:
+        ev, ens = self.evaluation, self.params.ensemble
+        s = torch.stack([score_texts(m, ev.rm_tok, ev.texts, answers, context_length(ev.rm)) for m in self.members])
+        return {"rm": float(s[0].mean()), "ensemble": float(conservative_reward(s, ens.reward, ens.std_coef).mean()),
+                "ensemble_std": float(s.std(0, correction=0).mean())}
+
+    def __call__(self, model, mtok, answers: list[str], kl: float | None = None) -> dict:
+        ev = self.evaluation
+        values = ev.judge.values(ev.prompts, answers)
+        if kl is None:
+            max_len = context_length(ev.sft)
+            kl = float((sequence_logprobs(model, mtok, ev.texts, answers, max_len)
+                        - sequence_logprobs(ev.sft, ev.tok, ev.texts, answers, max_len)).mean())
+        w = win_rates(ev.judge, ev.prompts, values, self.reference, self.params.project.seed + 3, self.params.eval.bootstrap)
+        return {"kl": round(max(kl, 0.0), 4), "sqrt_kl": round(math.sqrt(max(kl, 0.0)), 4),
+                **{k: round(v, 4) for k, v in self.proxies(answers).items()},
+                "judge_score": round(sum(values) / len(values), 4), "win_rate": w["win_rate"], "ci95": w["ci95"]}
 
 
 LABELS = {"ppo": "PPO, one RM", "ppo_ensemble": "PPO, RM ensemble", "best_of_n": "best-of-n (n = 1, 2, 4, ...)"}

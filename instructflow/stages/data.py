@@ -13,10 +13,11 @@ import random
 from pathlib import Path
 
 from ..config import Params
-from ..lm.encoding import format_prompt
-from ..io import DataError, StageTimer, read_jsonl, write_jsonl, write_result
-from ..data.suite.build import build_builtin
+from ..context import StageContext
 from ..data.formats import Comparison, Demonstration, PretrainText, Prompt, split_by_prompt
+from ..data.suite.build import build_builtin
+from ..io import DataError, read_jsonl, write_jsonl
+from ..lm.encoding import format_prompt
 
 
 def _best(c: Comparison) -> str:
@@ -30,7 +31,7 @@ def _unique_prompts(records: list) -> list[Prompt]:
     return [Prompt(id=r.id, prompt=r.prompt, category=r.category) for r in unique.values()]
 
 
-def build_from_files(params: Params, out: Path) -> dict:
+def build_from_files(params: Params, out: Path, quarantine: Path) -> dict:
     d, seed = params.data, params.project.seed
     if not (d.demonstrations or d.comparisons):
         raise DataError("data.source=files needs data.demonstrations or data.comparisons (params.yaml)")
@@ -38,7 +39,7 @@ def build_from_files(params: Params, out: Path) -> dict:
 
     kinds = {"demonstrations": "demonstrations", "comparisons": "comparisons", "pretrain_text": "pretrain"}
     validate_inputs({k: (getattr(d, k), kind) for k, kind in kinds.items() if getattr(d, k)},
-                    params.validate_, params.stage_dir("validate") / "quarantine")
+                    params.validate_, quarantine)
     counts: dict[str, int] = {}
     comparisons = read_jsonl(d.comparisons, Comparison) if d.comparisons else []
     if d.comparisons and not comparisons:
@@ -80,15 +81,9 @@ def build_from_files(params: Params, out: Path) -> dict:
     return {"counts": counts}
 
 
-def run_data(params: Params, key: str = "") -> dict:
-    out = params.stage_dir("data")
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    with timer.phase("build"):
-        if params.data.source == "builtin":
-            metrics = build_builtin(params.data, params.project.seed, out)
-        else:
-            metrics = build_from_files(params, out)
-    inputs = {k: getattr(params.data, k) for k in ("demonstrations", "comparisons", "pretrain_text") if getattr(params.data, k)}
-    outputs = {p.stem: p for p in sorted(out.glob("*.jsonl"))}
-    return write_result(out, "data", inputs, outputs, metrics, timer, run_key=key)
+def run_data(ctx: StageContext) -> dict:
+    out = ctx.folder
+    with ctx.phase("build"):
+        if ctx.params.data.source == "builtin":
+            return build_builtin(ctx.params.data, ctx.params.project.seed, out)
+        return build_from_files(ctx.params, out, ctx.folder / "quarantine")

@@ -26,23 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Params
+from ..context import StageContext
 from ..data.formats import Comparison
+from ..io import read_jsonl
 from ..lm.encoding import encode_pair
-from ..io import StageTimer, helper_result, read_jsonl, write_result
 from ..lm.losses import LMLoss, kwise_loss, plackett_luce_loss
-from ..lm.modeling import MAX_LEN_KEY, disable_dropout, load_causal_lm, make_trainable, merged, position_limit, trainable_parameters
-from .reward import comparison_paths, ranking_accuracy
+from ..lm.modeling import MAX_LEN_KEY, disable_dropout, load_causal_lm, merged, position_limit
+from ..lm.training import fit, save_model_atomic, trainable
+from .reward import ranking_accuracy
 from .sft import sft_batch
-from ..lm.training import (
-    enable_gradient_checkpointing,
-    make_accelerator,
-    processes_report,
-    save_model_atomic,
-    setup_runtime,
-    train_loop,
-    trained_model,
-)
 
 log = logging.getLogger(__name__)
 
@@ -155,52 +147,36 @@ def validate(model: LMLoss, examples: list[DPOExample], comparisons: list[Compar
             "val_accuracy": round(ranking_accuracy(scores, comparisons), 4)}
 
 
-def run_dpo(params: Params, key: str = "") -> dict:
-    setup_runtime(params.project)
-    cfg, out = params.dpo, params.stage_dir("dpo")
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    sft_dir = params.stage_dir("sft") / "model"
-    train_path, val_path, _ = comparison_paths(params)
+def run_dpo(ctx: StageContext) -> dict | None:
+    params, cfg, sft_dir = ctx.params, ctx.params.dpo, ctx.input("sft")
 
     def build():
         lm, tok = load_causal_lm(sft_dir, params.model.dtype)
         disable_dropout(lm)
-        return make_trainable(lm, cfg.lora, "causal_lm", cfg.train_top_layers), tok
+        return trainable(lm, cfg, "causal_lm", params.model.gradient_checkpointing), tok
 
-    lm, tok = build()
-    if params.model.gradient_checkpointing:
-        enable_gradient_checkpointing(lm)
-    trainable, total = trainable_parameters(lm)
-    train, val = read_jsonl(train_path, Comparison), read_jsonl(val_path, Comparison)
+    (lm, counts), tok = build()
+    train = read_jsonl(ctx.input("comparisons_train"), Comparison)
+    val = read_jsonl(ctx.input("comparisons_val"), Comparison)
     if cfg.max_comparisons and len(train) > cfg.max_comparisons:
         train = random.Random(params.project.seed).sample(train, cfg.max_comparisons)
     max_len = min(cfg.max_len, position_limit(lm))
-    acc = make_accelerator(params.project, cfg.grad_accum, params.model.mixed_precision, out / "trackers", "dpo")
-    with timer.phase("reference"):
+    acc = ctx.accelerator(cfg.grad_accum)
+    with ctx.phase("reference"):
         ref = LMLoss(load_causal_lm(sft_dir, params.model.dtype)[0]).to(acc.device).eval()
         train_ex = encode_comparisons(ref, tok, train, max_len)
         val_ex = encode_comparisons(ref, tok, val, max_len)
         del ref
-    model = LMLoss(lm).to(acc.device)
-    with timer.phase("train"):
-        res = train_loop(
-            name="dpo", model=model, examples=train_ex, collate=lambda xs: collate_dpo(xs, tok.pad_token_id),
-            loss_fn=lambda m, b: dpo_loss(m, b, cfg.beta, cfg.loss), cfg=cfg, out_dir=out, accelerator=acc,
-            seed=params.project.seed,
-            val_fn=lambda m: validate(m, val_ex, val, tok.pad_token_id, cfg.beta, cfg.loss),
-            count_fn=lambda b: int(b["n_comparisons"]), size_fn=lambda e: max(len(s[0]) for s in e.sequences), run_key=key,
-        )
-    ran = processes_report(acc, timer)
-    trained = trained_model(acc, model, lambda: LMLoss(build()[0]))
-    if not acc.is_main_process:
-        return helper_result("dpo", timer)
-    metrics = {**ran, "steps": res.steps, "loss": cfg.loss, "beta": cfg.beta, "train_loss": res.train_metrics.get("loss"),
-               "train_accuracy": res.train_metrics.get("accuracy"), **res.val_metrics,
-               "comparisons_per_s": res.items_per_s, "train_comparisons": len(train),
-               "resumed_from_step": res.resumed_from_step, "trainable_parameters": trainable, "parameters": total}
+    done = fit(ctx, LMLoss(lm), cfg, train_ex, lambda xs: collate_dpo(xs, tok.pad_token_id),
+               lambda m, b: dpo_loss(m, b, cfg.beta, cfg.loss), rebuild=lambda: LMLoss(build()[0][0]), accelerator=acc,
+               val_fn=lambda m: validate(m, val_ex, val, tok.pad_token_id, cfg.beta, cfg.loss),
+               count_fn=lambda b: int(b["n_comparisons"]), size_fn=lambda e: max(len(s[0]) for s in e.sequences),
+               throughput="comparisons_per_s")
+    if done.model is None:
+        return None
+    metrics = {**done.metrics, "loss": cfg.loss, "beta": cfg.beta, "train_accuracy": done.loop.train_metrics.get("accuracy"),
+               "train_comparisons": len(train), **counts}
     log.info("dpo: %s", metrics)
-    with timer.phase("save"):
-        save_model_atomic(merged(trained.lm), tok, out / "model", {MAX_LEN_KEY: max_len})
-    return write_result(out, "dpo", {"sft": sft_dir, "train": train_path, "val": val_path}, {"model": out / "model"},
-                        metrics, timer, run_key=key)
+    with ctx.phase("save"):
+        save_model_atomic(merged(done.model.lm), tok, ctx.output("model"), {MAX_LEN_KEY: max_len})
+    return metrics

@@ -36,19 +36,20 @@ from pathlib import Path
 import torch
 
 from ..config import Params
+from ..context import StageContext
 from ..data.formats import Demonstration, PretrainText, Prompt
+from ..data.suite.judge import judge
+from ..data.suite.labelers import Labeler
+from ..io import crash_point, read_jsonl, read_jsonl_dicts, write_json, write_jsonl
 from ..lm.encoding import encode_pair, pack
 from ..lm.generation import Answer, sample_answers
-from ..io import StageTimer, crash_point, read_jsonl, write_json, write_jsonl, write_result
-from ..data.suite.judge import judge
 from ..lm.losses import LMLoss
 from ..lm.modeling import context_length, load_causal_lm, load_reward_model
-from .pretrain import heldout_loss
+from ..lm.training import autocast
 from ..report import format_table
+from .pretrain import heldout_loss
 from .reward import score_texts
 from .sft import sft_batch
-from ..data.suite.labelers import Labeler
-from ..lm.training import autocast, setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -148,17 +149,17 @@ def sequence_logprobs(model, tok, prompts: list[str], responses: list[str], max_
     return out.float()
 
 
-def _model_dirs(params: Params) -> dict[str, Path]:
-    dirs = {"base_fewshot": params.stage_dir("pretrain") / "model", "sft": params.stage_dir("sft") / "model",
-            "ppo": params.stage_dir("ppo") / "model", "ppo_ptx": params.stage_dir("ppo_ptx") / "model"}
-    return {k: v for k, v in dirs.items() if (v / "config.json").exists()}
-
-
-def make_judge(params: Params):
+def make_judge(params: Params, gold_model: Path | None = None):
+    """The built-in suite's held-out labeler, or the gold RM at `gold_model` (files mode)."""
     if params.data.source == "builtin":
         return LabelerJudge(Labeler(next(lab for lab in params.data.labelers if lab.heldout)))
-    gold, tok = load_reward_model(params.stage_dir("gold_reward") / "model", params.model.dtype)
+    gold, tok = load_reward_model(gold_model, params.model.dtype)
     return GoldJudge(gold.eval(), tok, context_length(gold))
+
+
+def stage_judge(ctx: StageContext):
+    """The judge of a stage that declares judge_deps (registry.judge_deps)."""
+    return make_judge(ctx.params, ctx.input("gold_reward_model") if ctx.has_input("gold_reward_model") else None)
 
 
 @dataclass
@@ -181,19 +182,21 @@ class EvalContext:
         return [p.prompt for p in self.prompts]
 
     @classmethod
-    def load(cls, params: Params) -> EvalContext:
-        data_dir = params.stage_dir("data")
-        prompts = read_jsonl(data_dir / "eval_prompts.jsonl", Prompt)
+    def load(cls, ctx: StageContext) -> EvalContext:
+        """From a stage that declares the judged inputs (eval_prompts, pretrain_heldout, sft_train, sft,
+        reward_model and the judge's)."""
+        params = ctx.params
+        prompts = read_jsonl(ctx.input("eval_prompts"), Prompt)
         if params.eval.prompts:
             prompts = prompts[: params.eval.prompts]
-        sft_dir = params.stage_dir("sft") / "model"
+        sft_dir = ctx.input("sft")
         if not (sft_dir / "config.json").exists():
             raise ValueError(f"evaluation needs the SFT model at {sft_dir}")
         sft, tok = load_causal_lm(sft_dir, params.model.dtype)
-        rm, rm_tok = load_reward_model(params.stage_dir("reward") / "model", params.model.dtype)
-        heldout_text = [r.text for r in read_jsonl(data_dir / "pretrain_heldout.jsonl", PretrainText)]
-        shots = _pick_shots(read_jsonl(data_dir / "sft_train.jsonl", Demonstration), params.eval.few_shot)
-        return cls(params, prompts, make_judge(params), sft, tok, rm, rm_tok, heldout_text, shots)
+        rm, rm_tok = load_reward_model(ctx.input("reward_model"), params.model.dtype)
+        heldout_text = [r.text for r in read_jsonl(ctx.input("pretrain_heldout"), PretrainText)]
+        shots = _pick_shots(read_jsonl(ctx.input("sft_train"), Demonstration), params.eval.few_shot)
+        return cls(params, prompts, stage_judge(ctx), sft, tok, rm, rm_tok, heldout_text, shots)
 
     def answer(self, model, mtok, few_shot: bool = False, seed_offset: int = 11) -> tuple[list[str], list[Answer]]:
         """One sampled answer per prompt (eval.temperature), as every evaluated model answers."""
@@ -233,46 +236,40 @@ def eval_answers(params: Params, model, tok, asked: list[str], seed_offset: int 
     return [a.text.split(STOP)[0].strip() or a.text for a in raw], raw
 
 
-def run_eval(params: Params, key: str = "") -> dict:
-    setup_runtime(params.project)
-    cfg, out, data_dir = params.eval, params.stage_dir("eval"), params.stage_dir("data")
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    dirs = _model_dirs(params)
-    ctx = EvalContext.load(params)
-    prompts, judge_ = ctx.prompts, ctx.judge
+def run_eval(ctx: StageContext) -> dict:
+    params, cfg = ctx.params, ctx.params.eval
+    dirs = {name: ctx.input(key) for name, key in zip(MODELS, ("base", "sft", "ppo", "ppo_ptx"), strict=True)
+            if (ctx.input(key) / "config.json").exists()}
+    evaluation = EvalContext.load(ctx)
+    prompts, judge_ = evaluation.prompts, evaluation.judge
 
     answers: dict[str, list[str]] = {}
     values: dict[str, list[float]] = {}
     per_model: dict[str, dict] = {}
-    precision = autocast(params.model.mixed_precision, next(ctx.sft.parameters()).device)
+    precision = autocast(params.model.mixed_precision, next(evaluation.sft.parameters()).device)
     for name, path in dirs.items():
         few_shot = name == "base_fewshot"
-        with timer.phase(f"generate_{name}"), precision:
-            model, mtok = (ctx.sft, ctx.tok) if name == "sft" else load_causal_lm(path, params.model.dtype)
-            answers[name], raw = ctx.answer(model, mtok, few_shot)
+        with ctx.phase(f"generate_{name}"), precision:
+            model, mtok = (evaluation.sft, evaluation.tok) if name == "sft" else load_causal_lm(path, params.model.dtype)
+            answers[name], raw = evaluation.answer(model, mtok, few_shot)
             crash_point("eval_answers")
-        with timer.phase(f"measure_{name}"), precision:
+        with ctx.phase(f"measure_{name}"), precision:
             values[name] = judge_.values(prompts, answers[name])
-            per_model[name] = ctx.measure(answers[name], values[name], [a.tokens for a in raw], [a.ended for a in raw],
-                                          model=model, mtok=mtok, few_shot=few_shot)
+            per_model[name] = evaluation.measure(answers[name], values[name], [a.tokens for a in raw],
+                                                 [a.ended for a in raw], model=model, mtok=mtok, few_shot=few_shot)
     finish_measures(params, judge_, prompts, per_model, values)
 
-    metrics = _headline(params, per_model, len(prompts), judge_.name)
+    metrics = headline(ctx, per_model, len(prompts), judge_.name)
     metrics["models"] = per_model
-    write_json(out / "metrics.json", metrics)
-    write_answers(out / "answers.jsonl", prompts, answers, values)
-    with timer.phase("report"):
-        _plots(params, per_model, out, judge_.name)
-        _samples(prompts, answers, values, judge_.name, out / "samples.md", cfg.samples_per_category)
+    write_json(ctx.output("metrics"), metrics)
+    write_answers(ctx.output("answers"), prompts, answers, values)
+    with ctx.phase("report"):
+        winrate_chart(per_model, [n for n in MODELS if n in per_model], ctx.output("winrate"), judge_.name)
+        logs = {s: ctx.input(f"{s}_log") for s in ("ppo", "ppo_ptx")}
+        ppo_curves({s: read_jsonl_dicts(p) for s, p in logs.items() if p.exists()}, ctx.output("ppo_curves"))
+        _samples(prompts, answers, values, judge_.name, ctx.output("samples"), cfg.samples_per_category)
     log.info("eval: %s", {k: v for k, v in metrics.items() if k != "models"})
-    outputs = {"metrics": out / "metrics.json", "samples": out / "samples.md", "answers": out / "answers.jsonl"}
-    outputs.update({p.stem: p for p in sorted(out.glob("*.png"))})
-    inputs = {"prompts": data_dir / "eval_prompts.jsonl", "reward_model": params.stage_dir("reward") / "model",
-              **{f"model_{k}": v for k, v in dirs.items()}}
-    if isinstance(judge_, GoldJudge):
-        inputs["gold_reward_model"] = params.stage_dir("gold_reward") / "model"
-    return write_result(out, "eval", inputs, outputs, metrics, timer, run_key=key)
+    return metrics
 
 
 def finish_measures(params: Params, judge_, prompts: list[Prompt], per_model: dict, values: dict[str, list[float]],
@@ -306,18 +303,19 @@ def _pick_shots(demos: list[Demonstration], n: int) -> list[Demonstration]:
     return shots
 
 
-def _headline(params: Params, per_model: dict, n_prompts: int, judge_name: str) -> dict:
-    """The figures the docs report, flat, for DVC metrics and the summary table."""
-    def read(stage: str, key: str):
-        path = params.stage_dir(stage) / "result.json"
-        return json.loads(path.read_text())["metrics"].get(key) if path.exists() else None
+def headline(ctx: StageContext, per_model: dict, n_prompts: int, judge_name: str) -> dict:
+    """The figures the docs report, flat, for DVC metrics and the summary table: what the RM and
+    the judge are worth (from the inputs' records), then each model's measures and win rate."""
+    def read(name: str) -> dict:
+        return json.loads(ctx.input(name).read_text()) if ctx.has_input(name) and ctx.input(name).exists() else {}
 
-    h: dict = {"prompts": n_prompts, "temperature": params.eval.temperature, "judge": judge_name,
-               "rm_val_accuracy": read("reward", "val_accuracy"),
-               "rm_heldout_labeler_accuracy": read("reward", "heldout_labeler_accuracy"),
-               "gold_rm_val_accuracy": read("gold_reward", "val_accuracy"),
-               "labeler_agreement": read("collect", "labeler_agreement"),
-               "labeler_agreement_heldout": read("collect", "labeler_agreement_heldout")}
+    rm, gold, agreement = (read("reward_result").get("metrics", {}), read("gold_reward_result").get("metrics", {}),
+                           read("agreement"))
+    h: dict = {"prompts": n_prompts, "temperature": ctx.params.eval.temperature, "judge": judge_name,
+               "rm_val_accuracy": rm.get("val_accuracy"), "rm_heldout_labeler_accuracy": rm.get("heldout_labeler_accuracy"),
+               "gold_rm_val_accuracy": gold.get("val_accuracy"),
+               "labeler_agreement": agreement.get("training_labelers"),
+               "labeler_agreement_heldout": agreement.get("heldout_vs_training")}
     h = {k: v for k, v in h.items() if v is not None}
     for name, m in per_model.items():
         for k in ("likert", "alignment_tax", "invented_answer_rate", "disallowed_output_rate", "judge_score",
@@ -330,18 +328,15 @@ def _headline(params: Params, per_model: dict, n_prompts: int, judge_name: str) 
     return h
 
 
-def _plots(params: Params, per_model: dict, out: Path, judge_name: str) -> None:
+def ppo_curves(logs: dict[str, list[dict]], path: Path) -> None:
+    """PPO's training curves, one panel per quantity, one line per run."""
+    if not logs:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    winrate_chart(per_model, [n for n in MODELS if n in per_model], out / "winrate.png", judge_name)
-
-    logs = {s: params.stage_dir(s) / "train_log.jsonl" for s in ("ppo", "ppo_ptx")}
-    logs = {s: [json.loads(x) for x in p.read_text().splitlines()] for s, p in logs.items() if p.exists()}
-    if not logs:
-        return
     keys = ["score", "kl", "entropy", "response_length", "value_loss", "ptx_loss"]
     fig, axes = plt.subplots(2, 3, figsize=(11, 6))
     for ax, key in zip(axes.flat, keys):
@@ -351,7 +346,7 @@ def _plots(params: Params, per_model: dict, out: Path, judge_name: str) -> None:
         ax.set_xlabel("iteration")
     axes.flat[0].legend()
     fig.tight_layout()
-    fig.savefig(out / "ppo_curves.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -15,13 +15,13 @@ import math
 
 import torch
 
-from ..config import Params
+from ..context import StageContext
 from ..data.formats import Demonstration, PretrainText
+from ..io import read_jsonl
 from ..lm.encoding import format_prompt, pack
-from ..io import StageTimer, read_jsonl, write_result
 from ..lm.losses import LMLoss
 from ..lm.modeling import BUILTIN, build_tiny_llama, load_causal_lm, position_limit, train_tokenizer
-from ..lm.training import autocast, make_accelerator, save_model_atomic, setup_runtime, train_loop
+from ..lm.training import autocast, fit, save_model_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,14 @@ def heldout_loss(model, blocks: list[torch.Tensor], batch_size: int = 32) -> flo
     return total / max(count, 1)
 
 
-def run_pretrain(params: Params, key: str = "") -> dict:
-    setup_runtime(params.project)
-    cfg, data_dir, out = params.pretrain, params.stage_dir("data"), params.stage_dir("pretrain")
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    corpus_path, heldout_path = data_dir / "pretrain_train.jsonl", data_dir / "pretrain_heldout.jsonl"
-    texts = [r.text for r in read_jsonl(corpus_path, PretrainText)]
-    heldout = [r.text for r in read_jsonl(heldout_path, PretrainText)]
+def run_pretrain(ctx: StageContext) -> dict:
+    params, cfg = ctx.params, ctx.params.pretrain
+    texts = [r.text for r in read_jsonl(ctx.input("pretrain_train"), PretrainText)]
+    heldout = [r.text for r in read_jsonl(ctx.input("pretrain_heldout"), PretrainText)]
     builtin = params.model.name_or_path == BUILTIN
-    with timer.phase("build"):
+    with ctx.phase("build"):
         if builtin:
-            demos = read_jsonl(data_dir / "sft_train.jsonl", Demonstration)
+            demos = read_jsonl(ctx.input("sft_train"), Demonstration)
             tok = train_tokenizer(texts + [f"{format_prompt(d.prompt)} {d.response}" for d in demos], params.model.tiny.vocab_size)
             model = build_tiny_llama(tok, params.model.tiny, params.project.seed)
         else:
@@ -64,21 +60,18 @@ def run_pretrain(params: Params, key: str = "") -> dict:
     blocks, held = pack(tok, texts, seq_len), pack(tok, heldout, seq_len)
     metrics: dict = {"params": n_params, "train_tokens": len(blocks) * seq_len, "builtin": builtin}
     if builtin or cfg.train_external:
-        acc = make_accelerator(params.project, cfg.grad_accum, params.model.mixed_precision, out / "trackers", "pretrain")
-        wrapped = LMLoss(model).to(acc.device)
         loss_fn = lambda m, b: (m(input_ids=b["input_ids"], labels=b["input_ids"]), {})  # noqa: E731
-        with timer.phase("train"):
-            res = train_loop(
-                name="pretrain", model=wrapped, examples=blocks, collate=lambda xs: {"input_ids": torch.stack(xs)},
-                loss_fn=loss_fn, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
-                count_fn=lambda b: b["input_ids"].numel(), run_key=key,
-            )
-        model = acc.unwrap_model(wrapped).lm
-        metrics.update(steps=res.steps, train_loss=res.train_metrics.get("loss"), tokens_per_s=res.items_per_s)
-    with timer.phase("eval"), autocast(params.model.mixed_precision, next(model.parameters()).device):
+        done = fit(ctx, LMLoss(model), cfg, blocks, lambda xs: {"input_ids": torch.stack(xs)}, loss_fn,
+                   rebuild=lambda: LMLoss(type(model)(model.config)), count_fn=lambda b: b["input_ids"].numel(),
+                   throughput="tokens_per_s")
+        if done.model is None:
+            return None
+        model = done.model.lm
+        metrics.update({k: done.metrics[k] for k in ("steps", "train_loss", "tokens_per_s")})
+    with ctx.phase("eval"), autocast(params.model.mixed_precision, next(model.parameters()).device):
         loss = heldout_loss(model, held)
     metrics.update(heldout_loss=round(loss, 5), heldout_ppl=round(math.exp(loss), 3))
     log.info("pretrain: %s", metrics)
-    with timer.phase("save"):
-        save_model_atomic(model, tok, out / "model")
-    return write_result(out, "pretrain", {"corpus": corpus_path, "heldout": heldout_path}, {"model": out / "model"}, metrics, timer, run_key=key)
+    with ctx.phase("save"):
+        save_model_atomic(model, tok, ctx.output("model"))
+    return metrics

@@ -31,17 +31,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import Params
+from ..context import StageContext
 from ..data.formats import Comparison, Demonstration
+from ..io import read_jsonl
 from ..lm.encoding import encode_pair, encode_prompt, encode_response, pad
-from ..io import StageTimer, helper_result, read_jsonl, write_result
 from ..lm.losses import kwise_loss
 from ..lm.modeling import (
     MAX_LEN_KEY,
     REWARD_BIAS_KEY,
     is_fsdp,
     load_reward_model,
-    make_trainable,
     merged,
     position_limit,
     reward_scores,
@@ -49,16 +48,7 @@ from ..lm.modeling import (
     trainable_parameters,
     unwrap,
 )
-from ..lm.training import (
-    autocast,
-    enable_gradient_checkpointing,
-    make_accelerator,
-    processes_report,
-    save_model_atomic,
-    setup_runtime,
-    train_loop,
-    trained_model,
-)
+from ..lm.training import autocast, fit, save_model_atomic, trainable
 
 log = logging.getLogger(__name__)
 
@@ -210,94 +200,86 @@ def centre_on_demonstrations(model, tokenizer, demos: list[Demonstration], max_l
     return bias
 
 
-def comparison_paths(params: Params) -> tuple[Path, Path, Path | None]:
-    """(train, val, held-out labeler's val) comparisons the RM reads."""
-    src = params.stage_dir("collect") if params.data.source == "builtin" else params.stage_dir("data")
-    held = src / "comparisons_val_heldout.jsonl"
-    return src / "comparisons_train.jsonl", src / "comparisons_val.jsonl", held if held.exists() else None
+def run_reward(ctx: StageContext) -> dict | None:
+    """The `reward` stage: the RM that PPO optimizes, from the SFT model, centred on the demonstrations."""
+    return train_reward_model(ctx, RewardData.of(ctx), ctx.folder, ctx.run_key, ctx.params.project.seed, centre=True)
 
 
-def run_reward(params: Params, key: str = "") -> dict:
-    """The `reward` stage: the RM that PPO optimizes, from the SFT model."""
-    train, val, held = comparison_paths(params)
-    return train_reward_model(params, key, "reward", params.stage_dir("sft") / "model", train, val, held, centre=True)
-
-
-def run_gold_reward(params: Params, key: str = "") -> dict:
+def run_gold_reward(ctx: StageContext) -> dict | None:
     """The `gold_reward` stage: a second RM, from the base model, on comparisons the proxy RM
     never sees (data.gold_fraction). It trains nothing; it judges the evaluation."""
-    data = params.stage_dir("data")
-    return train_reward_model(params, key, "gold_reward", params.stage_dir("pretrain") / "model",
-                              data / "comparisons_gold.jsonl", data / "comparisons_val.jsonl", None, centre=False)
+    return train_reward_model(ctx, RewardData.of(ctx), ctx.folder, ctx.run_key, ctx.params.project.seed, centre=False)
 
 
-def train_reward_model(params: Params, key: str, stage: str, init: Path, train_path: Path, val_path: Path,
-                       held_path: Path | None, centre: bool, bootstrap_seed: int | None = None) -> dict:
-    """Train one RM into artifacts/<stage>/model. With `bootstrap_seed`, on a resample of the
-    training comparisons drawn with replacement (an ensemble member's)."""
-    setup_runtime(params.project)
-    cfg, out = params.reward, params.stage_dir(stage)
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
+@dataclass(frozen=True)
+class RewardData:
+    """What an RM trains from: the model it starts from, its comparisons and (to centre it) demonstrations."""
+
+    init: Path
+    train: Path
+    val: Path
+    val_heldout: Path | None = None            # the held-out labeler's rankings of the val responses
+    demonstrations: Path | None = None
+
+    @classmethod
+    def of(cls, ctx: StageContext, train: Path | None = None) -> RewardData:
+        """A stage's declared inputs: init, comparisons_train (or `train`), comparisons_val[, comparisons_val_heldout,
+        sft_train]."""
+        optional = {k: ctx.input(n) if ctx.has_input(n) else None
+                    for k, n in (("val_heldout", "comparisons_val_heldout"), ("demonstrations", "sft_train"))}
+        return cls(ctx.input("init"), train or ctx.input("comparisons_train"), ctx.input("comparisons_val"), **optional)
+
+
+def train_reward_model(ctx: StageContext, data: RewardData, out: Path, run_key: str, seed: int, centre: bool,
+                       bootstrap: bool = False) -> dict | None:
+    """Train one RM into out/model (its checkpoints and log in `out`, under `run_key`); its metrics, or None
+    in a helper process. With `bootstrap`, on a resample of the training comparisons drawn with
+    replacement (an ensemble member's); `seed` draws it, and the sample of max_comparisons."""
+    params, cfg = ctx.params, ctx.params.reward
 
     def build():
-        model, tok = load_reward_model(init, params.model.dtype)
+        model, tok = load_reward_model(data.init, params.model.dtype)
         model.config.pad_token_id = tok.pad_token_id
-        return make_trainable(model, cfg.lora, "score", cfg.train_top_layers), tok
+        return trainable(model, cfg, "score", params.model.gradient_checkpointing)[0], tok
 
     model, tok = build()
-    if params.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    trainable, total = trainable_parameters(model)
-    train, val = read_jsonl(train_path, Comparison), read_jsonl(val_path, Comparison)
+    counts = trainable_parameters(model)
+    train, val = read_jsonl(data.train, Comparison), read_jsonl(data.val, Comparison)
     if cfg.max_comparisons and len(train) > cfg.max_comparisons:
-        train = random.Random(params.project.seed).sample(train, cfg.max_comparisons)
-    if bootstrap_seed is not None:
-        train = random.Random(bootstrap_seed).choices(train, k=len(train))
+        train = random.Random(seed).sample(train, cfg.max_comparisons)
+    if bootstrap:
+        train = random.Random(seed).choices(train, k=len(train))
     max_len = min(cfg.max_len, position_limit(model))
-    train_ex = [encode_comparison(tok, c, max_len) for c in train]
-    held = read_jsonl(held_path, Comparison) if held_path is not None else None
-
-    def validate(m) -> dict[str, float]:
-        """Accuracy on the training labelers' val rankings and, from the same scores when
-        it ranked the same responses, on the held-out labeler's."""
-        scores = comparison_scores(m, tok, val, max_len)
-        out = {"val_accuracy": round(ranking_accuracy(scores, val), 4)}
-        if held is not None:
-            held_scores = scores if same_texts(val, held) else comparison_scores(m, tok, held, max_len)
-            out["heldout_labeler_accuracy"] = round(ranking_accuracy(held_scores, held), 4)
-        return out
-
-    acc = make_accelerator(params.project, cfg.grad_accum, params.model.mixed_precision, out / "trackers", stage)
-    model.to(acc.device)
-    with timer.phase("train"):
-        res = train_loop(
-            name=stage, model=model, examples=train_ex, collate=lambda xs: collate_comparisons(xs, tok.pad_token_id),
-            loss_fn=rm_loss, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
-            val_fn=validate,
-            count_fn=lambda b: int(b["n_comparisons"]), size_fn=padded_size, run_key=key,
-        )
-    ran = processes_report(acc, timer)
-    trained = trained_model(acc, model, lambda: build()[0])
-    if not acc.is_main_process:  # the main process centres and saves
-        return helper_result(stage, timer)
-    model = merged(trained)
-    metrics = {**ran, "steps": res.steps, "train_loss": res.train_metrics.get("loss"), "train_accuracy": res.train_metrics.get("accuracy"),
-               **res.val_metrics, "comparisons_per_s": res.items_per_s, "train_comparisons": len(train),
-               "train_pairs": sum(len(c.pairs()) for c in train), "resumed_from_step": res.resumed_from_step,
-               "trainable_parameters": trainable, "parameters": total}
-    inputs = {"init": init, "train": train_path, "val": val_path}
-    if held_path is not None:
-        inputs["val_heldout_labeler"] = held_path
+    held = read_jsonl(data.val_heldout, Comparison) if data.val_heldout is not None else None
+    done = fit(ctx, model, cfg, [encode_comparison(tok, c, max_len) for c in train],
+               lambda xs: collate_comparisons(xs, tok.pad_token_id), rm_loss, rebuild=lambda: build()[0],
+               val_fn=lambda m: rm_validation(m, tok, val, held, max_len),
+               count_fn=lambda b: int(b["n_comparisons"]), size_fn=padded_size, throughput="comparisons_per_s",
+               folder=out, run_key=run_key, seed=seed)
+    if done.model is None:  # the main process centres and saves
+        return None
+    model = merged(done.model)
+    metrics = {**done.metrics, "train_accuracy": done.loop.train_metrics.get("accuracy"),
+               "train_comparisons": len(train), "train_pairs": sum(len(c.pairs()) for c in train),
+               "trainable_parameters": counts[0], "parameters": counts[1]}
     if centre:
-        with timer.phase("centre"), autocast(params.model.mixed_precision, acc.device):
-            demo_path = params.stage_dir("data") / "sft_train.jsonl"
-            demos = read_jsonl(demo_path, Demonstration)
+        with ctx.phase("centre"), autocast(params.model.mixed_precision, done.accelerator.device):
+            demos = read_jsonl(data.demonstrations, Demonstration)
             if cfg.centre_samples and len(demos) > cfg.centre_samples:
-                demos = random.Random(params.project.seed).sample(demos, cfg.centre_samples)
+                demos = random.Random(seed).sample(demos, cfg.centre_samples)
             metrics["reward_bias"] = centre_on_demonstrations(model, tok, demos, max_len)
-            inputs["demonstrations"] = demo_path
-    log.info("%s: %s", stage, metrics)
-    with timer.phase("save"):
+    log.info("%s: %s", ctx.name, metrics)
+    with ctx.phase("save"):
         save_model_atomic(model, tok, out / "model", {MAX_LEN_KEY: max_len})
-    return write_result(out, stage, inputs, {"model": out / "model"}, metrics, timer, run_key=key)
+    return metrics
+
+
+def rm_validation(model, tok, val: list[Comparison], held: list[Comparison] | None, max_len: int) -> dict[str, float]:
+    """Accuracy on the training labelers' val rankings and, from the same scores when
+    it ranked the same responses, on the held-out labeler's."""
+    scores = comparison_scores(model, tok, val, max_len)
+    out = {"val_accuracy": round(ranking_accuracy(scores, val), 4)}
+    if held is not None:
+        held_scores = scores if same_texts(val, held) else comparison_scores(model, tok, held, max_len)
+        out["heldout_labeler_accuracy"] = round(ranking_accuracy(held_scores, held), 4)
+    return out

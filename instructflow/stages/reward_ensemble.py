@@ -22,22 +22,24 @@ from pathlib import Path
 
 import torch
 
-from ..config import EnsembleConfig, Params
+from ..config import EnsembleConfig
+from ..context import StageContext
 from ..data.formats import Comparison
-from ..io import StageTimer, read_jsonl, write_json, write_result
+from ..io import read_jsonl, write_json
 from ..lm.losses import conservative_reward
 from ..lm.modeling import load_reward_model, position_limit, reward_scores
-from .reward import comparison_paths, comparison_scores, ranking_accuracy, train_reward_model
-from ..lm.training import setup_runtime
+from ..lm.training import seed_everything
+from .reward import RewardData, comparison_scores, ranking_accuracy, train_reward_model
 
 log = logging.getLogger(__name__)
 
 
-def member_dirs(params: Params) -> list[Path]:
-    """The ensemble's models, member 0 (the reward stage's RM) first."""
-    out = params.stage_dir("reward_ensemble")
-    return [params.stage_dir("reward") / "model",
-            *(out / f"member_{i}" / "model" for i in range(1, params.ensemble.members))]
+def member_dirs(ctx: StageContext) -> list[Path]:
+    """The ensemble's models as a stage declares them: member_0 (the reward stage's RM; `reward_model` in PPO's
+    inputs), then member_1 .. member_{k-1} (the reward_ensemble stage's outputs, the others' inputs)."""
+    first = ctx.input("member_0") if ctx.has_input("member_0") else ctx.input("reward_model")
+    return [first, *(ctx.input(f"member_{i}") if ctx.has_input(f"member_{i}") else ctx.output(f"member_{i}")
+                     for i in range(1, ctx.params.ensemble.members))]
 
 
 class RewardEnsemble(torch.nn.Module):
@@ -58,33 +60,32 @@ class RewardEnsemble(torch.nn.Module):
         return conservative_reward(s, self.cfg.reward, self.cfg.std_coef), s.std(0, correction=0)
 
 
-def load_ensemble(params: Params, device) -> RewardEnsemble:
+def load_ensemble(ctx: StageContext, device) -> RewardEnsemble:
     members = []
-    for d in member_dirs(params):
-        m, _ = load_reward_model(d, params.model.dtype)
+    for d in member_dirs(ctx):
+        m, _ = load_reward_model(d, ctx.params.model.dtype)
         members.append(m.requires_grad_(False).eval().to(device))
-    return RewardEnsemble(members, params.ensemble)
+    return RewardEnsemble(members, ctx.params.ensemble)
 
 
-def run_reward_ensemble(params: Params, key: str = "") -> dict:
+def run_reward_ensemble(ctx: StageContext) -> dict | None:
     """Train members 1..k-1 (the reward stage's RM is member 0), then measure the ensemble."""
-    out = params.stage_dir("reward_ensemble")
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    train, val, held = comparison_paths(params)
-    sft = params.stage_dir("sft") / "model"
+    params = ctx.params
     metrics: dict = {"members": params.ensemble.members, "bootstrap": params.ensemble.bootstrap}
+    data = RewardData.of(ctx)
     for i in range(1, params.ensemble.members):
         seed = params.project.seed + i
-        member = params.model_copy(update={"project": params.project.model_copy(update={"seed": seed})})
-        with timer.phase(f"member_{i}"):
-            rec = train_reward_model(member, f"{key}-member{i}", f"reward_ensemble/member_{i}", sft, train, val, held,
-                                     centre=True, bootstrap_seed=seed if params.ensemble.bootstrap else None)
-        metrics[f"member_{i}_val_accuracy"] = rec["metrics"].get("val_accuracy")
-    setup_runtime(params.project)
-    dirs = member_dirs(params)
-    with timer.phase("measure"):
-        comparisons = read_jsonl(val, Comparison)
+        seed_everything(seed)  # the member's score head and data order, as the reward stage's with its seed
+        with ctx.phase(f"member_{i}"):
+            member = train_reward_model(ctx, data, ctx.output(f"member_{i}").parent, f"{ctx.run_key}-member{i}", seed,
+                                        centre=True, bootstrap=params.ensemble.bootstrap)
+        if member is None:
+            return None
+        metrics[f"member_{i}_val_accuracy"] = member.get("val_accuracy")
+    seed_everything(params.project.seed)
+    dirs = member_dirs(ctx)
+    with ctx.phase("measure"):
+        comparisons = read_jsonl(data.val, Comparison)
         per_member = []
         for d in dirs:
             m, tok = load_reward_model(d, params.model.dtype)
@@ -94,9 +95,7 @@ def run_reward_ensemble(params: Params, key: str = "") -> dict:
         spread = torch.tensor([x for resp in zip(*per_member, strict=True) for x in zip(*resp, strict=True)]).std(1, correction=0)
     metrics.update({"member_val_accuracies": [round(a, 4) for a in accs], "val_accuracy": round(ranking_accuracy(mean, comparisons), 4),
                     "mean_member_val_accuracy": round(sum(accs) / len(accs), 4), "val_score_std": round(float(spread.mean()), 4)})
-    write_json(out / "members.json", {"members": [str(d) for d in dirs], "reward": params.ensemble.reward,
-                                      "std_coef": params.ensemble.std_coef})
+    write_json(ctx.output("members"), {"members": [str(d) for d in dirs], "reward": params.ensemble.reward,
+                                       "std_coef": params.ensemble.std_coef})
     log.info("reward_ensemble: %s", metrics)
-    return write_result(out, "reward_ensemble", {"sft": sft, "train": train, "val": val, "member_0": dirs[0]},
-                        {"members": out / "members.json", **{f"member_{i}": d for i, d in enumerate(dirs) if i}},
-                        metrics, timer, run_key=key)
+    return metrics

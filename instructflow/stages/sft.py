@@ -11,36 +11,21 @@ Output: artifacts/sft/model.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from ..config import Params
+from ..context import StageContext
 from ..data.formats import Demonstration
+from ..data.suite.judge import judge
+from ..data.suite.labelers import Labeler
+from ..io import read_jsonl
 from ..lm.encoding import encode_pair, pad
 from ..lm.generation import generate
-from ..io import StageTimer, helper_result, read_jsonl, write_result
-from ..data.suite.judge import judge
 from ..lm.losses import LMLoss
-from ..lm.modeling import (
-    MAX_LEN_KEY,
-    add_residual_dropout,
-    load_causal_lm,
-    make_trainable,
-    merged,
-    position_limit,
-    trainable_parameters,
-)
-from ..data.suite.labelers import Labeler
-from ..lm.training import (
-    autocast,
-    enable_gradient_checkpointing,
-    make_accelerator,
-    processes_report,
-    save_model_atomic,
-    setup_runtime,
-    train_loop,
-    trained_model,
-)
+from ..lm.modeling import MAX_LEN_KEY, add_residual_dropout, load_causal_lm, merged, position_limit
+from ..lm.training import autocast, fit, save_model_atomic, trainable
 
 log = logging.getLogger(__name__)
 
@@ -81,57 +66,38 @@ def validation_loss(model: LMLoss, examples, pad_id: int, batch_size: int = 64) 
     return total / max(count, 1)
 
 
-def run_sft(params: Params, key: str = "") -> dict:
-    setup_runtime(params.project)
-    cfg, data_dir, out = params.sft, params.stage_dir("data"), params.stage_dir("sft")
-    base_dir = params.stage_dir("pretrain") / "model"
-    out.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer()
-    lm, tok = load_causal_lm(base_dir, params.model.dtype)
+def run_sft(ctx: StageContext) -> dict | None:
+    params, cfg, base = ctx.params, ctx.params.sft, ctx.input("base")
+    lm, tok = load_causal_lm(base, params.model.dtype)
     n_hooks = add_residual_dropout(lm, cfg.residual_dropout)
-    if params.model.gradient_checkpointing:
-        enable_gradient_checkpointing(lm)
-    lm = make_trainable(lm, cfg.lora, "causal_lm", cfg.train_top_layers)
-    trainable, total = trainable_parameters(lm)
-    train = read_jsonl(data_dir / "sft_train.jsonl", Demonstration)
-    val = read_jsonl(data_dir / "sft_val.jsonl", Demonstration)
+    lm, counts = trainable(lm, cfg, "causal_lm", params.model.gradient_checkpointing)
+    train = read_jsonl(ctx.input("sft_train"), Demonstration)
+    val = read_jsonl(ctx.input("sft_val"), Demonstration)
     max_len = min(cfg.max_len, position_limit(lm))
     train_ex = [encode_demonstration(tok, d, max_len) for d in train]
     val_ex = [encode_demonstration(tok, d, max_len) for d in val]
 
-    acc = make_accelerator(params.project, cfg.grad_accum, params.model.mixed_precision, out / "trackers", "sft")
-    model = LMLoss(lm).to(acc.device)
-    with timer.phase("train"):
-        res = train_loop(
-            name="sft", model=model, examples=train_ex, collate=lambda xs: sft_batch(xs, tok.pad_token_id),
-            loss_fn=sft_loss, cfg=cfg, out_dir=out, accelerator=acc, seed=params.project.seed,
-            val_fn=lambda m: {"val_loss": round(validation_loss(m, val_ex, tok.pad_token_id), 5)},
-            count_fn=lambda b: int(b["attention_mask"].sum()), size_fn=lambda e: len(e[0]), run_key=key,
-        )
-    ran = processes_report(acc, timer)
-    trained = trained_model(acc, model, lambda: LMLoss(make_trainable(load_causal_lm(base_dir, params.model.dtype)[0], cfg.lora,
-                                                                      "causal_lm", cfg.train_top_layers)))
-    if not acc.is_main_process:  # the main process judges and saves
-        return helper_result("sft", timer)
-    lm = merged(trained.lm)
-    metrics = {**ran, "steps": res.steps, "train_loss": res.train_metrics.get("loss"), **res.val_metrics,
-               "tokens_per_s": res.items_per_s, "residual_dropout_branches": n_hooks, "resumed_from_step": res.resumed_from_step,
-               "trainable_parameters": trainable, "parameters": total}
-
+    done = fit(ctx, LMLoss(lm), cfg, train_ex, lambda xs: sft_batch(xs, tok.pad_token_id), sft_loss,
+               rebuild=lambda: LMLoss(trainable(load_causal_lm(base, params.model.dtype)[0], cfg, "causal_lm", False)[0]),
+               val_fn=lambda m: {"val_loss": round(validation_loss(m, val_ex, tok.pad_token_id), 5)},
+               count_fn=lambda b: int(b["attention_mask"].sum()), size_fn=lambda e: len(e[0]), throughput="tokens_per_s")
+    if done.model is None:  # the main process judges and saves
+        return None
+    lm = merged(done.model.lm)
+    metrics = {**done.metrics, "residual_dropout_branches": n_hooks, **counts}
     if params.data.source == "builtin" and cfg.eval_prompts:
-        with timer.phase("judge"), autocast(params.model.mixed_precision, acc.device):
-            metrics.update(compare_with_base(params, lm, tok, val[: cfg.eval_prompts]))
+        with ctx.phase("judge"), autocast(params.model.mixed_precision, done.accelerator.device):
+            metrics.update(compare_with_base(params, base, lm, tok, val[: cfg.eval_prompts]))
     log.info("sft: %s", metrics)
-    with timer.phase("save"):
-        save_model_atomic(lm, tok, out / "model", {MAX_LEN_KEY: max_len})
-    inputs = {"base_model": base_dir, "train": data_dir / "sft_train.jsonl", "val": data_dir / "sft_val.jsonl"}
-    return write_result(out, "sft", inputs, {"model": out / "model"}, metrics, timer, run_key=key)
+    with ctx.phase("save"):
+        save_model_atomic(lm, tok, ctx.output("model"), {MAX_LEN_KEY: max_len})
+    return metrics
 
 
-def compare_with_base(params: Params, sft_model, tok, prompts: list[Demonstration]) -> dict:
+def compare_with_base(params: Params, base_dir: Path, sft_model, tok, prompts: list[Demonstration]) -> dict:
     """The held-out labeler rates greedy answers of the base and SFT models."""
     heldout = Labeler(next(lab for lab in params.data.labelers if lab.heldout))
-    base, base_tok = load_causal_lm(params.stage_dir("pretrain") / "model", params.model.dtype)
+    base, base_tok = load_causal_lm(base_dir, params.model.dtype)
     base.to(next(sft_model.parameters()).device)
     texts = [p.prompt for p in prompts]
     result = {}

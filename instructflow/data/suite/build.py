@@ -18,8 +18,8 @@ import random
 from pathlib import Path
 
 from ...config import DataConfig
-from ..formats import Demonstration, PretrainText, Prompt, split_by_prompt
 from ...io import write_jsonl
+from ..formats import Demonstration, PretrainText, Prompt, split_by_prompt
 from . import world as W
 from .instructions import grade, harmful_probability, make_prompt
 from .labelers import Labeler

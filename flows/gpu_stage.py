@@ -22,12 +22,12 @@ from prefect.deployments import run_deployment
 from instructflow.config import Params, load_params
 from instructflow.registry import spec, stage_key
 from instructflow.serving.storage import get_tree, put_tree
-from tasks.faults import retry_if_transient
-from tasks.stages import stage, with_retries
+from tasks.retries import retry_if_transient
+from tasks.stages import run_stage_task, with_retries
 
 
-def _uris(p: Params, name: str, key: str) -> tuple[str, str]:
-    base = f"{p.orchestrate.exchange_uri.rstrip('/')}/{name}/{key[:16]}"
+def _uris(config: Params, name: str, key: str) -> tuple[str, str]:
+    base = f"{config.orchestrate.exchange_uri.rstrip('/')}/{name}/{key[:16]}"
     return f"{base}/inputs", f"{base}/outputs"
 
 
@@ -45,15 +45,14 @@ def download(uri: str) -> int:
 def stage_flow(stage_name: str, params: str, inputs_uri: str, outputs_uri: str) -> dict:
     """Fetch the stage's inputs, run it (cached like any stage), send its outputs back."""
     with_retries(download, Params())(inputs_uri)  # the params file comes with the inputs: default retries
-    p = load_params(params)
-    processes = p.orchestrate.gpu_processes or _visible_gpus()
+    config = load_params(params)
+    processes = config.orchestrate.gpu_processes or _visible_gpus()
     if processes > 1:  # every GPU of the pod, under accelerate launch (orchestrate.accelerate_config)
         threads = max(1, (os.cpu_count() or processes) // processes)
-        record = stage(stage_name, params, p, threads=threads, processes=processes).result()
+        record = run_stage_task(stage_name, params, config, threads=threads, processes=processes).result()
     else:
-        record = stage(stage_name, params, p)
-    s = spec(p, stage_name)
-    with_retries(upload, p)([x for x in (*s.outs, *s.metrics, *s.plots) if Path(x).exists()], outputs_uri)
+        record = run_stage_task(stage_name, params, config)
+    with_retries(upload, config)([x for x in spec(config, stage_name).files() if Path(x).exists()], outputs_uri)
     return record
 
 
@@ -63,17 +62,16 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def run_on_gpu_pool(name: str, params: str, p: Params) -> dict:
+def run_on_gpu_pool(name: str, params: str, config: Params) -> dict:
     """From the pipeline flow: run stage `name` through the GPU deployment and
     bring its outputs here. Returns the stage's result record."""
-    key = stage_key(p, name)
-    inputs_uri, outputs_uri = _uris(p, name, key)
-    s = spec(p, name)
-    with_retries(upload, p)([x for x in (params, *s.deps) if Path(x).exists()], inputs_uri)
-    run = run_deployment(p.orchestrate.gpu_deployment, timeout=p.orchestrate.stage_timeout_s,
+    inputs_uri, outputs_uri = _uris(config, name, stage_key(config, name))
+    s = spec(config, name)
+    with_retries(upload, config)([x for x in (params, *s.deps) if Path(x).exists()], inputs_uri)
+    run = run_deployment(config.orchestrate.gpu_deployment, timeout=config.orchestrate.stage_timeout_s,
                          parameters={"stage_name": name, "params": params, "inputs_uri": inputs_uri, "outputs_uri": outputs_uri})
     if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"stage {name} on {p.orchestrate.gpu_deployment}: flow run {run.id} ended {run.state}")
-    with_retries(download, p)(outputs_uri)
-    get_run_logger().info("%s ran on %s; outputs fetched from %s", name, p.orchestrate.gpu_deployment, outputs_uri)
+        raise RuntimeError(f"stage {name} on {config.orchestrate.gpu_deployment}: flow run {run.id} ended {run.state}")
+    with_retries(download, config)(outputs_uri)
+    get_run_logger().info("%s ran on %s; outputs fetched from %s", name, config.orchestrate.gpu_deployment, outputs_uri)
     return json.loads(Path(s.result).read_text())
