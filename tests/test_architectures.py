@@ -30,7 +30,7 @@ from instructflow.config import load_params
 from instructflow.data.formats import PretrainText
 from instructflow.io import read_jsonl
 from instructflow.lm.modeling import load_reward_model, train_tokenizer
-from instructflow.registry import run_stage
+from instructflow.runner import run_stage
 
 pytestmark = pytest.mark.slow
 SHAPE = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 96,

@@ -203,12 +203,13 @@ def test_a_stage_on_a_pod_with_several_devices_runs_under_accelerate_launch_on_a
     """What the GPU pool's stage flow does on a pod with 2 GPUs (flows/gpu_stage.py): the stage's
     Prefect task launches it with orchestrate.accelerate_config on 2 processes."""
     from instructflow.config import load_params
-    from instructflow.registry import stage_key
+    from instructflow.registry import run_key
     from tasks.stages import stage_process_task
 
     work = _workdir(base, tmp_path, ("data", "pretrain"))
     params = _params(work, accum=1, orchestrate={"accelerate_config": str(FSDP2)})
     monkeypatch.chdir(work)
-    record = stage_process_task.fn("sft", params.name, stage_key(load_params(params.name), "sft"), threads=1, processes=2)
+    config = load_params(params.name)
+    record = stage_process_task.fn("sft", params.name, config, run_key(config, "sft"), threads=1, processes=2)
     assert record["metrics"]["processes"] == 2 and record["metrics"]["distributed"] == "fsdp"
     assert _max_diff(_weights(work / "artifacts/sft/model"), _weights(base / "artifacts/sft/model")) <= 1e-6

@@ -330,7 +330,7 @@ def test_rounds_stop_on_bad_feedback_then_promote_keep_and_commit_each_round(pro
     assert run([*GIT, "log", "-1", "--format=%s"], project).stdout.startswith("round 1: promoted v1")
     assert set(run([*GIT, "show", "--name-only", "--format=", "HEAD"], project).stdout.split()) == \
         {"rounds/round.json", "rounds/ledger.jsonl", "dvc.lock", "pipelines/rounds/dvc.yaml", "pipelines/rounds/dvc.lock"}
-    assert json.loads(run([str(BIN / "dvc"), "status", "--json"], project, env).stdout or "{}") == {}
+    assert json.loads(run([str(BIN / "dvc"), "status", "--json", "pipelines/rounds/dvc.yaml"], project, env).stdout or "{}") == {}
     lock = yaml.safe_load((project / "pipelines/rounds/dvc.lock").read_text())
     assert {"round_champion", "round_feedback", "round_reward", "round_ppo", "round_export", "round_gate"} <= set(lock["stages"])
 
@@ -385,7 +385,7 @@ def test_bad_data_stops_the_flow_before_any_training(tmp_path, env):
 
 def test_stage_waves_group_only_stages_that_read_none_of_each_others_outputs():
     from instructflow.config import Params
-    from instructflow.registry import STAGES, StageSpec, group_specs, pipeline_specs, stage_waves
+    from instructflow.registry import IO, STAGES, StageSpec, group_specs, pipeline_specs, stage_waves
 
     names = [[s.name for s in w] for w in stage_waves(pipeline_specs(Params()))]
     assert names == [["data"], ["validate"], ["pretrain"], ["sft"], ["collect"], ["reward"],
@@ -395,7 +395,8 @@ def test_stage_waves_group_only_stages_that_read_none_of_each_others_outputs():
                          ["compare", "overoptimization"]]
     # a path inside another stage's output folder is a dependency too; order is kept
     def spec(name, deps, outs):
-        return StageSpec(STAGES["data"], deps, outs, (f"out/{name}/result.json",), ())
+        io = IO(deps={f"d{i}": d for i, d in enumerate(deps)}, outs={f"o{i}": o for i, o in enumerate(outs)})
+        return StageSpec(STAGES["data"], io.deps, io.outs, io, f"out/{name}")
 
     a = spec("a", (), ("out/a",))
     b = spec("b", ("in/b.jsonl",), ("out/b",))

@@ -151,7 +151,7 @@ def test_a_stage_whose_input_model_is_missing_names_the_folder(tmp_path):
     (tmp_path / "params.yaml").write_text("project: {artifacts_dir: artifacts}\n")
     proc = subprocess.run([sys.executable, "-m", "instructflow.cli", "ppo", "--params", "params.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "artifacts/sft/model: no model folder there" in proc.stderr
+    assert proc.returncode == 2 and "artifacts/sft/model: model folder not found (run the stage that writes it" in proc.stderr
 
 
 def test_empty_comparisons_file_is_a_clear_error(tmp_path):

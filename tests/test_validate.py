@@ -9,7 +9,7 @@ import pytest
 
 from instructflow.config import ValidateConfig
 from instructflow.data.formats import Comparison, Demonstration, PretrainText, Prompt
-from instructflow.data.validate import ValidationFailed, validate_dataset_dir, validate_file, validate_inputs
+from instructflow.data.validate import ValidationFailed, validate_datasets, validate_file, validate_inputs
 from instructflow.io import BOM, DataError, read_jsonl
 
 
@@ -171,7 +171,8 @@ def test_leakage_between_train_and_validation_is_found(tmp_path):
     val = [{"id": "v0", "prompt": "A fresh prompt.", "response": "x"}, {**train[2], "id": "v1"}]
     (data / "sft_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     (data / "sft_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
-    reports = {r.path.name: r for r in validate_dataset_dir(data, ValidateConfig(), tmp_path / "q")}
+    files = {p.stem: p for p in data.glob("*.jsonl")}
+    reports = {r.path.name: r for r in validate_datasets(files, ValidateConfig(), tmp_path / "q")}
     assert reports["sft_train.jsonl"].ok
     leak = reports["sft_val.jsonl"]
     assert not leak.ok and leak.bad_lines == [2] and "training file" in leak.failures[0].description
