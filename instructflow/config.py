@@ -335,6 +335,9 @@ class RoundsConfig(_Section):
     max_rejected_share: float = Field(0.05, ge=0, le=1, description="Share of a round's comparisons that may fail the "
                                       "Great Expectations suite: those are quarantined and left out; above it the round "
                                       "stops before any training.")
+    ranker: Literal["simulated", "label_studio"] = Field(
+        "simulated", description="Who ranks a round's answers: the built-in suite's simulated labelers, or people in "
+        "Label Studio (the `labeling` section; the round waits until they are done).")
     algorithm: Literal["ppo", "ppo_ptx"] = Field("ppo_ptx", description="How the challenger is trained from the champion: "
                                                  "PPO, or PPO-ptx with ppo.ptx_coef.")
     gate_prompts: int = Field(0, ge=0, description="Held-out evaluation prompts the gate judges on (0: all of them).")
@@ -342,6 +345,36 @@ class RoundsConfig(_Section):
                                   "bootstrap interval of its win rate over the champion is above this.")
     git_commit: bool = Field(True, description="Commit the ticket, the ledger and dvc.lock after each round (when the "
                              "project is a git work tree).")
+
+
+class LabelingConfig(_Section):
+    """People ranking and writing in Label Studio (`instructflow label ...`; rounds with rounds.ranker: label_studio)."""
+
+    url: str = Field("http://127.0.0.1:8080", description="Label Studio's address (`make label-studio` starts one here).")
+    project_prefix: str = Field("instructflow", description="Start of the title of every project instructflow creates.")
+    api_key_env: str = Field("LABEL_STUDIO_API_KEY", description="Environment variable holding the API key instructflow "
+                             "uses (never written to params, logs or artifacts).")
+    labelers: list[str] = Field(default_factory=list, description="The people (emails, or the part before the @) whose "
+                                "annotations count; an annotation by anyone else is listed, not used. Empty: everyone "
+                                "in the Label Studio organization.")
+    overlap: int = Field(1, ge=1, le=9, description="People who rank each task of the overlapping share (2 or more: their "
+                         "agreement is measured, as InstructGPT's 72.6%).")
+    overlap_share: float = Field(0.0, ge=0, le=1, description="Share of the tasks ranked by `overlap` people.")
+    known_share: float = Field(0.0, ge=0, lt=1, description="Share of known-answer tasks added to a round's: they score "
+                               "each labeler and are not training data.")
+    known_comparisons: str = Field("", description="Comparisons whose rankings are the known answers (JSONL). Empty with "
+                                   "the built-in suite: a correct and a flawed response per prompt, from its grader.")
+    min_known_accuracy: float = Field(0.6, ge=0, le=1, description="Labelers who agree with the known answers less than "
+                                      "this (pairs of responses) are reported.")
+    min_known_tasks: int = Field(3, ge=1, description="Known-answer tasks a labeler must have done to be judged.")
+    hold_out_below: bool = Field(False, description="Leave out the rankings of the labelers below min_known_accuracy.")
+    min_done: float = Field(1.0, gt=0, le=1, description="Share of a round's tasks that must be done before it goes on.")
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one API call.")
+    retry_seconds: float = Field(120.0, ge=0, description="How long a call retries while Label Studio is down or "
+                                 "restarting (backoff up to 10 s), before one clear error.")
+    poll_minutes: float = Field(10.0, gt=0, description="How often the scheduled check (deployment `label-watch`) asks "
+                                "Label Studio whether a waiting round's tasks are done.")
+    wait_hours: float = Field(24 * 14, gt=0, description="How long a round waits for people before it fails.")
 
 
 class EvalConfig(_Section):
@@ -449,6 +482,7 @@ class Params(_Section):
     best_of_n: BestOfNConfig = Field(default_factory=BestOfNConfig, description="Best-of-n sampling from SFT with the RM.")
     methods: MethodsConfig = Field(default_factory=MethodsConfig, description="The comparison of methods over seeds (`make methods`).")
     rounds: RoundsConfig = Field(default_factory=RoundsConfig, description="Rounds of on-policy feedback, the gate and promotion (`make round`).")
+    labeling: LabelingConfig = Field(default_factory=LabelingConfig, description="People in Label Studio.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export of the RM.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The scoring endpoint.")
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate", description="Data validation (Great Expectations).")
@@ -484,12 +518,37 @@ def _presets() -> dict:
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'")
+            lines.append(f"{source}: unknown key '{key}'" + _did_you_mean(e["loc"]))
         else:
             lines.append(f"{source}: {key}: {e['msg']}")
     return "\n".join(lines)
+
+
+# What other tools (TRL, transformers' TrainingArguments, peft) call a key this file names otherwise.
+SYNONYMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "rank": "r", "lora_alpha": "alpha",
+            "lora_dropout": "dropout", "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+            "max_length": "max_len", "max_seq_length": "max_len", "kl_penalty": "kl_coef", "cliprange": "clip_range",
+            "model_name": "name_or_path", "model_name_or_path": "name_or_path", "seed_value": "seed"}
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """"; did you mean 'sft.lr'?" for a misspelled key, from the fields of the section it is in."""
+    import difflib
+
+    model, known = Params, None
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        inner = getattr(field, "annotation", None) if field else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return ""
+        model = inner
+    known = [f.alias or name for name, f in model.model_fields.items()]
+    synonym = SYNONYMS.get(str(loc[-1]))
+    close = [synonym] if synonym in known else difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return f"; did you mean '{'.'.join(str(x) for x in (*loc[:-1], close[0]))}'?" if close else ""
 
 
 def parse_params(raw: dict | None, source: str = "params") -> Params:

@@ -143,6 +143,9 @@ def structure_problem(obj: Any, kind: str) -> str | None:
     field), or None. Content (lengths, rankings, duplicates) is the suite's."""
     if not isinstance(obj, dict):
         return f"the line is {_json_type(obj)}, not a JSON object"
+    foreign = foreign_layout(obj)
+    if foreign:
+        return foreign
     allowed = ALLOWED[kind]
     for k in obj:
         if k not in allowed:
@@ -159,6 +162,22 @@ def structure_problem(obj: Any, kind: str) -> str | None:
         for i, v in enumerate(obj.get(k) or [] if k in allowed else []):
             if not _is_type(v, types):
                 return f"field '{k}[{i}]' must be {name}, not {_json_type(v)}"
+    return None
+
+
+# Public layouts a user may hand over as they are, and the importer that converts each (data/importers.py).
+LAYOUTS = (({"prompt", "chosen", "rejected"}, "TRL's preference layout (prompt/chosen/rejected)", "trl-preference"),
+           ({"chosen", "rejected"}, "HH-RLHF's layout (chosen/rejected dialogs)", "hh-rlhf"),
+           ({"instruction", "output"}, "Alpaca's layout (instruction/input/output)", "alpaca"),
+           ({"instruction", "instances"}, "Alpaca's seed-task layout (instruction/instances)", "alpaca"))
+
+
+def foreign_layout(obj: dict) -> str | None:
+    """A row in a public layout instead of instructflow's: what it is and the command that converts it."""
+    for keys, what, layout in LAYOUTS:
+        if keys <= obj.keys():
+            return (f"this row is in {what}, not instructflow's: convert the file with "
+                    f"`instructflow data import {layout} FILE OUT.jsonl`, then validate OUT.jsonl")
     return None
 
 

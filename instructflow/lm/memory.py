@@ -184,13 +184,13 @@ def shape_of_params(params, model: str = "") -> Shape:
     a hub id): a preset's, a folder's or hub id's config, or the built-in model's."""
     from transformers import AutoConfig, LlamaConfig
 
-    from .modeling import BUILTIN
+    from .modeling import BUILTIN, from_hub
 
     name = model or params.model.name_or_path
     if name in PRESETS:
         return Shape.preset(name)
     if name != BUILTIN:
-        return Shape.of(AutoConfig.from_pretrained(name))
+        return Shape.of(from_hub(name, AutoConfig.from_pretrained))
     t = params.model.tiny
     return Shape.of(LlamaConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                                 num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,

@@ -125,10 +125,32 @@ def _looks_local(path: str | Path) -> bool:
     return isinstance(path, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1
 
 
+def model_source(name: str | Path) -> str:
+    """A model's folder or hub id as from_pretrained takes it; a path that names no folder is a clear
+    FileNotFoundError, not the hub client's complaint about repo ids."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if _looks_local(name) or path.exists():
+        raise FileNotFoundError(f"{name}: model folder not found (run the stage that writes it, or check the path; "
+                                "a hub id is 'name' or 'owner/name' and needs network access)")
+    return str(name)
+
+
+def from_hub(name: str | Path, load):
+    """load(source) for a folder or hub id; a hub id that cannot be fetched is one clear OSError."""
+    source = model_source(name)
+    try:
+        return load(source)
+    except OSError as err:
+        if Path(source).is_dir():
+            raise
+        raise OSError(f"{name}: not a local folder, and the Hugging Face hub has no model by that id or cannot be "
+                      f"reached (hub ids need network access; give a folder instead): {str(err).splitlines()[0]}") from None
+
+
 def load_tokenizer(path: str | Path):
-    if _looks_local(path) and not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"{path}: no model folder there; run the stage that writes it first")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = from_hub(path, AutoTokenizer.from_pretrained)
     if tok.eos_token is None:
         raise ValueError(f"{path}: tokenizer has no EOS token; instructflow needs one to end responses")
     return tok

@@ -36,6 +36,18 @@ from ..io import crash_point, restore_aside, swap_in, writing_folder
 log = logging.getLogger(__name__)
 
 
+class _TiedWeightsNote(logging.Filter):
+    """accelerate warns "Removed shared tensor {'lm_head.weight'}" at every checkpoint of a model whose
+    output head is tied to its embeddings (SmolLM2, the built-in model): the tie is restored on load,
+    and the line said nothing a person could act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Removed shared tensor")
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
+
+
 def setup_runtime(project: ProjectConfig) -> None:
     """Threads, seeds, deterministic kernels, progress bars and the GPU's peak-memory counter; called at the
     start of each stage."""
