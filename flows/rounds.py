@@ -18,13 +18,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import Run, checked_params, record_run, run_stages
 from instructflow.config import ConfigError, load_params
 from instructflow.dvcfile import pipeline_file
 from instructflow.io import exclusive
+from instructflow.labeling.projects import LabelingPending
 from instructflow.registry import ROUNDS_NEED, group_specs, with_upstream
 from instructflow.rounds.stages import finish_round, ledger_markdown, open_round, read_ledger
 from tasks.retries import retry_if_transient
@@ -60,7 +61,10 @@ def _round(params: str, config) -> dict:
     t0 = time.perf_counter()
     ticket = with_retries(open_round_task, config)(params)
     logger.info("round %d, from champion %s", ticket["round"], ticket["champion"])
-    rows = run_stages([Run(params, config, with_upstream(config, group_specs(config, "rounds")))])[params]
+    try:
+        rows = run_stages([Run(params, config, with_upstream(config, group_specs(config, "rounds")))])[params]
+    except LabelingPending as wait:
+        return wait_for_people(config, ticket, wait)
     entry = with_retries(finish_round_task, config)(params)
     run = record_run(params, config, rows, time.perf_counter() - t0, publish=False)
     md = (f"## Round {entry['round']}: {'promoted ' + entry['champion_after'] if entry['promoted'] else 'champion kept'}\n\n"
@@ -70,6 +74,20 @@ def _round(params: str, config) -> dict:
     logger.info("%s", entry["reason"])
     commit_round(params, config, entry)
     return entry
+
+
+def wait_for_people(config, ticket: dict, wait: LabelingPending) -> dict:
+    """The round's rankings are in Label Studio and people are not done. A scheduled run (a deployment)
+    suspends itself, releasing its worker; the label-watch deployment resumes it when they are done
+    (flows/label_watch.py), and it then runs again from the top, its finished stages cached. A run
+    by hand ends here: run it again when they are done."""
+    logger = get_run_logger()
+    logger.warning("round %d: %s", ticket["round"], wait)
+    if runtime.deployment.id:
+        from prefect.flow_runs import suspend_flow_run
+
+        suspend_flow_run(timeout=int(config.labeling.wait_hours * 3600), key=f"round-{ticket['round']}-labeling")
+    return {"round": ticket["round"], "waiting": str(wait)}
 
 
 def commit_round(params: str, config, entry: dict) -> None:
@@ -100,6 +118,10 @@ def main() -> None:
     t0 = time.perf_counter()
     config = checked_params(args.params, check_rounds)
     entry = round_flow(params=args.params)
+    if "waiting" in entry:
+        print(f"round {entry['round']} is waiting: {entry['waiting']}\nRun `make round` again when they are done "
+              "(the label-watch deployment resumes a scheduled round by itself).")
+        return
     print(ledger_markdown(read_ledger(load_params(args.params))))
     print(f"round {entry['round']}: {entry['reason']}\n(round finished in {time.perf_counter() - t0:.1f} s; "
           f"ledger {Path(config.rounds.ledger)})")

@@ -15,6 +15,7 @@ import typer
 
 from .config import ConfigError, load_params, parse_params
 from .io import ArtifactsBusy, DataError, DiskFull, exclusive
+from .labeling.projects import LabelingPending
 from .registry import STAGES, pipeline_specs, resolve, stage_specs
 from .report import format_table, key_metrics
 from .runner import run_stage
@@ -24,6 +25,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: build the built-in 
 app.add_typer(data_app, name="data")
 model_app = typer.Typer(no_args_is_help=True, help="Models: bring pretrained weights into a plain Hugging Face folder.")
 app.add_typer(model_app, name="model")
+label_app = typer.Typer(no_args_is_help=True, help="People in Label Studio: push ranking or demonstration tasks, see "
+                        "how far they are, pull what they did (the labeling section of params.yaml).")
+app.add_typer(label_app, name="label")
 champion_app = typer.Typer(no_args_is_help=True, help="The champion: the promoted version applications are served "
                            "(rounds.store: versions/ and the champion pointer).")
 app.add_typer(champion_app, name="champion")
@@ -32,10 +36,11 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("INSTRUCTFLOW_LOG", "INFO"), stream=sys.stderr,
+    """instructflow's own lines at $INSTRUCTFLOW_LOG (INFO); every other library's at WARNING unless
+    $INSTRUCTFLOW_LIBRARY_LOG asks for more (onnxscript alone logs some 190 INFO lines per export)."""
+    logging.basicConfig(level=os.environ.get("INSTRUCTFLOW_LIBRARY_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "great_expectations"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("instructflow").setLevel(os.environ.get("INSTRUCTFLOW_LOG", "INFO"))
 
 
 # What a configuration, a file or a model can get wrong: one clear line, no traceback
@@ -75,6 +80,9 @@ def _run(name: str, params_path: Path) -> dict:
     params = _load(params_path)
     try:
         result = run_stage(name, params)
+    except LabelingPending as wait:
+        typer.secho(f"stage {name}: {wait}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(LabelingPending.EXIT_CODE) from None
     except USER_ERRORS as err:
         _fail(f"stage {name}: {err}")
     if not result.get("main_process", True):
@@ -129,7 +137,8 @@ def data_import(
 def data_validate(
     path: Annotated[Path, typer.Argument(help="A JSONL file in instructflow's format.")],
     kind: Annotated[str, typer.Option(help="prompts | demonstrations | comparisons | pretrain")],
-    quarantine: Annotated[Path, typer.Option(help="Folder for the failing rows (<name>.quarantine.jsonl).")] = Path("artifacts/validate/quarantine"),
+    quarantine: Annotated[Path | None, typer.Option(help="Folder for the failing rows, <name>.quarantine.jsonl "
+                                                         "(default: beside the file).")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write the report as JSON here.")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -142,7 +151,7 @@ def data_validate(
         _fail(f"unknown kind '{kind}'; choose one of {', '.join(KINDS)}")
     try:
         cfg = load_params(params).validate_ if params.exists() else ValidateConfig()
-        result = validate_file(path, kind, cfg, quarantine)
+        result = validate_file(path, kind, cfg, quarantine or path.parent)
     except (ConfigError, DataError) as err:
         _fail(str(err))
     if report:
@@ -167,6 +176,91 @@ def model_import_gguf(
     except (FileNotFoundError, ValueError, OSError) as err:
         _fail(f"cannot import {src}: {err}")
     typer.echo(json.dumps(summary, indent=2))
+
+
+KindOpt = Annotated[str, typer.Option(help="ranking (rank K answers per prompt) | demonstration (write one)")]
+TitleOpt = Annotated[str, typer.Option("--project", help="The Label Studio project's title.")]
+
+
+def _labeling(fn, *args):
+    """A labeling call; Label Studio down, refusing or gone, a bad file or setting: one line."""
+    from .labeling.client import LabelStudioError
+
+    try:
+        return fn(*args)
+    except (LabelStudioError, ValueError, FileNotFoundError, DataError) as err:
+        _fail(str(err))
+
+
+def _kind(kind: str) -> str:
+    if kind not in ("ranking", "demonstration"):
+        _fail(f"--kind {kind!r}: ranking or demonstration")
+    return kind
+
+
+@label_app.command("push")
+def label_push(
+    project: TitleOpt, kind: KindOpt = "ranking",
+    prompts: Annotated[Path | None, typer.Option(help="A prompts JSONL (default: fresh prompts of the built-in "
+                                                      "suite).")] = None,
+    count: Annotated[int, typer.Option(min=1, help="Prompts to push (the first N of the file).")] = 20,
+    model: Annotated[str, typer.Option(help="Who answers, for ranking: champion, a stage (sft, ppo_ptx...) or a model "
+                                            "folder.")] = "champion",
+    seed: Annotated[int, typer.Option(help="Sampling and the responses' display order.")] = 0,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Push ranking tasks (K answers per prompt from a model) or demonstration tasks into a project it creates or reuses."""
+    from .labeling import commands
+
+    _setup_logging()
+    config = _load(params)
+    chosen = _labeling(commands.prompts_to_label, config, prompts, count, seed)
+    out = _labeling(commands.push, config, project, _kind(kind), chosen, model, seed)
+    typer.echo(f"{out['pushed']} new task(s), {out['already_there']} already there, in project {out['project']} "
+               f"'{project}': {out['url']}/projects/{out['project']}")
+
+
+@label_app.command("status")
+def label_status(project: TitleOpt, kind: KindOpt = "ranking", params: ParamsOpt = Path("params.yaml")) -> None:
+    """Tasks done in a project, and annotations per labeler."""
+    from .labeling import commands
+
+    typer.echo(json.dumps(_labeling(commands.status, _load(params), project, _kind(kind)), indent=2))
+
+
+@label_app.command("pull")
+def label_pull(
+    project: TitleOpt, out: Annotated[Path, typer.Option(help="The JSONL to write (comparisons or demonstrations).")],
+    kind: KindOpt = "ranking", params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Finished annotations as comparisons or demonstrations (with labeler ids), checked by Great Expectations;
+    what was left out and why, agreement and each labeler's known-answer accuracy in OUT.report.json."""
+    from .labeling import commands
+
+    _setup_logging()
+    result, checked = _labeling(commands.pull, _load(params), project, _kind(kind), out)
+    typer.echo(f"{len(result.comparisons) + len(result.demonstrations)} record(s) to {out} ({result.new_annotations} new "
+               f"annotation(s)); {len(result.problems)} left out, listed in {out.with_suffix('.report.json')}")
+    for problem in result.problems[:10]:
+        typer.echo(f"  task {problem.task}, annotation {problem.annotation}: {problem.reason}")
+    if not checked.ok:
+        typer.echo(checked.summary(), err=True)
+        raise typer.Exit(1)
+
+
+@label_app.command("simulate")
+def label_simulate(
+    project: TitleOpt, seed: Annotated[int, typer.Option(help="The seed of the simulated labelers' draws (a round's: "
+                                                              "project.seed + 1000 x round).")] = 0,
+    extra: Annotated[int, typer.Option(min=0, help="More labelers per task (agreement).")] = 0,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """The built-in suite's labelers rank a project's open tasks as people would, each with an account of their own."""
+    from .labeling import commands
+
+    _setup_logging()
+    done = _labeling(commands.simulate, _load(params), project, seed, extra)
+    typer.echo(json.dumps({"annotations": done}, indent=2))
 
 
 @app.command("dvc-yaml")
@@ -196,7 +290,8 @@ def plan(
     device_gb: Annotated[float, typer.Option(help="Memory per device, GB.")] = 80.0,
     model: Annotated[str, typer.Option(help="Another model: a folder, a hub id or one of "
                                             "smollm2-135m, llama-3.2-1b, llama-3.1-8b, llama-3.1-70b.")] = "",
-    table: Annotated[bool, typer.Option(help="The docs' table instead: 135M, 1B, 8B and 70B on 1x, 8x and 2x8x devices.")] = False,
+    table: Annotated[bool, typer.Option(help="The docs' table instead: 135M, 1B, 8B and 70B on 1, --devices and 2 x "
+                                             "--devices devices of --device-gb GB.")] = False,
 ) -> None:
     """Predict each training stage's memory per device under DDP, FSDP2, FSDP2 + LoRA and FSDP2 with CPU offload (instructflow/lm/memory.py)."""
     from .lm.memory import plan_rows, shape_of_params, workloads
@@ -204,7 +299,7 @@ def plan(
     config = _load(params)
     try:
         if table:
-            typer.echo(_plan_table(config, device_gb))
+            typer.echo(_plan_table(config, devices, device_gb))
             return
         shape = shape_of_params(config, model)
     except (OSError, ValueError) as err:
@@ -216,22 +311,32 @@ def plan(
     typer.echo("Rows at max_len; the runtime (CUDA context, or the interpreter on CPU) comes on top.")
 
 
-def _plan_table(config, device_gb: float) -> str:
+def _plan_table(config, devices: int, device_gb: float) -> str:
+    """Every preset model on 1, `devices` and 2 x `devices` devices of `device_gb` GB: each model with the
+    workload this params file gives it (a pretrained model's defaults applied, as a run would)."""
     from .lm.memory import PRESETS, STRATEGIES, Shape, predict, workloads
 
-    clusters = {"1x80GB": 1, "8x80GB": 8, "2x8x80GB": 16}
-    head = ["model", "stage", "strategy", *[f"{c} (GB/device)" for c in clusters]]
+    counts = sorted({1, devices, 2 * devices})
+    head = ["model", "stage", "strategy", *[f"{n}x{device_gb:g}GB (GB/device)" for n in counts]]
     rows = []
     for name in PRESETS:
-        shape = Shape.preset(name)
+        shape, own = Shape.preset(name), model_params(config, name)
         for stage in ("sft", "reward", "ppo"):
             for strategy in STRATEGIES:
                 cells = []
-                for n in clusters.values():
-                    gb = predict(shape, workloads(config, n)[stage], strategy, n)["total"] / 1024
+                for n in counts:
+                    gb = predict(shape, workloads(own, n)[stage], strategy, n)["total"] / 1024
                     cells.append(f"{gb:,.1f}" + ("" if gb <= device_gb else " (no)"))
                 rows.append([name, stage, strategy, *cells])
     return format_table(head, rows, markdown=True)
+
+
+def model_params(config, model: str):
+    """A pretrained `model`'s own workload: the stages' defaults for a pretrained model
+    (configs/presets/pretrained.yaml), with this file's precision, checkpointing and data (its K)."""
+    raw = config.model_dump(mode="json", by_alias=True, include={"model", "data"})
+    raw["model"] = {k: v for k, v in raw["model"].items() if k != "tiny"} | {"name_or_path": model}
+    return parse_params(raw, f"params for {model}")
 
 
 @app.command()
@@ -425,6 +530,9 @@ def run(
                     tables.append(resolve(STAGES[name].table)(result["metrics"]))
     except ArtifactsBusy as err:
         _fail(str(err))
+    except LabelingPending as wait:
+        typer.secho(f"stage {name}: {wait}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(LabelingPending.EXIT_CODE) from None
     except USER_ERRORS as err:
         _fail(f"stage {name}: {err}")
     typer.echo("\n" + format_table(["stage", "seconds", "key metrics"], rows))

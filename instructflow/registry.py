@@ -337,10 +337,12 @@ def _overoptimization(params: Params, paths: Paths) -> IO:
 
 # ---- rounds of on-policy feedback (`make round`: flows/rounds.py, instructflow/rounds/)
 def rounds_on(params: Params) -> bool:
-    return params.rounds.enabled and builtin_data(params)
+    people = params.rounds.ranker == "label_studio"
+    return params.rounds.enabled and (builtin_data(params) or (people and gold_judge(params)))
 
 
-ROUNDS_NEED = "rounds.enabled and data.source: builtin (its training labelers rank the new answers)"
+ROUNDS_NEED = ("rounds.enabled, and data.source: builtin (its labelers rank, its held-out labeler judges), or your data "
+               "with rounds.ranker: label_studio (people rank) and data.gold_fraction > 0 (a gold RM judges)")
 
 
 def _round_stage(name: str, help: str, sections: tuple[str, ...], headline: tuple[str, ...] = (), fn: str = ""):
@@ -358,8 +360,10 @@ def _round_champion(params: Params, paths: Paths) -> IO:
 @_round_stage("round_feedback", "K answers per new prompt from the champion, ranked, validated, added to every round's data.",
               ("project", "model", "data", "collect", "validate"), headline=("comparisons_added", "sample_quality_heldout_labeler"))
 def _round_feedback(params: Params, paths: Paths) -> IO:
-    return IO(deps={"ticket": params.rounds.ticket, "policy": paths("round_champion", "policy"), **paths.data("eval_prompts")},
-              outs={"feedback": paths("round_feedback", "feedback")}, persist=("feedback",))
+    return IO(deps={"ticket": params.rounds.ticket, "policy": paths("round_champion", "policy"),
+                    **paths.data("eval_prompts", "ppo_prompts")},
+              outs={"feedback": paths("round_feedback", "feedback")}, persist=("feedback",),
+              reports={"labeling": paths("round_feedback", "labeling.json")})
 
 
 @_round_stage("round_reward", "The RM retrained from SFT on collect's and every round's comparisons.",

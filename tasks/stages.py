@@ -30,6 +30,7 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from instructflow.config import Params
+from instructflow.labeling.projects import LabelingPending
 from instructflow.registry import RunKey, run_key, spec
 from instructflow.runner import RUN_KEY_ENV, outputs_current, run_stage
 
@@ -75,6 +76,8 @@ def stage_process_task(stage: str, params_path: str, params: Params, key: RunKey
     print(f"{stage}: own process{'es' if processes > 1 else ''} ({processes}), {threads} thread(s) each, log {log_path}")
     with log_path.open("w") as fh:
         proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=params.orchestrate.stage_timeout_s)
+    if proc.returncode == LabelingPending.EXIT_CODE:  # the stage waits for people: not a failure to retry
+        raise LabelingPending(log_path.read_text().strip().splitlines()[-1])
     if proc.returncode:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")

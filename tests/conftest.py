@@ -153,3 +153,56 @@ class FlakyProxy:
     def close(self) -> None:
         self._stop = True
         self.sock.close()
+
+
+# --------------------------------------------------------------------------- Label Studio (its own venv)
+LS_VENV = ROOT / ".venv-labelstudio"
+
+
+class LabelStudioServer:
+    """A real Label Studio (infra/label-studio/run.sh, SQLite in a temporary folder) on a free port:
+    `stop()` and `start()` again keep its data (a restart)."""
+
+    def __init__(self, data: Path):
+        import secrets
+
+        self.data, self.port = data, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key, self.password = secrets.token_hex(20), secrets.token_urlsafe(12)
+        self.proc = None
+
+    def env(self) -> dict:
+        return {**os.environ, "LABEL_STUDIO_API_KEY": self.key, "LABEL_STUDIO_PASSWORD": self.password,
+                "LABEL_STUDIO_PORT": str(self.port), "LABEL_STUDIO_DATA": str(self.data),
+                "LABEL_STUDIO_VENV": str(LS_VENV), "DJANGO_SUPERUSER_PASSWORD": self.password}
+
+    def start(self, timeout: float = 240) -> None:
+        import subprocess
+
+        self.log = (self.data / "server.log").open("a")
+        self.proc = subprocess.Popen([str(ROOT / "infra/label-studio/run.sh")], env=self.env(), stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(self.url + "/health", timeout, self.proc)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except Exception:  # noqa: BLE001
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One Label Studio for the test session (it takes tens of seconds to start)."""
+    if not (LS_VENV / "bin" / "label-studio").exists():
+        pytest.skip(f"no Label Studio at {LS_VENV}: `make label-studio-env` creates it (make test does)")
+    server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"))
+    server.start()
+    yield server
+    server.stop()

@@ -119,7 +119,7 @@ def test_simulated_labelers_rank_behind_the_ranker_interface():
     comps = ranker.rank(prompts, [["apple", "a pear", "no idea"]] * 4)
     assert [c.id for c in comps] == [x.id for x in prompts] and all(c.id.startswith("round007-") for c in comps)
     assert all(sorted(c.ranking) == [0, 1, 2] and c.labeler in {"ada", "bo", "cy", "di", "eli"} for c in comps)
-    with pytest.raises(ValueError, match="rounds need someone to rank"):
+    with pytest.raises(ValueError, match="ranked by people: set rounds.ranker: label_studio"):
         make_ranker(Params.model_validate({"data": {"source": "files", "demonstrations": "d.jsonl"}}), 0)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import statistics
 import time
@@ -34,7 +35,6 @@ from ..config import Params
 from ..context import StageContext
 from ..data.formats import Prompt
 from ..io import content_hash, read_jsonl, swap_in, write_json
-from ..registry import output
 
 log = logging.getLogger(__name__)
 
@@ -109,35 +109,19 @@ def round_files(folder: Path) -> list[Path]:
 
 
 def run_round_feedback(ctx: StageContext) -> dict:
-    """K distinct answers per new prompt from the champion, ranked, validated, then added to the
-    dataset of all rounds (artifacts/round_feedback/feedback/round_NNN.jsonl)."""
-    from ..data.suite.build import fresh_prompts
-    from ..data.suite.labelers import Labeler
+    """K distinct answers per new prompt from the champion, ranked (simulated labelers, or people in Label
+    Studio), validated, then added to the dataset of all rounds (artifacts/round_feedback/feedback/round_NNN.jsonl)."""
     from ..data.validate import ValidationFailed, validate_file
-    from ..lm.generation import generate
-    from ..lm.modeling import load_causal_lm
-    from ..lm.training import autocast
-    from ..stages.collect import distinct_first
-    from .ranking import make_ranker
 
-    params, cfg = ctx.params, ctx.params.collect
+    params = ctx.params
     ticket = read_ticket(params)
     n, seed = ticket["round"], params.project.seed + 1000 * ticket["round"]
     folder = ctx.output("feedback")
     folder.mkdir(parents=True, exist_ok=True)
-    eval_texts = {p.prompt for p in read_jsonl(ctx.input("eval_prompts"), Prompt)}
-    prompts = fresh_prompts(params.data, seed, params.rounds.prompts, f"round{n:03d}", exclude=eval_texts)
-    model, tok = load_causal_lm(ctx.input("policy"), params.model.dtype)
-    with ctx.phase("sample"), autocast(params.model.mixed_precision, next(model.parameters()).device):
-        samples = generate(model, tok, [p.prompt for p in prompts], max_new_tokens=cfg.max_new_tokens,
-                           num_samples=cfg.candidates, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed)
-    # U+FFFD is what decoding makes of a token sequence cut inside a UTF-8 character: no ranker can read it
-    samples = [[a.replace("\ufffd", "") for a in row] for row in samples]
-    kept = [(p, distinct_first(s, cfg.k)) for p, s in zip(prompts, samples)]
-    kept = [(p, r) for p, r in kept if len(r) >= 2]
+    prompts = round_prompts(ctx, n, seed)
+    kept = champion_answers(ctx, prompts, seed)
     with ctx.phase("rank"):
-        ranker = make_ranker(params, seed)
-        comparisons = ranker.rank([p for p, _ in kept], [r for _, r in kept])
+        ranker, comparisons = rank_answers(ctx, n, seed, kept)
     incoming = ctx.folder / "incoming" / f"round_{n:03d}.jsonl"
     incoming.parent.mkdir(exist_ok=True)
     incoming.write_text("".join(c.model_dump_json(exclude_none=True) + "\n" for c in comparisons))
@@ -155,8 +139,6 @@ def run_round_feedback(ctx: StageContext) -> dict:
     for later in round_files(folder):  # a round run again from an older commit: the later rounds are not in its dataset
         if int(later.stem.split("_")[1]) > n:
             later.unlink()
-    heldout = Labeler(next(lab for lab in params.data.labelers if lab.heldout))
-    quality = [heldout.latent(c.meta, r) for c in comparisons for r in c.responses]
     metrics = {"round": n, "champion": ticket["champion"], "ranker": ranker.name, "comparisons_added": len(comparisons),
                "rejected_by_validation": len(bad),
                "skipped_prompts": len(prompts) - len(comparisons),
@@ -164,9 +146,92 @@ def run_round_feedback(ctx: StageContext) -> dict:
                "comparisons_all_rounds": sum(1 for f in round_files(folder) for line in f.open() if line.strip()),
                "rounds_in_dataset": len(round_files(folder)),
                # how good the champion's samples are by the held-out labeler: it rises as champions improve
-               "sample_quality_heldout_labeler": round(statistics.fmean(quality), 4) if quality else None}
+               "sample_quality_heldout_labeler": heldout_quality(params, comparisons),
+               **labeling_figures(getattr(ranker, "report", {}))}
     log.info("round_feedback: %s", metrics)
     return metrics
+
+
+def round_prompts(ctx: StageContext, n: int, seed: int) -> list[Prompt]:
+    """rounds.prompts new prompts for round n: fresh ones from the built-in suite (none of the evaluation's),
+    or with your data, round n's share of data.ppo_prompts in a seeded order (no prompt twice in
+    len(ppo_prompts) / rounds.prompts rounds)."""
+    params, count = ctx.params, ctx.params.rounds.prompts
+    eval_texts = {p.prompt for p in read_jsonl(ctx.input("eval_prompts"), Prompt)}
+    if params.data.source == "builtin":
+        from ..data.suite.build import fresh_prompts
+
+        return fresh_prompts(params.data, seed, count, f"round{n:03d}", exclude=eval_texts)
+    pool = [p for p in read_jsonl(ctx.input("ppo_prompts"), Prompt) if p.prompt not in eval_texts]
+    random.Random(params.project.seed).shuffle(pool)
+    start = ((n - 1) * count) % max(len(pool), 1)
+    return [p.model_copy(update={"id": f"round{n:03d}-{p.id}"}) for p in (pool[start:] + pool[:start])[:count]]
+
+
+def champion_answers(ctx: StageContext, prompts: list[Prompt], seed: int) -> list[tuple[Prompt, list[str]]]:
+    """The champion's K answers to each prompt (`answers`)."""
+    with ctx.phase("sample"):
+        return answers(ctx.params, ctx.input("policy"), prompts, seed)
+
+
+def answers(params: Params, model_dir: Path, prompts: list[Prompt], seed: int) -> list[tuple[Prompt, list[str]]]:
+    """The first collect.k distinct answers of the model to each prompt, sampled as collect samples (prompts
+    with fewer than two left out)."""
+    from ..lm.generation import generate
+    from ..lm.modeling import load_causal_lm
+    from ..lm.training import autocast
+    from ..stages.collect import distinct_first
+
+    cfg = params.collect
+    model, tok = load_causal_lm(model_dir, params.model.dtype)
+    with autocast(params.model.mixed_precision, next(model.parameters()).device):
+        samples = generate(model, tok, [p.prompt for p in prompts], max_new_tokens=cfg.max_new_tokens,
+                           num_samples=cfg.candidates, temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed)
+    # U+FFFD is what decoding makes of a token sequence cut inside a UTF-8 character: no ranker can read it
+    samples = [[a.replace("\ufffd", "") for a in row] for row in samples]
+    kept = [(p, distinct_first(s, cfg.k)) for p, s in zip(prompts, samples)]
+    return [(p, r) for p, r in kept if len(r) >= 2]
+
+
+def rank_answers(ctx: StageContext, n: int, seed: int, kept: list[tuple[Prompt, list[str]]]):
+    """(the ranker, its comparisons); with people, the labeling report (agreement, known-answer accuracy per
+    labeler, what was left out and why) goes to the stage's `labeling` report."""
+    from .ranking import make_ranker
+
+    ranker = make_ranker(ctx.params, seed, round_project_title(ctx.params, n), ctx.folder / "labeling" / f"round_{n:03d}.json")
+    comparisons = ranker.rank([p for p, _ in kept], [r for _, r in kept])
+    write_json(ctx.output("labeling"), {"round": n, "ranker": ranker.name, **getattr(ranker, "report", {})})
+    return ranker, comparisons
+
+
+def round_project_title(params: Params, n: int) -> str:
+    """The Label Studio project of round n's rankings."""
+    return f"{params.labeling.project_prefix} round {n:03d}: rank the answers"
+
+
+def heldout_quality(params: Params, comparisons: list) -> float | None:
+    """How good the champion's samples are by the built-in suite's held-out labeler (None with your data)."""
+    if params.data.source != "builtin":
+        return None
+    from ..data.suite.labelers import Labeler
+
+    heldout = Labeler(next(lab for lab in params.data.labelers if lab.heldout))
+    quality = [heldout.latent(c.meta, r) for c in comparisons for r in c.responses]
+    return round(statistics.fmean(quality), 4) if quality else None
+
+
+LABELING_FIGURES = ("labeling_annotations", "labeling_left_out", "labeler_agreement", "labelers_below_known_accuracy",
+                    "labelers_held_out")
+
+
+def labeling_figures(report: dict) -> dict:
+    """The labeling report's headline figures, for the round's metrics and ledger."""
+    q = report.get("quality") or {}
+    if not report:
+        return {}
+    return {"labeling_annotations": report.get("annotations"), "labeling_left_out": len(report.get("problems", [])),
+            "labeler_agreement": q.get("agreement"), "labelers_below_known_accuracy": q.get("below_min_known_accuracy"),
+            "labelers_held_out": q.get("held_out")}
 
 
 def run_round_reward(ctx: StageContext) -> dict | None:
@@ -208,6 +273,7 @@ def compare_versions(params: Params, a: str, b: str, cache: Path) -> dict:
     """Version `a` against version `b` of the store ("sft": the pipeline's SFT model) by the judge, on the
     gate's prompts: a's win rate with its 95% interval (e.g. round 3's champion against round 1's)."""
     from ..lm.training import setup_runtime
+    from ..registry import output
     from ..stages.evaluate import make_judge, win_rates
     from .champion import fetch_version
 
@@ -261,6 +327,7 @@ def run_round_gate(ctx: StageContext) -> dict:
               "promote": promote, "reason": reason, "gate_min_lower": bar,
               "comparisons_added": fed["comparisons_added"], "comparisons_all_rounds": fed["comparisons_all_rounds"],
               "sample_quality_heldout_labeler": fed["sample_quality_heldout_labeler"],
+              "labeling": {k: fed[k] for k in LABELING_FIGURES if k in fed},
               "rm_val_accuracy": learned.get("val_accuracy"),
               "rm_heldout_labeler_accuracy": learned.get("heldout_labeler_accuracy"),
               "challenger_sha256": content_hash(models["challenger"])}
@@ -272,6 +339,7 @@ def run_round_gate(ctx: StageContext) -> dict:
 def finish_round(params: Params) -> dict:
     """Promote the challenger when the gate said so (once: a rerun finds it promoted), then
     write the round's line of the ledger; returns it."""
+    from ..registry import output
     from ..serving.storage import open_store
     from .champion import promote, read_pointer
 
@@ -294,6 +362,7 @@ def finish_round(params: Params) -> dict:
              "comparisons_added": report["comparisons_added"], "comparisons_all_rounds": report["comparisons_all_rounds"],
              "rm_val_accuracy": report["rm_val_accuracy"], "rm_heldout_labeler_accuracy": report["rm_heldout_labeler_accuracy"],
              "sample_quality_heldout_labeler": report["sample_quality_heldout_labeler"],
+             "labeling": report.get("labeling") or {},
              "challenger_vs_champion": report["challenger_vs_champion"], "challenger_vs_sft": report["challenger_vs_sft"],
              "champion_after_vs_sft": vs_sft, "judge": report["judge"], "gate_prompts": report["prompts"],
              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -387,11 +387,9 @@ def load_run(ctx: StageContext, ptx: bool, ensemble: bool) -> tuple[PPORun, int]
     init = ctx.input("init") if ctx.has_input("init") else ctx.input("sft")
     with ctx.phase("load"):
         policy, tok = load_causal_lm(init, params.model.dtype)
-        if cfg.lora.r and init != ctx.input("sft"):
-            raise ValueError(f"{ctx.name}: with LoRA the reference is the policy with its adapters off, so the policy must "
-                             f"start from the reference ({ctx.input('sft')}), not from {init}")
-        # with LoRA the reference is the policy with its adapters off: no second copy
-        ref = None if cfg.lora.r else load_causal_lm(ctx.input("sft"), params.model.dtype)[0]
+        # the reference is SFT. With LoRA on a policy that starts from SFT, that is the policy with its adapters
+        # off (no second copy); a round's champion (SFT plus merged adapters) needs SFT loaded beside it
+        ref = None if cfg.lora.r and init == ctx.input("sft") else load_causal_lm(ctx.input("sft"), params.model.dtype)[0]
         rm = load_ensemble(ctx, acc.device) if ensemble else load_reward_model(ctx.input("reward_model"), params.model.dtype)[0]
         value_seq_cls, _ = load_reward_model(ctx.input("reward_model"), params.model.dtype)
         for m in (ref, rm):
