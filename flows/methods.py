@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import Run, checked_params, record_run, run_stages
+from flows.stopping import stopped_cleanly
 from instructflow.config import ConfigError, load_params
 from instructflow.io import exclusive, write_json
 from instructflow.registry import group_specs, stage_specs
@@ -77,7 +78,8 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     checked_params(args.params, check_comparable)
-    result = methods(params=args.params)
+    with stopped_cleanly():
+        result = methods(params=args.params)
     print(result["summary"])
     print(f"methods finished in {time.perf_counter() - t0:.1f} s (process, Prefect start-up included); flow {result['wall_s']} s")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.stopping import stopped_cleanly
 from instructflow.config import ConfigError, Params, load_params
 from instructflow.io import ArtifactsBusy, exclusive, write_json
 from instructflow.registry import STAGES, StageSpec, pipeline_specs, resolve, stage_specs, stage_waves
@@ -165,7 +166,8 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     checked_params(args.params)
-    run = pipeline(params=args.params, stages=[s for s in args.stages.split(",") if s] or None)
+    with stopped_cleanly():
+        run = pipeline(params=args.params, stages=[s for s in args.stages.split(",") if s] or None)
     config = load_params(args.params)
     for r in run["stages"]:
         if STAGES[r["stage"]].table:

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import Run, checked_params, record_run, run_stages
+from flows.stopping import stopped_cleanly
 from instructflow.config import ConfigError, load_params
 from instructflow.dvcfile import pipeline_file
 from instructflow.io import exclusive
@@ -117,7 +118,8 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     config = checked_params(args.params, check_rounds)
-    entry = round_flow(params=args.params)
+    with stopped_cleanly():
+        entry = round_flow(params=args.params)
     if "waiting" in entry:
         print(f"round {entry['round']} is waiting: {entry['waiting']}\nRun `make round` again when they are done "
               "(the label-watch deployment resumes a scheduled round by itself).")

@@ -282,10 +282,15 @@ stage("ppo_ensemble", "stages.ppo:run_ppo_ensemble", "PPO against the RM ensembl
 
 
 def judge_deps(params: Params, paths: Paths) -> Named:
-    """What the judge reads: the labelers' agreement (built-in suite), or the gold RM and its result."""
+    """What the judge reads: the labelers' agreement (built-in suite), or the gold RM and its result; and the
+    held-out comparisons its own accuracy is measured on (the held-out labeler's rankings beside the training
+    labelers' of the same responses; the gold RM: the validation comparisons)."""
     if builtin_data(params):
-        return {"agreement": paths("collect", "agreement.json")}
-    return {"gold_reward_model": paths.model("gold_reward"), "gold_reward_result": paths("gold_reward", "result.json")}
+        val = comparison_files(params, paths)
+        return {"agreement": paths("collect", "agreement.json"), "judge_val": val["comparisons_val"],
+                "judge_val_heldout": val["comparisons_val_heldout"]}
+    return {"gold_reward_model": paths.model("gold_reward"), "gold_reward_result": paths("gold_reward", "result.json"),
+            **{"judge_val": p for p in paths.data("comparisons_val").values()}}
 
 
 def _judged_deps(params: Params, paths: Paths) -> Named:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from instructflow.config import Params
@@ -74,14 +76,35 @@ def stage_process_task(stage: str, params_path: str, params: Params, key: RunKey
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
            RUN_KEY_ENV: json.dumps({"stage": stage, **asdict(key)})}
     print(f"{stage}: own process{'es' if processes > 1 else ''} ({processes}), {threads} thread(s) each, log {log_path}")
-    with log_path.open("w") as fh:
-        proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=params.orchestrate.stage_timeout_s)
+    proc = run_logged(argv, env, log_path, params.orchestrate.stage_timeout_s)
     if proc.returncode == LabelingPending.EXIT_CODE:  # the stage waits for people: not a failure to retry
         raise LabelingPending(log_path.read_text().strip().splitlines()[-1])
     if proc.returncode:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
     return summary(json.loads(Path(s.result).read_text()))
+
+
+PROGRESS = re.compile(r" INFO instructflow\S*: .* \(\d+%, ")  # LoopLog.say's line: "sft step 50/510 (9%, ..."
+
+
+def run_logged(argv: list[str], env: dict, log_path: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run a stage process with its output in `log_path`; its progress lines (steps done, seconds per step,
+    time left) go to the Prefect run's log too, so the run shows how far a long stage is."""
+    logger = get_run_logger()
+    with log_path.open("w") as fh, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                                    text=True, errors="replace") as proc:
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                if PROGRESS.search(line):
+                    logger.info(line.split(": ", 1)[-1].rstrip())
+        finally:
+            timer.cancel()
+        proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode)
 
 
 def _free_port() -> int:

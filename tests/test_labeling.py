@@ -212,7 +212,7 @@ def test_a_round_ranked_through_label_studio_gives_the_direct_paths_comparisons_
                          "max_rejected_share": 1.0,
                          "ranker": "label_studio"},
               "orchestrate": {"version_with_dvc": False, "concurrent_stages": False},
-              "labeling": {"url": label_studio.url, "retry_seconds": 60}}
+              "labeling": {"url": label_studio.url, "retry_seconds": 60, "known_share": 0.25, "min_known_tasks": 1}}
     people = tmp_path / "people"
     people.mkdir()
     (people / "params.yaml").write_text(yaml.safe_dump(params))
@@ -229,7 +229,7 @@ def test_a_round_ranked_through_label_studio_gives_the_direct_paths_comparisons_
     _cli(direct, env, "run", "--stages", round_stages)
 
     title = "instructflow round 001: rank the answers"
-    _cli(people, env, "label", "simulate", "--project", title, "--seed", "1000")  # project.seed + 1000 x round
+    _cli(people, env, "label", "simulate", "--project", title, "--seed", "1000", "--extra", "1")  # seed + 1000 x round
     _cli(people, env, "run", "--stages", round_stages)
     feedback = "artifacts/round_feedback/feedback/round_001.jsonl"
     assert (people / feedback).read_bytes() == (direct / feedback).read_bytes()
@@ -238,6 +238,10 @@ def test_a_round_ranked_through_label_studio_gives_the_direct_paths_comparisons_
     assert gate[0]["promote"] == gate[1]["promote"] and gate[0]["challenger_vs_champion"] == gate[1]["challenger_vs_champion"]
     labeling = json.loads((people / "artifacts/round_feedback/labeling.json").read_text())
     assert labeling["ranker"] == "people in Label Studio" and labeling["problems"] == []
+    quality = labeling["quality"]  # every task ranked twice: agreement; 3 known-answer tasks score who did them
+    assert quality["tasks_with_several_rankings"] >= 8 and 0 <= quality["agreement"] <= 1
+    assert sum(p["known_answer_tasks"] for p in quality["labelers"].values()) == 3
+    assert gate[0]["labeling"]["labeler_agreement"] == quality["agreement"]
 
 
 def drag(page, item, column) -> None:

@@ -7,9 +7,12 @@ tests below in order: Prefect run with a storage fault, cached rerun, a PPO
 change, `dvc pull` into a fresh clone, `dvc repro` in another."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -246,6 +249,42 @@ def test_second_run_is_all_cached_and_a_ppo_change_reruns_only_what_follows(proj
     assert ran == {"ppo", "ppo_ptx", "eval", "export"}, states(rec)
     assert (project / "artifacts/export/rm/manifest.json").exists()
     run([*GIT, "checkout", "params.yaml"], project)
+
+
+def test_sigterm_stops_the_run_its_stage_processes_and_its_server_and_frees_the_lock(project, env, tmp_path):
+    """What systemd or a supervisor sends: SIGTERM while PPO and PPO-ptx run in their own processes. The run
+    ends (exit 143) within seconds, and no process it started is left: not the stages, not the temporary
+    Prefect server; the artifacts folder can be locked again."""
+    from flows.stopping import _alive, descendants
+    from instructflow.io import exclusive
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ppo"]["lr"] = 2e-4  # PPO and PPO-ptx run again, side by side, each in a process of its own
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with (tmp_path / "run.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"], cwd=project,
+                                env={**os.environ, **env, "INSTRUCTFLOW_LOG": "INFO"}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        # the stage processes' progress lines reach the run's log (Prefect's), steps done and time left
+        while not re.search(r"ppo(_ptx)? iteration 1/3 \(33%, [0-9.]+ s/iteration, \d+m\d+s left\)",
+                            (tmp_path / "run.log").read_text()):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.5)
+        started_by_run = descendants(proc.pid)
+        assert len(started_by_run) >= 3  # the server and the two stage processes (and what they started)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        run([*GIT, "checkout", "params.yaml"], project)
+    time.sleep(1)
+    assert [p for p in started_by_run if _alive(p)] == []  # (a zombie that init has not reaped yet is not alive)
+    assert "SIGTERM: stopping the run's stages and its server" in (tmp_path / "run.log").read_text()
+    with exclusive(project / "artifacts", "the test"):
+        pass
 
 
 def test_dvc_pull_into_a_fresh_clone_restores_every_output(project, env, tmp_path):

@@ -676,3 +676,19 @@ def test_serve_refuses_a_missing_params_file_an_invalid_override_and_no_keys(exp
     (tmp_path / "params.yaml").write_text("serve:\n  api_keys_file: keys.txt\n")
     out = run(app, ["serve", "--model", str(folder)])
     assert out.exit_code == 2 and "serve.api_keys_file: keys.txt not found" in out.output
+
+
+def test_the_readmes_curl_scores_against_a_real_server(server):
+    """The README's curl, as a user copies it, against a running server (its key and address swapped in)."""
+    import re
+    import shlex
+
+    from conftest import ROOT
+
+    block = re.search(r"curl -s localhost:8000/v1/score.*?'\n", (ROOT / "README.md").read_text(), flags=re.S).group(0)
+    words = shlex.split(block.replace("\\\n", " "))
+    words = [w.replace("localhost:8000", server.removeprefix("http://")).replace("Bearer my-key", f"Bearer {KEY}")
+             for w in words]
+    out = subprocess.run(words, capture_output=True, text=True, timeout=60)
+    reply = json.loads(out.stdout)
+    assert out.returncode == 0 and len(reply["scores"]) == 1 and reply["model_version"]

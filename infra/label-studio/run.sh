@@ -6,7 +6,7 @@
 # Both are read from the environment and handed to Label Studio the same way: never on a command
 # line (which `ps` shows), never in params.yaml, logs or artifacts.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "${LABEL_STUDIO_WORKDIR:-$(dirname "$0")/../..}"
 : "${LABEL_STUDIO_API_KEY:?set LABEL_STUDIO_API_KEY (see infra/label-studio/run.sh)}"
 : "${LABEL_STUDIO_PASSWORD:?set LABEL_STUDIO_PASSWORD (the admin password for the web page)}"
 export LABEL_STUDIO_USERNAME="${LABEL_STUDIO_USERNAME:-admin@instructflow.local}"

@@ -294,7 +294,7 @@ def compare_versions(params: Params, a: str, b: str, cache: Path) -> dict:
 def run_round_gate(ctx: StageContext) -> dict:
     """Challenger, champion and SFT answer the same held-out prompts (the eval stage's sampling);
     the judge compares them. The decision and its reason go to artifacts/round_gate/report.json."""
-    from ..stages.evaluate import stage_judge, win_rates
+    from ..stages.evaluate import judge_accuracy, stage_judge, win_rates
 
     params = ctx.params
     ticket = read_ticket(params)
@@ -314,13 +314,16 @@ def run_round_gate(ctx: StageContext) -> dict:
     vs_champion, vs_sft = versus("challenger", "champion"), versus("challenger", "sft")
     lower, bar = vs_champion["ci95"][0], params.rounds.gate_min_lower
     promote = lower > bar
+    accuracy = judge_accuracy(ctx, judge, params.eval.bootstrap, params.project.seed + 7)
     measured = (f"the challenger's win rate over the champion ({ticket['champion']}) is {vs_champion['win_rate']:.3f}, "
-                f"95% CI [{lower:.3f}, {vs_champion['ci95'][1]:.3f}]")
+                f"95% CI [{lower:.3f}, {vs_champion['ci95'][1]:.3f}], by a judge that orders held-out comparisons as "
+                f"people do {accuracy['accuracy']:.3f} of the time [{accuracy['ci95'][0]:.3f}, {accuracy['ci95'][1]:.3f}]")
     reason = (f"promoted: {measured}; its lower end is above {bar}" if promote else
               f"not promoted: {measured}; its lower end is not above {bar}, so the champion stays")
     learned = json.loads(ctx.input("reward_result").read_text())["metrics"]
     fed = json.loads(ctx.input("feedback_result").read_text())["metrics"]
     report = {"round": ticket["round"], "champion": ticket["champion"], "judge": judge.name, "prompts": len(prompts),
+              "judge_accuracy": accuracy,
               "challenger_vs_champion": vs_champion, "challenger_vs_sft": vs_sft,
               "champion_vs_sft": versus("champion", "sft") if ticket["champion"] != SFT else None,
               "judge_score": {k: round(statistics.fmean(v), 4) for k, v in values.items()},
@@ -365,6 +368,7 @@ def finish_round(params: Params) -> dict:
              "labeling": report.get("labeling") or {},
              "challenger_vs_champion": report["challenger_vs_champion"], "challenger_vs_sft": report["challenger_vs_sft"],
              "champion_after_vs_sft": vs_sft, "judge": report["judge"], "gate_prompts": report["prompts"],
+             "judge_accuracy": report.get("judge_accuracy"),
              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     append_ledger(params, entry)
     return entry
@@ -376,12 +380,16 @@ def ledger_markdown(rows: list[dict]) -> str:
             return "-"
         return f"{x['win_rate']:.3f}" + (f" [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]" if x.get("ci95") else "")
 
+    def acc(x: dict | None) -> str:
+        return f"{x['accuracy']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]" if x else "-"
+
     lines = ["| round | champion before | comparisons added (all rounds) | RM val acc | RM held-out acc | challenger vs "
-             "champion | challenger vs SFT | decision | champion after vs SFT |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "champion | challenger vs SFT | judge's accuracy | decision | champion after vs SFT |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         decision = f"promoted {r['champion_after']}" if r["promoted"] else f"kept {r['champion_after']}"
         lines.append(f"| {r['round']} | {r['champion_before']} | {r['comparisons_added']} ({r['comparisons_all_rounds']}) | "
                      f"{r['rm_val_accuracy']} | {r['rm_heldout_labeler_accuracy']} | {wr(r['challenger_vs_champion'])} | "
-                     f"{wr(r['challenger_vs_sft'])} | {decision} | {wr(r['champion_after_vs_sft'])} |")
+                     f"{wr(r['challenger_vs_sft'])} | {acc(r.get('judge_accuracy'))} | {decision} | "
+                     f"{wr(r['champion_after_vs_sft'])} |")
     return "\n".join(lines) + "\n"

@@ -83,12 +83,14 @@ def run_compare(ctx: StageContext) -> dict:
         values["best_of_n"] = evaluation.judge.values(evaluation.prompts, answers["best_of_n"])
         new["best_of_n"] = evaluation.measure(answers["best_of_n"], values["best_of_n"], [r["tokens"][i] for r, i in picked],
                                               [r["ended"][i] for r, i in picked], kl_to_sft=best_of_n_kl(params.best_of_n.n))
+    start_values = [r["values"]["base_fewshot"] for r in rows] if "base_fewshot" in rows[0]["values"] else None
     finish_measures(params, evaluation.judge, evaluation.prompts, new, values, sft=evaluated["models"]["sft"],
-                    sft_values=sft_values)
+                    sft_values=sft_values, start_values=start_values)
     per_model = {**evaluated["models"], **new}
     per_model = {n: per_model[n] for n in METHODS if n in per_model}
     metrics = headline(ctx, per_model, len(evaluation.prompts), evaluation.judge.name)
     metrics["best_of_n"] = params.best_of_n.n
+    metrics["judge_accuracy"] = evaluated.get("judge_accuracy")  # the same judge on the same comparisons as eval's
     metrics["models"] = per_model
     write_json(ctx.output("metrics"), metrics)
     winrate_chart(per_model, list(per_model), ctx.output("figure1"), evaluation.judge.name,

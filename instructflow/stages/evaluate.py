@@ -37,9 +37,9 @@ import torch
 
 from ..config import Params
 from ..context import StageContext
-from ..data.formats import Demonstration, PretrainText, Prompt
+from ..data.formats import Comparison, Demonstration, PretrainText, Prompt
 from ..data.suite.judge import judge
-from ..data.suite.labelers import Labeler
+from ..data.suite.labelers import Labeler, pairwise_agreement
 from ..io import crash_point, read_jsonl, read_jsonl_dicts, write_json, write_jsonl
 from ..lm.encoding import encode_pair, pack
 from ..lm.generation import Answer, sample_answers
@@ -157,6 +157,32 @@ def make_judge(params: Params, gold_model: Path | None = None):
     return GoldJudge(gold.eval(), tok, context_length(gold))
 
 
+def judge_accuracy(ctx: StageContext, judge, n_resamples: int, seed: int) -> dict:
+    """How often the judge orders held-out comparisons as the people who made them did, with a 95% bootstrap
+    interval over comparisons: the held-out labeler against the training labelers' rankings of the same
+    responses; a gold RM against the validation comparisons. A win rate says no more than this."""
+    val = read_jsonl(ctx.input("judge_val"), Comparison)
+    if isinstance(judge, GoldJudge):
+        from .reward import comparison_scores
+
+        scores = comparison_scores(judge.model, judge.tokenizer, val, judge.max_len)
+        counts = [(sum(s[w] > s[l] for w, l in c.pairs()), len(c.pairs())) for s, c in zip(scores, val, strict=True)]
+        against = "the validation comparisons' rankings"
+    else:
+        held = read_jsonl(ctx.input("judge_val_heldout"), Comparison)
+        counts = [pairwise_agreement(a.ranking, b.ranking) for a, b in zip(val, held, strict=True)]
+        against = "the training labelers' rankings of the same responses"
+    counts = [c for c in counts if c[1]]
+    agree, total = torch.tensor([c[0] for c in counts], dtype=torch.float64), torch.tensor([c[1] for c in counts],
+                                                                                          dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(counts), (n_resamples, len(counts)), generator=g)
+    ratios = (agree[idx].sum(1) / total[idx].sum(1)).sort().values
+    lo, hi = ratios[int(0.025 * (n_resamples - 1))], ratios[int(0.975 * (n_resamples - 1))]
+    return {"accuracy": round(float(agree.sum() / total.sum()), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "comparisons": len(counts), "against": against}
+
+
 def stage_judge(ctx: StageContext):
     """The judge of a stage that declares judge_deps (registry.judge_deps)."""
     return make_judge(ctx.params, ctx.input("gold_reward_model") if ctx.has_input("gold_reward_model") else None)
@@ -260,6 +286,7 @@ def run_eval(ctx: StageContext) -> dict:
     finish_measures(params, judge_, prompts, per_model, values)
 
     metrics = headline(ctx, per_model, len(prompts), judge_.name)
+    metrics["judge_accuracy"] = judge_accuracy(ctx, judge_, cfg.bootstrap, params.project.seed + 7)
     metrics["models"] = per_model
     write_json(ctx.output("metrics"), metrics)
     write_answers(ctx.output("answers"), prompts, answers, values)
@@ -273,13 +300,19 @@ def run_eval(ctx: StageContext) -> dict:
 
 
 def finish_measures(params: Params, judge_, prompts: list[Prompt], per_model: dict, values: dict[str, list[float]],
-                    sft: dict | None = None, sft_values: list[float] | None = None) -> None:
-    """Each model's alignment tax and win rate against SFT (SFT's from `per_model`, or given)."""
+                    sft: dict | None = None, sft_values: list[float] | None = None,
+                    start_values: list[float] | None = None) -> None:
+    """Each model's alignment tax, win rate against SFT (SFT's from `per_model`, or given) and against the model
+    the run started from (the base model, prompted with a few demonstrations: `start_values` or its own)."""
     sft, sft_values = sft or per_model["sft"], sft_values or values["sft"]
+    start_values = start_values or values.get("base_fewshot")
     for name, m in per_model.items():
         m["alignment_tax"] = round(m["pretrain_heldout_loss"] - sft["pretrain_heldout_loss"], 5)
         if name != "sft":
             m["vs_sft"] = win_rates(judge_, prompts, values[name], sft_values, params.project.seed + 3, params.eval.bootstrap)
+        if name != "base_fewshot" and start_values is not None:
+            m["vs_start"] = win_rates(judge_, prompts, values[name], start_values, params.project.seed + 5,
+                                      params.eval.bootstrap)
 
 
 def write_answers(path: Path, prompts: list[Prompt], answers: dict[str, list[str]], values: dict[str, list[float]]) -> None:
@@ -322,54 +355,80 @@ def headline(ctx: StageContext, per_model: dict, n_prompts: int, judge_name: str
                   "response_tokens", "ended_rate"):
             if k in m:
                 h[f"{k}_{name}"] = m[k]
-        if "vs_sft" in m:
-            h[f"win_rate_{name}_vs_sft"] = m["vs_sft"]["win_rate"]
-            h[f"win_rate_{name}_vs_sft_ci95_low"], h[f"win_rate_{name}_vs_sft_ci95_high"] = m["vs_sft"]["ci95"]
+        for against in ("sft", "start"):
+            if f"vs_{against}" in m:
+                w = m[f"vs_{against}"]
+                h[f"win_rate_{name}_vs_{against}"] = w["win_rate"]
+                h[f"win_rate_{name}_vs_{against}_ci95_low"], h[f"win_rate_{name}_vs_{against}_ci95_high"] = w["ci95"]
     return h
 
 
-def ppo_curves(logs: dict[str, list[dict]], path: Path) -> None:
-    """PPO's training curves, one panel per quantity, one line per run."""
-    if not logs:
-        return
+CURVES = {"score": "RM score (proxy reward)", "kl": "KL to SFT (nats per response)", "entropy": "entropy (nats per token)",
+          "response_length": "response length (tokens)", "value_loss": "value loss", "ptx_loss": "pretraining loss (nats/token)"}
+
+
+def pyplot():
+    """matplotlib's pyplot on the file backend (no display here)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["score", "kl", "entropy", "response_length", "value_loss", "ptx_loss"]
-    fig, axes = plt.subplots(2, 3, figsize=(11, 6))
-    for ax, key in zip(axes.flat, keys):
-        for stage, rows in logs.items():
-            ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], label=stage)
-        ax.set_title(key)
-        ax.set_xlabel("iteration")
-    axes.flat[0].legend()
+    return plt
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """A trailing moving average (the first points average what there is so far)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def ppo_curves(logs: dict[str, list[dict]], path: Path):
+    """PPO's training curves: one panel per quantity with its unit, each run's raw iterations as faint points
+    and a smoothed line over them, the runs named in every panel."""
+    if not logs:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, (key, label) in zip(axes.flat, CURVES.items(), strict=False):
+        for j, (stage, rows) in enumerate(logs.items()):
+            x, y = [r["iteration"] for r in rows], [r[key] for r in rows]
+            ax.plot(x, y, ".", color=f"C{j}", alpha=0.25, ms=3)
+            ax.plot(x, smooth(y, max(1, len(y) // 10)), "-", color=f"C{j}", label=f"{stage} (smoothed)")
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("PPO training curves (points: each iteration; lines: moving average)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 def winrate_chart(per_model: dict, names: list[str], path: Path, judge_name: str,
-                  title: str = "Win rate against SFT, 95% bootstrap intervals") -> None:
-    """Each model's win rate against SFT with its interval, in the manner of the paper's Figure 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+                  title: str = "Win rate against SFT, 95% bootstrap intervals"):
+    """Each model's win rate against SFT as a bar with its interval and its value written on it, in the manner
+    of the paper's Figure 1; 0.5 (as good as SFT) drawn across."""
+    plt = pyplot()
     rates = [per_model[n]["vs_sft"]["win_rate"] if n != "sft" else 0.5 for n in names]
     lows = [r - (per_model[n]["vs_sft"]["ci95"][0] if n != "sft" else 0.5) for n, r in zip(names, rates)]
     highs = [(per_model[n]["vs_sft"]["ci95"][1] if n != "sft" else 0.5) - r for n, r in zip(names, rates)]
-    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 4))
-    ax.errorbar(names, rates, yerr=[lows, highs], fmt="o-", capsize=4)
-    ax.axhline(0.5, color="grey", ls="--", lw=0.8)
-    ax.set_ylabel(f"win rate against SFT ({judge_name})")
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2.5, 4.5))
+    bars = ax.bar(names, rates, yerr=[lows, highs], capsize=5, color=["grey" if n == "sft" else "C0" for n in names])
+    ax.bar_label(bars, labels=[f"{r:.3f}" if n != "sft" else "0.5 (ref.)" for n, r in zip(names, rates)],
+                 label_type="center", color="white", fontsize=9)
+    ax.axhline(0.5, color="black", ls="--", lw=0.8)
+    ax.set_ylabel(f"win rate against SFT\n({judge_name})")
+    ax.set_xlabel("model")
     ax.set_ylim(0, 1)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 def _samples(prompts: list[Prompt], answers: dict[str, list[str]], values: dict[str, list[float]], judge_name: str,
@@ -390,22 +449,39 @@ def _samples(prompts: list[Prompt], answers: dict[str, list[str]], values: dict[
 
 
 def summary_table(metrics: dict, markdown: bool = False) -> str:
-    """The evaluation as a table, one row per model (the terminal's and the Prefect report's)."""
+    """The evaluation as a table, one row per model (the terminal's and the Prefect report's): each win rate
+    against SFT and against the model the run started from, and below it what the judge itself is worth."""
     def f(x, spec=".3f"):
         return "-" if x is None else format(x, spec)
 
+    def win(w):
+        return f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" if w else "(reference)"
+
     labeler = "likert" in next(iter(metrics["models"].values()))
     own = ["Likert", "invented", "disallowed"] if labeler else ["gold score", "tokens", "ended"]
-    header = ["model", "win rate vs SFT [95% CI]", *own, "align tax", "RM score", "KL to SFT"]
+    header = ["model", "win rate vs SFT [95% CI]", "vs start (base)", *own, "align tax", "RM score", "KL to SFT"]
     rows = []
     for name, m in metrics["models"].items():
-        w = m.get("vs_sft")
-        win = f"{w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]" if w else "(reference)"
         cells = ([f(m["likert"], ".2f"), f(m["invented_answer_rate"]), f(m["disallowed_output_rate"])] if labeler else
                  [f(m["judge_score"], "+.3f"), f(m["response_tokens"], ".1f"), f(m["ended_rate"], ".2f")])
-        rows.append([name, win, *cells, f(m["alignment_tax"], "+.3f"), f(m["rm_score"], "+.3f"), f(m["kl_to_sft"], ".2f")])
+        start = win(m.get("vs_start")) if name != "base_fewshot" else "(the start)"
+        rows.append([name, win(m.get("vs_sft")), start, *cells, f(m["alignment_tax"], "+.3f"), f(m["rm_score"], "+.3f"),
+                     f(m["kl_to_sft"], ".2f")])
     acc = f"RM accuracy {metrics.get('rm_val_accuracy')}" + (
         f", labeler agreement {metrics['labeler_agreement']}" if "labeler_agreement" in metrics else
         f", gold RM accuracy {metrics.get('gold_rm_val_accuracy')}")
     note = f"({metrics.get('judge', 'held-out labeler')}, {metrics['prompts']} prompts, T={metrics['temperature']}; {acc})"
-    return format_table(header, rows, markdown) + "\n\n" + note
+    return format_table(header, rows, markdown) + "\n\n" + note + judge_note(metrics.get("judge_accuracy"))
+
+
+def judge_note(accuracy: dict | None) -> str:
+    """The judge's own accuracy, said plainly when it is too low for its win rates to mean much."""
+    if not accuracy:
+        return ""
+    lo, hi = accuracy["ci95"]
+    line = (f"\nThe judge orders {accuracy['comparisons']} held-out comparisons as {accuracy['against']} do "
+            f"{accuracy['accuracy']:.3f} of the time [95% CI {lo:.3f}, {hi:.3f}].")
+    if lo <= 0.6:
+        line += (" That interval reaches down to 0.6 or below: the judge is barely better than chance, and these win "
+                 "rates say little about which model is better.")
+    return line
