@@ -369,7 +369,8 @@ class LabelingConfig(_Section):
     min_known_tasks: int = Field(3, ge=1, description="Known-answer tasks a labeler must have done to be judged.")
     hold_out_below: bool = Field(False, description="Leave out the rankings of the labelers below min_known_accuracy.")
     min_done: float = Field(1.0, gt=0, le=1, description="Share of a round's tasks that must be done before it goes on.")
-    timeout_s: float = Field(30.0, gt=0, description="Timeout of one API call.")
+    # talking to Label Studio
+    timeout_s: Annotated[float, Field(gt=0, description="Timeout of one API call.")] = 30.0
     retry_seconds: float = Field(120.0, ge=0, description="How long a call retries while Label Studio is down or "
                                  "restarting (backoff up to 10 s), before one clear error.")
     poll_minutes: float = Field(10.0, gt=0, description="How often the scheduled check (deployment `label-watch`) asks "
