@@ -19,6 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.deployments import run_deployment
 
+from flows.stopping import stages_stop_first
 from instructflow.config import Params, load_params
 from instructflow.registry import spec, stage_key
 from instructflow.serving.storage import get_tree, put_tree
@@ -42,6 +43,7 @@ def download(uri: str) -> int:
 
 
 @flow(name="instructflow-stage", log_prints=True)
+@stages_stop_first
 def stage_flow(stage_name: str, params: str, inputs_uri: str, outputs_uri: str) -> dict:
     """Fetch the stage's inputs, run it (cached like any stage), send its outputs back."""
     with_retries(download, Params())(inputs_uri)  # the params file comes with the inputs: default retries

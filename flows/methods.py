@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import Run, checked_params, record_run, run_stages
-from flows.stopping import stopped_cleanly
+from flows.stopping import stages_stop_first, stopped_cleanly
 from instructflow.config import ConfigError, load_params
 from instructflow.io import exclusive, write_json
 from instructflow.registry import group_specs, stage_specs
@@ -31,6 +31,7 @@ from instructflow.replicates import summarize, summary_markdown, write_replicate
 
 
 @flow(name="instructflow-methods", log_prints=True)
+@stages_stop_first
 def methods(params: str = "params.yaml") -> dict:
     config = load_params(params)
     check_comparable(config, params)

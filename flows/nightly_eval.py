@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.stopping import stages_stop_first
 from instructflow.config import load_params
 from instructflow.registry import STAGES, stage_specs
 from tasks.stages import run_stage_task, with_retries
@@ -13,6 +14,7 @@ from tasks.versioning import dvc_root, pull_stages
 
 
 @flow(name="instructflow-evaluate", log_prints=True)
+@stages_stop_first
 def evaluate(params: str = "params.yaml", pull: bool = False) -> dict:
     config = load_params(params)
     names = [s.name for s in stage_specs(config)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.stopping import stopped_cleanly
+from flows.stopping import stages_stop_first, stopped_cleanly
 from instructflow.config import ConfigError, Params, load_params
 from instructflow.io import ArtifactsBusy, exclusive, write_json
 from instructflow.registry import STAGES, StageSpec, pipeline_specs, resolve, stage_specs, stage_waves
@@ -27,6 +27,7 @@ from tasks.versioning import dvc_files, dvc_root, version_stage
 
 
 @flow(name="instructflow-pipeline", log_prints=True)
+@stages_stop_first
 def pipeline(params: str = "params.yaml", stages: list[str] | None = None) -> dict:
     """Run the stages in order (all of them by default), wave by wave: stages that do
     not read each other's outputs run side by side (orchestrate.concurrent_stages).

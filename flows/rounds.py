@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import Run, checked_params, record_run, run_stages
-from flows.stopping import stopped_cleanly
+from flows.stopping import stages_stop_first, stopped_cleanly
 from instructflow.config import ConfigError, load_params
 from instructflow.dvcfile import pipeline_file
 from instructflow.io import exclusive
@@ -50,6 +50,7 @@ def check_rounds(config, params: str) -> None:
 
 
 @flow(name="instructflow-round", log_prints=True)
+@stages_stop_first
 def round_flow(params: str = "params.yaml") -> dict:
     config = load_params(params)
     check_rounds(config, params)

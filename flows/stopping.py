@@ -1,19 +1,31 @@
-"""Stopping a run cleanly on SIGTERM or SIGINT (what systemd, a supervisor or Ctrl-C sends).
+"""Stopping a run cleanly on SIGTERM or SIGINT (what systemd, a supervisor, Ctrl-C or
+Prefect's runner cancelling a deployment's run sends).
 
 Without this, SIGTERM ends the flow's process at once: its stage processes and
 the temporary Prefect server it started (uvicorn) go on running, orphaned,
-holding their ports and memory. With it, the signal stops the stage
-processes, ends the flow (Prefect records it as it ends), and on the way out
-every process the run started is stopped; the artifacts lock (an flock) goes
-with the process.
+holding their ports and memory. And while a flow runs, Prefect's engine has
+its own SIGTERM handler in place: it ends the flow, but the flow's task
+threads wait for their stage processes, so the run would go on until they
+finish. Two pieces, then:
+
+- `stages_stop_first`, on each flow function: a signal first stops the stage
+  processes, then goes on to the handler in place before (Prefect's), which
+  ends the flow run and records it as crashed or cancelled;
+- `stopped_cleanly`, around the whole run in `main`: the run ends with exit
+  status 128 + the signal, and last of all anything the run started that is
+  still there (Prefect's temporary server) is stopped. The artifacts lock (an
+  flock) goes with the process.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -66,13 +78,55 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+_signalled: list[int] = []  # the signals this process got, first first
+
+
+def _stop_stages(signum: int) -> None:
+    """Stop the stage processes this run started (and what they started), once per signal."""
+    if signum not in _signalled:
+        _signalled.append(signum)
+        log.warning("%s: stopping the run's stages and its server", signal.Signals(signum).name)
+    terminate([p for p in descendants(os.getpid()) if "instructflow.cli" in _cmdline(p)], grace=5.0)
+
+
+def stages_stop_first(flow_fn):
+    """Decorate a flow function (under @flow): while it runs, SIGTERM or SIGINT first stops the stage
+    processes, then goes to the handler that was in place (Prefect's engine's, ours, or Python's)."""
+
+    @functools.wraps(flow_fn)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            return flow_fn(*args, **kwargs)
+
+        def first(signum, frame):
+            _stop_stages(signum)
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            else:  # SIG_DFL or SIG_IGN: as if this handler were not there
+                signal.signal(signum, handler)
+                os.kill(os.getpid(), signum)
+
+        previous = {s: signal.signal(s, first) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return flow_fn(*args, **kwargs)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    return wrapper
+
+
 @contextlib.contextmanager
 def stopped_cleanly():
     """Around a run: a SIGTERM or SIGINT stops the stage processes and ends the run with exit status 128 + the
-    signal; when it ends, however it ends, every process it started is stopped."""
+    signal; Prefect then records the run and stops its temporary server as the interpreter exits, and last of
+    all anything the run started that is still there is stopped. (A run that ends by itself leaves its
+    temporary server to Prefect alone.)"""
+    atexit.register(_stop_leftovers)  # registered before Prefect's own exit handlers: runs after them
+
     def stop(signum, frame):
-        log.warning("%s: stopping the run's stages and its server", signal.Signals(signum).name)
-        terminate([p for p in descendants(os.getpid()) if "instructflow.cli" in _cmdline(p)])
+        _stop_stages(signum)
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -81,6 +135,8 @@ def stopped_cleanly():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        left = descendants(os.getpid())
-        if left:
-            terminate(left, grace=5.0)
+
+
+def _stop_leftovers() -> None:
+    if _signalled:
+        terminate(descendants(os.getpid()), grace=5.0)

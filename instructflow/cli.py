@@ -332,10 +332,16 @@ def _plan_table(config, devices: int, device_gb: float) -> str:
 
 
 def model_params(config, model: str):
-    """A pretrained `model`'s own workload: the stages' defaults for a pretrained model
-    (configs/presets/pretrained.yaml), with this file's precision, checkpointing and data (its K)."""
-    raw = config.model_dump(mode="json", by_alias=True, include={"model", "data"})
-    raw["model"] = {k: v for k, v in raw["model"].items() if k != "tiny"} | {"name_or_path": model}
+    """The params a run of pretrained `model` would have from this file: a workload file for a pretrained model
+    (configs/scale.yaml) keeps its stages' settings, with a pretrained model's defaults
+    (configs/presets/pretrained.yaml) for the keys it leaves out; a file for the built-in 1M model, whose
+    batches fit that model only, keeps its precision, checkpointing and data (its K) and takes the defaults."""
+    from .lm.modeling import BUILTIN
+
+    builtin = config.model.name_or_path == BUILTIN
+    raw = config.model_dump(mode="json", by_alias=True, exclude_unset=True,
+                            include={"model", "data"} if builtin else None)
+    raw["model"] = {k: v for k, v in raw.get("model", {}).items() if k != "tiny"} | {"name_or_path": model}
     return parse_params(raw, f"params for {model}")
 
 

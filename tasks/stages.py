@@ -20,6 +20,7 @@ a process of its own (`stage_process_task`), sharing the cache keys.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -29,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
 from instructflow.config import Params
@@ -91,7 +93,10 @@ PROGRESS = re.compile(r" INFO instructflow\S*: .* \(\d+%, ")  # LoopLog.say's li
 def run_logged(argv: list[str], env: dict, log_path: Path, timeout_s: float) -> subprocess.CompletedProcess:
     """Run a stage process with its output in `log_path`; its progress lines (steps done, seconds per step,
     time left) go to the Prefect run's log too, so the run shows how far a long stage is."""
-    logger = get_run_logger()
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called outside a flow (a test, a script): the progress goes to instructflow's log
+        logger = logging.getLogger("instructflow")
     with log_path.open("w") as fh, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                                     text=True, errors="replace") as proc:
         timer = threading.Timer(timeout_s, proc.kill)

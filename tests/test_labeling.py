@@ -23,7 +23,7 @@ from instructflow.data.formats import Comparison, Prompt
 from instructflow.io import read_jsonl, write_jsonl
 from instructflow.labeling import commands
 from instructflow.labeling.client import LabelStudio
-from instructflow.labeling.people import login, ranking_result
+from instructflow.labeling.people import DEFAULT_PASSWORD, login, ranking_result
 from instructflow.labeling.projects import ProjectGone
 from instructflow.labeling.tasks import comparison_of, ranking_task
 
@@ -41,7 +41,8 @@ def setup(label_studio, tmp_path, monkeypatch):
 
 
 def person(server, name: str) -> LabelStudio:
-    return LabelStudio(server.url, login(server.url, server.key, f"{name}@labelers.local", "a-labeler-password"))
+    """A person's account (the same password `label simulate` gives the simulated labelers: one server per session)."""
+    return LabelStudio(server.url, login(server.url, server.key, f"{name}@labelers.local", DEFAULT_PASSWORD))
 
 
 def _prompts(n, k=4, tag="t"):

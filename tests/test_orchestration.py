@@ -259,7 +259,7 @@ def test_sigterm_stops_the_run_its_stage_processes_and_its_server_and_frees_the_
     from instructflow.io import exclusive
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["ppo"]["lr"] = 2e-4  # PPO and PPO-ptx run again, side by side, each in a process of its own
+    params["ppo"].update(lr=2e-4, iterations=60, snapshot_every=0)  # PPO and PPO-ptx run again, side by side
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with (tmp_path / "run.log").open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"], cwd=project,
@@ -268,7 +268,7 @@ def test_sigterm_stops_the_run_its_stage_processes_and_its_server_and_frees_the_
     try:
         deadline = time.time() + 300
         # the stage processes' progress lines reach the run's log (Prefect's), steps done and time left
-        while not re.search(r"ppo(_ptx)? iteration 1/3 \(33%, [0-9.]+ s/iteration, \d+m\d+s left\)",
+        while not re.search(r"ppo(_ptx)? iteration 2/60 \(3%, [0-9.]+ s/iteration, \d+m\d+s left\)",
                             (tmp_path / "run.log").read_text()):
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
             time.sleep(0.5)

@@ -111,10 +111,10 @@ def pull(params: Params, title: str, kind: str, out: Path) -> tuple[PullResult, 
 def simulate(params: Params, title: str, seed: int, extra: int) -> dict[str, int]:
     """The built-in suite's labelers rank the project's tasks as people (accounts name@labelers.local; their
     password from $LABEL_STUDIO_LABELER_PASSWORD)."""
-    from .people import SimulatedPeople
+    from .people import DEFAULT_PASSWORD, PASSWORD_ENV, SimulatedPeople
 
     cfg = params.labeling
-    password = os.environ.get("LABEL_STUDIO_LABELER_PASSWORD", "simulated-labeler-password")
+    password = os.environ.get(PASSWORD_ENV, DEFAULT_PASSWORD)
     ls = client(params)
     try:
         proj = project(params, title, "ranking", ls)

@@ -24,6 +24,7 @@ from .interfaces import LETTERS, RANKER, bucket
 from .tasks import task_responses
 
 DOMAIN = "labelers.local"  # the simulated labelers' email domain: ada@labelers.local
+PASSWORD_ENV, DEFAULT_PASSWORD = "LABEL_STUDIO_LABELER_PASSWORD", "simulated-labeler-password"  # simulated people only
 
 
 def login(url: str, admin_key: str, email: str, password: str) -> str:
